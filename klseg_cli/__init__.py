@@ -1,0 +1,42 @@
+"""klseg: KL divergence, cross-entropy, IoU and calibration for segmentation probability maps.
+
+The library behind the ``klseg`` command; everything the CLI does can be called from Python::
+
+    import klseg_cli
+    result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
+    klseg_cli.write_reports(result.summary(), "report/")
+
+Submodules are imported on first use, so ``klseg --help`` does not pay for NumPy.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "EvaluationResult": "evaluation",
+    "ImageResult": "evaluation",
+    "InputError": "errors",
+    "KlsegError": "errors",
+    "LabelError": "errors",
+    "MetricSettings": "metrics",
+    "ProbabilityError": "errors",
+    "ReadError": "errors",
+    "ShapeError": "errors",
+    "Stats": "stats",
+    "UsageError": "errors",
+    "evaluate": "evaluation",
+    "evaluate_pair": "evaluation",
+    "pixel_terms": "metrics",
+    "write_reports": "report",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,315 @@
+"""The ``klseg`` command: parse options, call the library, render, exit.
+
+No maths and no file parsing here. Library errors (``KlsegError``) become one line on stderr
+and exit code 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import KlsegError, UsageError
+
+app = typer.Typer(
+    name="klseg",
+    help="KL divergence, cross-entropy, IoU and calibration for segmentation probability maps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class InputKind(str, Enum):
+    probs = "probs"
+    logits = "logits"
+
+
+class Layout(str, Enum):
+    hwc = "hwc"
+    chw = "chw"
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line on stderr and return the Exit to raise."""
+    sys.stderr.write(f"Error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+    return typer.Exit(code=code)
+
+
+def handle_errors(func):
+    """Turn KlsegError into one stderr line + exit 2, Ctrl-C into exit 130 (``--debug``: raise)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except KlsegError as err:
+            if debug:
+                raise
+            raise fail(str(err), err.exit_code) from None
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            raise fail("interrupted; no report was written", 130) from None
+
+    return wrapper
+
+
+def parse_log_base(text: str) -> float:
+    if text.strip().lower() == "e":
+        return math.e
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--log-base must be 'e' or a number such as 2, got {text!r}") from None
+    return value
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"klseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Show the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """KL divergence, cross-entropy, IoU and calibration for segmentation probability maps."""
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+ClassesOpt = Annotated[
+    Optional[str],
+    typer.Option("--classes", help="Class names: 'road,car,...' or a file with one name a line."),
+]
+LayoutOpt = Annotated[
+    Optional[Layout],
+    typer.Option("--layout", help="Class axis of 3-D maps when it is ambiguous (H = W = C)."),
+]
+NpzKeyOpt = Annotated[
+    Optional[str], typer.Option("--npz-key", help="Array to use from a .npz with several.")
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", help="Refuse images whose header claims more pixels per plane."),
+]
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Prediction map file, or a folder of them.")],
+    gt: Annotated[Path, typer.Argument(help="Target mask file, or a folder of them.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write per_image.csv, per_class.csv, summary.json here."),
+    ] = None,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="table: rich tables; json: summary JSON on stdout."),
+    ] = OutputFormat.table,
+    classes: ClassesOpt = None,
+    ignore_index: Annotated[
+        Optional[list[int]],
+        typer.Option("--ignore-index", help="Label value that counts nowhere (repeatable)."),
+    ] = None,
+    smoothing: Annotated[
+        float, typer.Option("--smoothing", help="Label smoothing ε of hard targets.")
+    ] = 0.0,
+    input_kind: Annotated[
+        InputKind, typer.Option("--input", help="Maps hold probabilities or logits.")
+    ] = InputKind.probs,
+    eps: Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")] = 1e-7,
+    log_base: Annotated[str, typer.Option("--log-base", help="'e' (nats) or 2 (bits).")] = "e",
+    layout: LayoutOpt = None,
+    soft_gt: Annotated[
+        bool, typer.Option("--soft-gt", help="Targets are float probability maps.")
+    ] = False,
+    allow_missing: Annotated[
+        bool,
+        typer.Option("--allow-missing", help="Evaluate the rest when targets lack a prediction."),
+    ] = False,
+    keep_going: Annotated[
+        bool,
+        typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
+    ] = False,
+    pred_suffix: Annotated[
+        str, typer.Option("--pred-suffix", help="Stripped from prediction stems.")
+    ] = "",
+    gt_suffix: Annotated[str, typer.Option("--gt-suffix", help="Stripped from target stems.")] = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: Annotated[
+        int, typer.Option("--chunk-pixels", help="Pixels per chunk (memory vs. speed).")
+    ] = 1 << 15,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
+
+    Example:
+
+        klseg evaluate preds/ labels/ --classes classes.txt --out report/
+    """
+    from . import report
+    from .evaluation import evaluate as run
+
+    if out is not None:
+        report.prepare_out_dir(out, inputs=[pred, gt])
+    err = _stderr_console()
+    progress = _progress(err)
+    task = None
+
+    def on_start(n: int) -> None:
+        nonlocal task
+        if progress is not None and n > 1:
+            progress.start()
+            task = progress.add_task("evaluating", total=n)
+
+    def on_image(pair) -> None:
+        if task is not None:
+            progress.advance(task)
+
+    try:
+        result = run(
+            pred,
+            gt,
+            classes=classes,
+            eps=eps,
+            smoothing=smoothing,
+            ignore_index=(255,) if ignore_index is None else tuple(ignore_index),
+            input_kind=input_kind.value,
+            log_base=parse_log_base(log_base),
+            soft_gt=soft_gt,
+            layout=layout.value if layout else None,
+            pred_suffix=pred_suffix,
+            gt_suffix=gt_suffix,
+            allow_missing=allow_missing,
+            keep_going=keep_going,
+            npz_key=npz_key,
+            max_pixels=max_pixels,
+            chunk_pixels=chunk_pixels,
+            on_start=on_start,
+            on_image=on_image,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+
+    for path in result.unpaired_predictions:
+        err.print(f"[yellow]warning:[/] {path}: prediction has no target; skipped", highlight=False)
+    for path in result.missing_predictions:
+        err.print(
+            f"[yellow]warning:[/] {path}: target has no prediction; left out", highlight=False
+        )
+    summary = result.summary()
+    if out is not None:
+        report.write_reports(summary, out)
+    if output_format is OutputFormat.json:
+        sys.stdout.write(report.summary_json(summary))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(report.summary_table(summary))
+        console.print(report.class_table(summary))
+        if out is not None:
+            console.print(f"reports written to {out}/", highlight=False)
+    for error in result.errors:
+        sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
+    if result.errors:
+        raise typer.Exit(code=2)
+
+
+def _progress(console):
+    """A progress bar on stderr, only when stderr is a terminal."""
+    if not console.is_terminal:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@app.command()
+@handle_errors
+def info(
+    file: Annotated[Path, typer.Argument(help="A prediction map or a target mask.")],
+    target: Annotated[
+        Optional[Path],
+        typer.Option("--target", help="Target mask whose (H, W) decides the layout."),
+    ] = None,
+    layout: LayoutOpt = None,
+    classes: ClassesOpt = None,
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    debug: DebugOpt = False,
+) -> None:
+    """Shape, dtype, detected layout, value range and sum check of one file.
+
+    What to run when klseg rejects a file.
+
+    Example:
+
+        klseg info preds/frankfurt_000001.npy
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluation import parse_classes
+    from .fileinfo import inspect_file
+
+    names = parse_classes(classes)
+    facts = inspect_file(
+        file,
+        target=target,
+        layout=layout.value if layout else None,
+        num_classes=len(names) or None,
+        npz_key=npz_key,
+        max_pixels=max_pixels,
+    )
+    table = Table(title=str(file), show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in facts.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    app()

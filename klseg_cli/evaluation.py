@@ -1,0 +1,352 @@
+"""read → chunk → per-pixel terms → sums → merge → results, for one image and for a folder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, KlsegError, ShapeError, UsageError
+from .metrics import DEFAULT_ECE_BINS, DEFAULT_EPS, MetricSettings, PixelTerms, pixel_terms
+from .pairing import Pair, pair_files
+from .readers import (
+    DEFAULT_MAX_PIXELS,
+    PredictionMap,
+    check_labels,
+    open_prediction,
+    read_target,
+    sum_tolerance,
+)
+from .stats import (
+    IMAGE_COLUMNS,
+    Stats,
+    class_metrics,
+    dataset_metrics,
+    pixel_metrics,
+)
+
+DEFAULT_CHUNK_PIXELS = 1 << 15
+"""Pixels per chunk: 32768 × 19 classes × 4 bytes ≈ 2.5 MB, about an L2/L3 cache's worth."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How files are read (nothing here changes a number)."""
+
+    layout: str | None = None
+    npz_key: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS
+
+
+@dataclass
+class ImageResult:
+    stem: str
+    pred_path: Path
+    target_path: Path | None
+    height: int
+    width: int
+    stats: Stats
+
+    def row(self, settings: MetricSettings) -> dict:
+        """This image's ``per_image.csv`` row."""
+        values = pixel_metrics(self.stats, settings)
+        row = {
+            "image": self.stem,
+            "height": self.height,
+            "width": self.width,
+            "n_valid": self.stats.n_valid,
+        }
+        row.update({k: values[k] for k in IMAGE_COLUMNS[4:]})
+        return row
+
+
+@dataclass
+class EvaluationResult:
+    settings: MetricSettings
+    images: list[ImageResult]
+    missing_predictions: list[Path] = field(default_factory=list)
+    unpaired_predictions: list[Path] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def total(self) -> Stats:
+        total = Stats.zeros(self.settings.num_classes, self.settings.ece_bins)
+        for image in self.images:
+            total = total + image.stats
+        return total
+
+    def image_rows(self) -> list[dict]:
+        return [image.row(self.settings) for image in sorted(self.images, key=lambda i: i.stem)]
+
+    def class_rows(self) -> list[dict]:
+        return class_metrics(self.total, self.settings)
+
+    def summary(self) -> dict:
+        """The ``summary.json`` object (DESIGN §5); NaN stays NaN until it is written."""
+        total = self.total
+        images = self.image_rows()
+        return {
+            "klseg_version": __version__,
+            "settings": self.settings.as_dict(),
+            "n_images": len(self.images),
+            "n_valid": total.n_valid,
+            "n_clipped": total.n_clipped,
+            "dataset": dataset_metrics(images, total, self.settings),
+            "classes": class_metrics(total, self.settings),
+            "images": images,
+            "requirements": [],
+            "missing_predictions": [str(p) for p in self.missing_predictions],
+            "errors": list(self.errors),
+        }
+
+
+def iter_terms(
+    pred: PredictionMap,
+    target: np.ndarray | PredictionMap,
+    settings: MetricSettings,
+    *,
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    target_path: Path | None = None,
+) -> Iterator[tuple[int, int, np.ndarray | None, PixelTerms]]:
+    """Per-pixel terms of one image, chunk by chunk.
+
+    Yields ``(start, stop, valid, terms)``: pixels [start, stop) in row-major order, the mask
+    of valid pixels among them (None when all are valid) and the terms of the valid ones.
+    """
+    if chunk_pixels < 1:
+        raise UsageError(f"chunk size must be positive, got {chunk_pixels}")
+    logits = settings.input_kind == "logits"
+    tolerance = None if logits else sum_tolerance(pred.array.dtype)
+    n = pred.n_pixels
+    if isinstance(target, PredictionMap):
+        soft_tol = sum_tolerance(target.array.dtype)
+        from .metrics import check_probabilities
+
+        for start in range(0, n, chunk_pixels):
+            stop = min(start + chunk_pixels, n)
+            Q = target.block(start, stop)
+            try:
+                check_probabilities(Q, Q.sum(axis=0), tolerance=soft_tol)
+            except KlsegError as err:
+                raise err.with_path(target.path) from None
+            P = pred.block(start, stop, logits=logits)
+            terms = _terms(pred, P, Q, settings, tolerance)
+            yield start, stop, None, terms
+        return
+    labels = target.reshape(-1)
+    valid_all = check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
+    all_valid = bool(valid_all.all())
+    for start in range(0, n, chunk_pixels):
+        stop = min(start + chunk_pixels, n)
+        P = pred.block(start, stop, logits=logits)
+        y = labels[start:stop].astype(np.intp)
+        valid = None
+        if not all_valid:
+            valid = valid_all[start:stop]
+            P = P[:, valid]
+            y = y[valid]
+        yield start, stop, valid, _terms(pred, P, y, settings, tolerance)
+
+
+def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
+    try:
+        return pixel_terms(P, target, settings, tolerance=tolerance)
+    except KlsegError as err:
+        raise err.with_path(pred.path) from None
+
+
+@dataclass
+class OpenedPair:
+    pred: PredictionMap
+    target: np.ndarray | PredictionMap | None
+    height: int
+    width: int
+
+
+def open_pair(
+    pair: Pair, *, soft_gt: bool, num_classes: int | None, read: ReadOptions
+) -> OpenedPair:
+    """Open a prediction and its target, check that they fit, and find the layout."""
+    kw = dict(npz_key=read.npz_key, max_pixels=read.max_pixels)
+    target: np.ndarray | PredictionMap | None = None
+    hw = None
+    if pair.target is not None:
+        if soft_gt:
+            target = open_prediction(
+                pair.target, hw=None, layout=read.layout, num_classes=num_classes, **kw
+            )
+            if target.layout == "hw":
+                raise ShapeError("a soft target must be (H, W, C) or (C, H, W)", path=pair.target)
+            hw = (target.height, target.width)
+        else:
+            target = read_target(pair.target, max_pixels=read.max_pixels)
+            hw = target.shape
+    pred = open_prediction(pair.pred, hw=hw, layout=read.layout, num_classes=num_classes, **kw)
+    if num_classes is not None and pred.num_classes != num_classes:
+        raise ShapeError(
+            f"has {pred.num_classes} classes ({pred.layout.upper()} shape "
+            f"{tuple(pred.array.shape)}), expected {num_classes}",
+            path=pair.pred,
+        )
+    if isinstance(target, PredictionMap) and target.num_classes != pred.num_classes:
+        raise ShapeError(
+            f"soft target has {target.num_classes} classes, prediction {pred.num_classes}",
+            path=pair.target,
+        )
+    return OpenedPair(pred, target, pred.height, pred.width)
+
+
+def evaluate_pair(
+    pair: Pair, settings: MetricSettings, *, read: ReadOptions = ReadOptions()
+) -> ImageResult:
+    """Sums and counts of one prediction against its target."""
+    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
+    if opened.target is None:
+        raise UsageError(f"{pair.pred}: evaluation needs a target")
+    total = Stats.zeros(settings.num_classes, settings.ece_bins)
+    for _, _, _, terms in iter_terms(
+        opened.pred,
+        opened.target,
+        settings,
+        chunk_pixels=read.chunk_pixels,
+        target_path=pair.target,
+    ):
+        total = total + Stats.from_terms(terms, settings)
+    return ImageResult(pair.stem, pair.pred, pair.target, opened.height, opened.width, total)
+
+
+def parse_classes(spec: str | None) -> tuple[str, ...]:
+    """``--classes road,car,...`` or ``--classes names.txt`` (one name a line)."""
+    if not spec:
+        return ()
+    path = Path(spec)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read class names ({err})", path=path) from None
+        names = tuple(line.strip() for line in lines if line.strip())
+        if not names:
+            raise InputError("holds no class names", path=path)
+    else:
+        if spec.endswith((".txt", ".csv")) or "/" in spec:
+            raise InputError("no such class-names file", path=spec)
+        names = tuple(name.strip() for name in spec.split(","))
+    if any(not n for n in names):
+        raise UsageError(f"--classes has an empty name: {spec!r}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--classes names a class twice: {spec!r}")
+    return names
+
+
+def make_settings(
+    num_classes: int,
+    *,
+    class_names: Sequence[str] = (),
+    eps: float = DEFAULT_EPS,
+    smoothing: float = 0.0,
+    ignore_index: Sequence[int] = (255,),
+    input_kind: str = "probs",
+    log_base: float = math.e,
+    soft_gt: bool = False,
+    ece_bins: int = DEFAULT_ECE_BINS,
+) -> MetricSettings:
+    return MetricSettings(
+        num_classes=num_classes,
+        eps=eps,
+        smoothing=smoothing,
+        ignore_index=tuple(sorted(set(int(i) for i in ignore_index))),
+        input_kind=input_kind,
+        log_base=log_base,
+        soft_gt=soft_gt,
+        ece_bins=ece_bins,
+        class_names=tuple(class_names),
+    )
+
+
+def evaluate(
+    pred: str | Path,
+    target: str | Path,
+    *,
+    classes: Sequence[str] | str | None = None,
+    eps: float = DEFAULT_EPS,
+    smoothing: float = 0.0,
+    ignore_index: Sequence[int] = (255,),
+    input_kind: str = "probs",
+    log_base: float = math.e,
+    soft_gt: bool = False,
+    layout: str | None = None,
+    pred_suffix: str = "",
+    gt_suffix: str = "",
+    allow_missing: bool = False,
+    keep_going: bool = False,
+    npz_key: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    on_image: Callable[[Pair], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EvaluationResult:
+    """Evaluate prediction maps against targets: two files or two folders.
+
+    Example (in a notebook)::
+
+        import klseg_cli
+        result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
+        result.summary()["dataset"]["miou_pooled"]
+    """
+    names = (
+        parse_classes(classes) if isinstance(classes, str) or classes is None else tuple(classes)
+    )
+    pairing = pair_files(Path(pred), Path(target), pred_suffix=pred_suffix, gt_suffix=gt_suffix)
+    if pairing.missing_pred and not allow_missing:
+        shown = ", ".join(p.name for p in pairing.missing_pred[:5])
+        more = f" and {len(pairing.missing_pred) - 5} more" if len(pairing.missing_pred) > 5 else ""
+        raise InputError(
+            f"{len(pairing.missing_pred)} targets have no prediction ({shown}{more}); "
+            "pass --allow-missing to evaluate the rest",
+            path=pred,
+        )
+    read = ReadOptions(
+        layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels
+    )
+    num_classes = len(names) if names else None
+    if num_classes is None:  # the first prediction tells
+        first = pairing.pairs[0]
+        num_classes = open_pair(
+            first, soft_gt=soft_gt, num_classes=None, read=read
+        ).pred.num_classes
+    settings = make_settings(
+        num_classes,
+        class_names=names,
+        eps=eps,
+        smoothing=smoothing,
+        ignore_index=ignore_index,
+        input_kind=input_kind,
+        log_base=log_base,
+        soft_gt=soft_gt,
+    )
+    if on_start is not None:
+        on_start(len(pairing.pairs))
+    images: list[ImageResult] = []
+    errors: list[dict] = []
+    for pair in pairing.pairs:
+        try:
+            images.append(evaluate_pair(pair, settings, read=read))
+        except InputError as err:
+            if not keep_going:
+                raise
+            errors.append({"file": err.path or str(pair.pred), "message": err.message})
+        if on_image is not None:
+            on_image(pair)
+    return EvaluationResult(
+        settings=settings,
+        images=images,
+        missing_predictions=pairing.missing_pred,
+        unpaired_predictions=pairing.missing_target,
+        errors=errors,
+    )

@@ -1,0 +1,326 @@
+"""Per-pixel quantities of DESIGN §2, computed on one chunk of pixels.
+
+Everything here works on a *class-major* chunk: an array ``P`` of shape (C, n) holding the
+prediction for n valid pixels (probabilities, or logits with ``input_kind="logits"``), and
+a target that is either hard labels ``y`` of shape (n,) or a soft target ``Q`` of shape
+(C, n). Class-major keeps every operation a plain vectorised pass over contiguous class
+planes; the readers turn HWC blocks into this form one cache-sized chunk at a time.
+
+The arithmetic stays in the chunk's dtype (float32, or float64 for float64 input); only the
+sums that leave a chunk are float64 (see ``stats.py``). Hard labels are never expanded to a
+one-hot array: with label smoothing the target is q = q_lo everywhere except q_hi at the
+label, so every sum over classes splits into "all classes at q_lo" plus a correction at y.
+All values are in nats; the log base is applied once, when results are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ProbabilityError, UsageError
+
+PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
+"""Per-pixel quantities that are summed and reported as means (in this order)."""
+
+DEFAULT_EPS = 1e-7
+DEFAULT_ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """Every option that changes a number. Recorded in ``summary.json``."""
+
+    num_classes: int
+    eps: float = DEFAULT_EPS
+    smoothing: float = 0.0
+    ignore_index: tuple[int, ...] = (255,)
+    input_kind: str = "probs"
+    log_base: float = math.e
+    soft_gt: bool = False
+    ece_bins: int = DEFAULT_ECE_BINS
+    class_names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise UsageError(f"need at least 2 classes, got {self.num_classes}")
+        if not 0.0 < self.eps < 1.0:
+            raise UsageError(f"--eps must be in (0, 1), got {self.eps}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise UsageError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+        if self.input_kind not in ("probs", "logits"):
+            raise UsageError(f"--input must be 'probs' or 'logits', got {self.input_kind!r}")
+        if not (self.log_base > 0 and self.log_base != 1):
+            raise UsageError(f"--log-base must be positive and not 1, got {self.log_base}")
+        if self.ece_bins < 1:
+            raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise UsageError(
+                f"{len(self.class_names)} class names given for {self.num_classes} classes"
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Class names, or the class ids as strings when none were given."""
+        return self.class_names or tuple(str(c) for c in range(self.num_classes))
+
+    @property
+    def q_lo(self) -> float:
+        """Smoothed target probability of every class but the label."""
+        return self.smoothing / self.num_classes
+
+    @property
+    def q_hi(self) -> float:
+        """Smoothed target probability of the label."""
+        return 1.0 - self.smoothing + self.smoothing / self.num_classes
+
+    def as_dict(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "classes": list(self.names),
+            "eps": self.eps,
+            "smoothing": self.smoothing,
+            "ignore_index": sorted(self.ignore_index),
+            "input": self.input_kind,
+            "log_base": self.log_base,
+            "soft_gt": self.soft_gt,
+            "ece_bins": self.ece_bins,
+        }
+
+
+@dataclass
+class PixelTerms:
+    """Per-pixel quantities for the n pixels of a chunk (nats, chunk dtype)."""
+
+    kl: np.ndarray
+    kl_reverse: np.ndarray | None  # None: undefined (infinite) for hard labels with ε = 0
+    js: np.ndarray
+    ce: np.ndarray
+    entropy: np.ndarray
+    brier: np.ndarray
+    confidence: np.ndarray
+    pred: np.ndarray  # argmax, ties to the lowest class index
+    label: np.ndarray  # hard label (argmax of a soft target)
+    n_clipped: int
+
+
+def _safe_log(x: np.ndarray) -> np.ndarray:
+    """log(x) for x ≥ 0 that is finite at 0, so 0 · _safe_log(0) = 0 (0·log 0 = 0).
+
+    Exact for every normal x; a zero or subnormal x maps to log(tiny) ≈ -87 (float32).
+    """
+    tiny = np.finfo(x.dtype).tiny
+    return np.log(np.maximum(x, tiny))
+
+
+def argmax_classes(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Max and argmax over the class axis of a (C, n) chunk; ties go to the lowest index.
+
+    A running maximum over class planes: C vectorised passes, no (C, n) temporaries, and
+    far faster than ``np.argmax(axis=0)``, which NumPy evaluates pixel by pixel.
+    """
+    conf = P[0].copy()
+    pred = np.zeros(P.shape[1], dtype=np.intp)
+    greater = np.empty(P.shape[1], dtype=bool)
+    for c in range(1, P.shape[0]):
+        np.greater(P[c], conf, out=greater)
+        np.copyto(pred, c, where=greater)
+        np.maximum(conf, P[c], out=conf)
+    return conf, pred
+
+
+def log_softmax(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stable log-softmax over the class axis of a (C, n) logits chunk: (log p, p)."""
+    zmax, _ = argmax_classes(Z)
+    shifted = Z - zmax
+    p = np.exp(shifted)
+    total = p.sum(axis=0)
+    p /= total
+    shifted -= np.log(total)
+    return shifted, p
+
+
+def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) -> None:
+    """Raise ProbabilityError unless every column of P is a distribution (within tolerance)."""
+    if P.size == 0:
+        return
+    lo, hi = float(P.min()), float(P.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int(np.count_nonzero(~np.isfinite(P)))
+        raise ProbabilityError(f"{bad} values are NaN or infinite")
+    off = np.abs(sums - 1.0)
+    worst = float(off.max()) if off.size else 0.0
+    if lo < 0.0 or hi > 1.0 + tolerance or worst > tolerance:
+        n_off = int(np.count_nonzero(off > tolerance))
+        looks_like_logits = lo < 0.0 or hi > 1.0
+        what = (
+            f"values range over [{lo:.4g}, {hi:.4g}]"
+            if (lo < 0.0 or hi > 1.0 + tolerance)
+            else f"{n_off} pixels' class probabilities do not sum to 1 (worst off by {worst:.3g})"
+        )
+        hint = (
+            "this looks like logits: pass --input logits"
+            if looks_like_logits
+            else "renormalize the map, or check the class axis with `klseg info`"
+        )
+        raise ProbabilityError(f"not a probability map: {what}; {hint}")
+
+
+def pixel_terms(
+    P: np.ndarray,
+    target: np.ndarray,
+    settings: MetricSettings,
+    *,
+    tolerance: float | None = None,
+) -> PixelTerms:
+    """All per-pixel quantities of DESIGN §2 for a class-major chunk of valid pixels.
+
+    ``target`` is (n,) integer labels, or a (C, n) soft target when ``settings.soft_gt``.
+    With ``tolerance`` set (probabilities only), the chunk is validated first.
+    """
+    C, n = P.shape
+    if C != settings.num_classes:
+        raise ProbabilityError(f"prediction has {C} classes, expected {settings.num_classes}")
+    dtype = P.dtype
+    log_eps = dtype.type(math.log(settings.eps))
+
+    if settings.input_kind == "logits":
+        L, p = log_softmax(P)
+        Lt = L  # log-softmax is finite: nothing is clipped
+        sums = p.sum(axis=0)
+    else:
+        p = P
+        sums = p.sum(axis=0)
+        if tolerance is not None:
+            check_probabilities(p, sums, tolerance=tolerance)
+        L = _safe_log(p)
+        Lt = None  # clipped logs are only needed in full for smoothing / soft targets
+
+    confidence, pred = argmax_classes(p)
+    entropy = -np.einsum("cn,cn->n", p, L)
+    sum_sq = np.einsum("cn,cn->n", p, p)
+
+    if settings.soft_gt:
+        return _soft_terms(p, L, Lt, target, settings, confidence, pred, entropy, sums, log_eps)
+
+    y = target
+    cols = np.arange(n)
+    p_y = p[y, cols]
+    L_y = L[y, cols]
+    if settings.input_kind == "probs":
+        n_clipped = int(np.count_nonzero(p_y < settings.eps))
+        Lt_y = np.maximum(L_y, log_eps)
+    else:
+        n_clipped = 0
+        Lt_y = L_y
+
+    log2 = dtype.type(math.log(2.0))
+    q_lo, q_hi = settings.q_lo, settings.q_hi
+    if q_lo == 0.0:
+        ce = -Lt_y
+        kl = ce.copy()
+        kl_reverse = None
+        # JS against a one-hot target depends only on p_y and the row sum S:
+        # ½[(S − p_y)·log 2 + p_y·(log p_y − log m_y) − log m_y],  m_y = (1 + p_y)/2
+        log_m_y = np.log1p((p_y - 1.0) * 0.5)
+        js = (sums - p_y) * log2
+        js += p_y * (L_y - log_m_y)
+        js -= log_m_y
+        js *= 0.5
+        brier = sum_sq - 2.0 * p_y + 1.0
+    else:
+        if Lt is None:
+            Lt = np.maximum(L, log_eps)
+        lq_lo, lq_hi = math.log(q_lo), math.log(q_hi)
+        ce = -(q_hi - q_lo) * Lt_y - q_lo * Lt.sum(axis=0)
+        neg_hq = q_hi * lq_hi + (C - 1) * q_lo * lq_lo  # Σ q log q, the same for every pixel
+        kl = ce + dtype.type(neg_hq)
+        kl_reverse = -entropy - lq_lo * sums - (lq_hi - lq_lo) * p_y
+        np.maximum(kl_reverse, 0.0, out=kl_reverse)
+        # Σ_c over all classes at q_lo, then swap the label's term from q_lo to q_hi.
+        js = _js_terms(p, L, q_lo, lq_lo).sum(axis=0)
+        js -= _js_terms(p_y, L_y, q_lo, lq_lo)
+        js += _js_terms(p_y, L_y, q_hi, lq_hi)
+        js *= 0.5
+        brier = (
+            sum_sq
+            - 2.0 * (q_lo * sums + (q_hi - q_lo) * p_y)
+            + dtype.type((C - 1) * q_lo * q_lo + q_hi * q_hi)
+        )
+    np.maximum(kl, 0.0, out=kl)
+    np.maximum(js, 0.0, out=js)
+    return PixelTerms(
+        kl=kl,
+        kl_reverse=kl_reverse,
+        js=js,
+        ce=ce,
+        entropy=entropy,
+        brier=brier,
+        confidence=confidence,
+        pred=pred,
+        label=y,
+        n_clipped=n_clipped,
+    )
+
+
+def _js_terms(p: np.ndarray, logp: np.ndarray, q, logq) -> np.ndarray:
+    """Elementwise p·log(2p/(p+q)) + q·log(2q/(p+q)), with 0·log 0 = 0.
+
+    ``logp``/``logq`` are logs that stay finite at 0 (see ``_safe_log``). Summed over classes
+    and halved this is JS(p, q) ≤ log 2.
+    """
+    log2 = p.dtype.type(math.log(2.0))
+    m = p + q
+    log_m = _safe_log(m)
+    return p * (log2 + logp - log_m) + q * (log2 + logq - log_m)
+
+
+def _soft_terms(p, L, Lt, Q, settings, confidence, pred, entropy, sums, log_eps) -> PixelTerms:
+    """Per-pixel terms against a soft (C, n) target distribution."""
+    n = p.shape[1]
+    if Lt is None:
+        Lt = np.maximum(L, log_eps)
+    logQ = _safe_log(Q)
+    _, y = argmax_classes(Q)
+    cols = np.arange(n)
+    n_clipped = (
+        int(np.count_nonzero(p[y, cols] < settings.eps)) if settings.input_kind == "probs" else 0
+    )
+    ce = -np.einsum("cn,cn->n", Q, Lt)
+    kl = np.einsum("cn,cn->n", Q, logQ) + ce
+    np.maximum(kl, 0.0, out=kl)
+    # KL(p‖q) is infinite where q = 0 < p: keep it infinite, never clip it away.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rev = p * (L - np.log(Q))
+    rev[p == 0] = 0.0
+    kl_reverse = rev.sum(axis=0)
+    np.maximum(kl_reverse, 0.0, out=kl_reverse)
+    js = 0.5 * _js_terms(p, L, Q, logQ).sum(axis=0)
+    np.maximum(js, 0.0, out=js)
+    diff = p - Q
+    brier = np.einsum("cn,cn->n", diff, diff)
+    return PixelTerms(
+        kl=kl,
+        kl_reverse=kl_reverse,
+        js=js,
+        ce=ce,
+        entropy=entropy,
+        brier=brier,
+        confidence=confidence,
+        pred=pred,
+        label=y,
+        n_clipped=n_clipped,
+    )
+
+
+def ece_bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Bin b (0-based) with confidence in (b/bins, (b+1)/bins]; 1.0 is in the last bin.
+
+    Computed in float64, where ``conf * bins`` is exact for float32 input, so a confidence
+    lands in the same bin as in an exact computation (a float32 0.2 is above 1/5).
+    """
+    idx = np.ceil(confidence.astype(np.float64) * bins).astype(np.intp) - 1
+    np.clip(idx, 0, bins - 1, out=idx)
+    return idx

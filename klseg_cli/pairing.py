@@ -1,0 +1,92 @@
+"""Which prediction goes with which target: pairing by file stem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, UsageError
+from .readers import PRED_SUFFIXES, TARGET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Pair:
+    stem: str
+    pred: Path
+    target: Path | None
+
+
+@dataclass
+class Pairing:
+    pairs: list[Pair]
+    missing_pred: list[Path] = field(default_factory=list)  # targets without a prediction
+    missing_target: list[Path] = field(default_factory=list)  # predictions without a target
+
+
+def _strip(name: str, suffix: str) -> str:
+    return name[: -len(suffix)] if suffix and name.endswith(suffix) and name != suffix else name
+
+
+def _index(folder: Path, suffixes: tuple[str, ...], strip: str, what: str) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in suffixes:
+            continue
+        stem = _strip(path.name[: -len(path.suffix)], strip)
+        if stem in files:
+            raise InputError(
+                f"two {what} files have the stem {stem!r}: {files[stem].name} and {path.name}; "
+                "keep one",
+                path=folder,
+            )
+        files[stem] = path
+    if not files:
+        raise InputError(f"no {what} files ({', '.join(suffixes)}) in this folder", path=folder)
+    return files
+
+
+def pair_files(
+    pred: Path,
+    target: Path | None,
+    *,
+    pred_suffix: str = "",
+    gt_suffix: str = "",
+) -> Pairing:
+    """Pair prediction and target files: two files, or two folders matched by stem.
+
+    A stem is the file name without its extension and without the optional suffix
+    (``--pred-suffix _prob``, ``--gt-suffix _gtFine_labelIds``). ``target=None`` pairs
+    every prediction with no target (for target-free metrics such as entropy).
+    """
+    pred, target = Path(pred), Path(target) if target is not None else None
+    if not pred.exists():
+        raise InputError("no such file or folder", path=pred)
+    if target is not None and not target.exists():
+        raise InputError("no such file or folder", path=target)
+    if pred.is_file():
+        if target is not None and target.is_dir():
+            raise UsageError(
+                f"{pred} is a file but {target} is a folder; pass two files or two folders"
+            )
+        stem = _strip(pred.name[: -len(pred.suffix)] if pred.suffix else pred.name, pred_suffix)
+        return Pairing(pairs=[Pair(stem, pred, target)])
+    if target is not None and not target.is_dir():
+        raise UsageError(
+            f"{pred} is a folder but {target} is a file; pass two files or two folders"
+        )
+    preds = _index(pred, PRED_SUFFIXES, pred_suffix, "prediction")
+    if target is None:
+        return Pairing(pairs=[Pair(s, p, None) for s, p in preds.items()])
+    targets = _index(target, TARGET_SUFFIXES, gt_suffix, "target")
+    pairs = [Pair(s, preds[s], targets[s]) for s in sorted(targets) if s in preds]
+    missing_pred = [targets[s] for s in sorted(targets) if s not in preds]
+    missing_target = [preds[s] for s in sorted(preds) if s not in targets]
+    if not pairs:
+        raise InputError(
+            f"no prediction in {pred} has a target with the same stem in {target} "
+            "(check --pred-suffix / --gt-suffix)",
+            path=pred,
+        )
+    return Pairing(pairs=pairs, missing_pred=missing_pred, missing_target=missing_target)

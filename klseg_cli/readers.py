@@ -1,0 +1,384 @@
+"""File formats and layouts: the only module that knows NumPy files, TIFF and PNG.
+
+Predictions are opened lazily (``.npy`` and uncompressed TIFF are memory-mapped) and read
+block by block as class-major float chunks, so memory is bounded by the chunk size, not by
+the image. Targets (label masks) are small integer images and are read whole.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LabelError, ReadError, ShapeError, UsageError
+
+PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff")
+TARGET_SUFFIXES = (".png", ".npy", ".tif", ".tiff")
+LAYOUTS = ("hwc", "chw")
+DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating
+
+
+def sum_tolerance(dtype: np.dtype) -> float:
+    """How far a pixel's probabilities may sum from 1: float16 keeps ~3 significant digits."""
+    return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3
+
+
+def _describe_oserror(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
+        return
+    if dtype.kind == "c":
+        problem = "holds complex numbers"
+    elif dtype.kind in "iub":
+        problem = f"holds {dtype} values, not probabilities or logits"
+    elif dtype.fields is not None:
+        problem = "has a structured dtype"
+    else:
+        problem = f"has dtype {dtype}"
+    raise ReadError(f"{problem}; a prediction must be float16, float32 or float64", path=path)
+
+
+def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
+    plane = math.prod(shape[-2:]) if len(shape) >= 2 else math.prod(shape)
+    if max(plane, math.prod(shape) // 64) > max_pixels:
+        raise ReadError(
+            f"header claims shape {shape}, more than --max-pixels {max_pixels}; "
+            "raise --max-pixels if the file is genuine",
+            path=path,
+        )
+
+
+def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as err:
+        text = str(err)
+        if "allow_pickle" in text or "Python objects" in text or "object" in text.lower():
+            raise ReadError(
+                "holds Python objects; klseg never unpickles files, save a numeric array",
+                path=path,
+            ) from None
+        raise ReadError(f"not a valid .npy file ({text})", path=path) from None
+    except OSError as err:
+        raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
+    except Exception as err:  # NumPy raises a zoo of errors on damaged headers
+        raise ReadError(f"not a valid .npy file ({type(err).__name__}: {err})", path=path) from None
+
+
+def _load_npz(path: Path, key: str | None) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            if key is None:
+                if len(keys) != 1:
+                    raise ReadError(
+                        f"holds {len(keys)} arrays ({', '.join(keys) or 'none'}); "
+                        "choose one with --npz-key",
+                        path=path,
+                    )
+                key = keys[0]
+            elif key not in keys:
+                raise ReadError(
+                    f"has no array {key!r} (it has {', '.join(keys) or 'none'})", path=path
+                )
+            return archive[key]
+    except ReadError:
+        raise
+    except OSError as err:
+        raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
+    except (ValueError, zipfile.BadZipFile, EOFError) as err:
+        if "allow_pickle" in str(err):
+            raise ReadError(
+                "holds Python objects; klseg never unpickles files, save a numeric array",
+                path=path,
+            ) from None
+        raise ReadError(f"not a valid .npz file ({err})", path=path) from None
+    except Exception as err:
+        raise ReadError(f"not a valid .npz file ({type(err).__name__}: {err})", path=path) from None
+
+
+def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ReadError("TIFF holds no image", path=path)
+            series = tif.series[0]
+            _check_size(tuple(series.shape), path, max_pixels)
+            try:
+                return tifffile.memmap(path, mode="r")
+            except Exception:  # compressed or tiled: decode into memory
+                return series.asarray()
+    except ReadError:
+        raise
+    except OSError as err:
+        raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
+    except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise ReadError(f"not a valid TIFF file ({type(err).__name__}: {err})", path=path) from None
+
+
+def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open an array file as stored: ``.npy`` and plain TIFF memory-mapped, ``.npz`` loaded."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise ReadError("no such file", path=path)
+    if suffix == ".npy":
+        arr = _load_npy(path, mmap=True)
+        _check_size(arr.shape, path, max_pixels)
+    elif suffix == ".npz":
+        arr = _load_npz(path, npz_key)
+    elif suffix in (".tif", ".tiff"):
+        arr = _load_tiff(path, max_pixels=max_pixels)
+    else:
+        raise ReadError(f"unsupported file type {suffix!r}", path=path)
+    return arr
+
+
+# --- layouts ------------------------------------------------------------------------------
+
+
+def detect_layout(
+    shape: tuple[int, ...],
+    hw: tuple[int, int] | None,
+    *,
+    layout: str | None = None,
+    num_classes: int | None = None,
+    path: Path | None = None,
+) -> str:
+    """``"hwc"``, ``"chw"`` or ``"hw"`` (a 2-D map: P(class 1) of a binary task).
+
+    The class axis is the one that is not the target's (H, W); when both ends fit (H = W = C)
+    the caller must say ``--layout``. Without a target (``hw=None``) the class axis must be
+    given, or be the one matching ``num_classes``, or be clearly the smallest end axis.
+    """
+    if len(shape) == 2:
+        if hw is not None and tuple(shape) != tuple(hw):
+            raise ShapeError(f"shape {tuple(shape)} does not match target {tuple(hw)}", path=path)
+        return "hw"
+    if len(shape) != 3:
+        raise ShapeError(
+            f"has {len(shape)} dimensions {tuple(shape)}; expected (H, W, C), (C, H, W) or (H, W)",
+            path=path,
+        )
+    if layout is not None:
+        layout = layout.lower()
+        if layout not in LAYOUTS:
+            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        got_hw = shape[:2] if layout == "hwc" else shape[1:]
+        if hw is not None and tuple(got_hw) != tuple(hw):
+            raise ShapeError(
+                f"shape {tuple(shape)} read as {layout.upper()} does not match target {tuple(hw)}",
+                path=path,
+            )
+        return layout
+    if hw is not None:
+        is_hwc = tuple(shape[:2]) == tuple(hw)
+        is_chw = tuple(shape[1:]) == tuple(hw)
+    elif num_classes is not None:
+        is_hwc, is_chw = shape[2] == num_classes, shape[0] == num_classes
+    else:
+        is_hwc = shape[2] < min(shape[0], shape[1])
+        is_chw = shape[0] < min(shape[1], shape[2])
+    if is_hwc and is_chw:
+        raise ShapeError(
+            f"layout of shape {tuple(shape)} is ambiguous; pass --layout hwc or --layout chw",
+            path=path,
+        )
+    if not (is_hwc or is_chw):
+        against = f"target {tuple(hw)}" if hw is not None else "any class axis"
+        raise ShapeError(
+            f"shape {tuple(shape)} does not match {against} as (H, W, C) or (C, H, W)",
+            path=path,
+        )
+    return "hwc" if is_hwc else "chw"
+
+
+@dataclass
+class PredictionMap:
+    """A prediction (or soft target) map as stored, read block by block in class-major form."""
+
+    path: Path
+    array: np.ndarray
+    layout: str  # "hwc" | "chw" | "hw"
+
+    @property
+    def height(self) -> int:
+        return self.array.shape[1] if self.layout == "chw" else self.array.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.array.shape[2] if self.layout == "chw" else self.array.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        if self.layout == "hw":
+            return 2
+        return self.array.shape[0] if self.layout == "chw" else self.array.shape[2]
+
+    @property
+    def n_pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """float64 input stays float64; float16 and float32 are computed in float32."""
+        return np.dtype(np.float64 if self.array.dtype == np.float64 else np.float32)
+
+    def _flat(self) -> np.ndarray:
+        a = self.array
+        if self.layout == "chw":
+            return a.reshape(a.shape[0], -1)
+        if self.layout == "hwc":
+            return a.reshape(-1, a.shape[2])
+        return a.reshape(-1)
+
+    def block(self, start: int, stop: int, *, logits: bool = False) -> np.ndarray:
+        """Pixels [start, stop) in row-major order as a (C, n) array in the compute dtype."""
+        flat = self._flat()
+        dtype = self.compute_dtype
+        if self.layout == "chw":
+            return np.asarray(flat[:, start:stop], dtype=dtype)
+        if self.layout == "hwc":
+            rows = flat[start:stop]
+            out = np.empty((rows.shape[1], rows.shape[0]), dtype=dtype)
+            np.copyto(out, rows.T)
+            return out
+        p1 = np.asarray(flat[start:stop], dtype=dtype)
+        out = np.empty((2, p1.shape[0]), dtype=dtype)
+        if logits:  # one logit z of class 1 is the pair (0, z) under softmax
+            out[0] = 0.0
+        else:
+            np.subtract(1.0, p1, out=out[0])
+        out[1] = p1
+        return out
+
+
+def open_prediction(
+    path: Path,
+    *,
+    hw: tuple[int, int] | None,
+    layout: str | None = None,
+    num_classes: int | None = None,
+    npz_key: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PredictionMap:
+    """Open a prediction map, check its dtype and find its layout against the target's (H, W)."""
+    path = Path(path)
+    arr = load_array(path, npz_key=npz_key, max_pixels=max_pixels)
+    _check_float_dtype(arr.dtype, path)
+    found = detect_layout(arr.shape, hw, layout=layout, num_classes=num_classes, path=path)
+    pm = PredictionMap(path=path, array=arr, layout=found)
+    if pm.n_pixels == 0:
+        raise ShapeError(f"shape {tuple(arr.shape)} has no pixels", path=path)
+    return pm
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+def _read_png(path: Path, max_pixels: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ReadError(
+                    f"header claims {w}x{h} pixels, more than --max-pixels {max_pixels}; "
+                    "raise --max-pixels if the file is genuine",
+                    path=path,
+                )
+            mode = img.mode
+            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBX"):
+                raise LabelError(
+                    f"is a colour ({mode}) mask; save class indices as a grayscale or "
+                    "palette PNG (palette index = class id)",
+                    path=path,
+                )
+            img.load()
+            if mode == "1":
+                return np.asarray(img, dtype=np.uint8)
+            arr = np.asarray(img)  # "P" gives palette indices, "L" uint8, "I;16" uint16
+    except (ReadError, LabelError):
+        raise
+    except OSError as err:
+        text = _describe_oserror(err) if err.errno else str(err)
+        raise ReadError(f"cannot read as PNG ({text})", path=path) from None
+    except Exception as err:  # Pillow's DecompressionBombError, SyntaxError, ValueError...
+        raise ReadError(f"cannot read as PNG ({type(err).__name__}: {err})", path=path) from None
+    return arr
+
+
+def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a label mask: a 2-D array of integer class ids (PNG, .npy or TIFF).
+
+    Soft targets are probability maps and are opened with ``open_prediction`` instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ReadError("no such file", path=path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return _read_png(path, max_pixels)
+    if suffix not in (".npy", ".tif", ".tiff", ".npz"):
+        raise ReadError(f"unsupported target file type {suffix!r}", path=path)
+    arr = load_array(path, max_pixels=max_pixels)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
+        raise LabelError(
+            f"is a colour mask of shape {tuple(arr.shape)}; save class indices (H, W)", path=path
+        )
+    if arr.ndim != 2:
+        raise ShapeError(
+            f"a label mask must be 2-D (H, W), got shape {tuple(arr.shape)}", path=path
+        )
+    if arr.dtype.kind == "f":
+        raise LabelError(
+            f"holds {arr.dtype} values; labels must be integers (pass --soft-gt for a soft "
+            "target map)",
+            path=path,
+        )
+    if arr.dtype.kind == "b":
+        return np.asarray(arr, dtype=np.uint8)
+    if arr.dtype.kind not in "iu":
+        raise LabelError(f"holds {arr.dtype} values; labels must be integers", path=path)
+    return np.asarray(arr)
+
+
+def check_labels(
+    labels: np.ndarray, num_classes: int, ignore: tuple[int, ...], path: Path
+) -> np.ndarray:
+    """Raise LabelError for labels that are neither 0..C−1 nor ignore values.
+
+    Returns the boolean mask of valid (non-ignored) pixels. Unknown labels are never dropped
+    silently: the message gives each value and its count.
+    """
+    valid = (
+        (labels >= 0) & (labels < num_classes) if labels.dtype.kind == "i" else labels < num_classes
+    )
+    if valid.all():
+        return valid
+    ignored = np.isin(labels, np.asarray(ignore)) if ignore else np.zeros_like(valid)
+    bad = ~valid & ~ignored
+    if bad.any():
+        values, counts = np.unique(labels[bad], return_counts=True)
+        shown = ", ".join(
+            f"{v} ({c} px)" for v, c in zip(values[:10].tolist(), counts[:10].tolist())
+        )
+        more = f" and {len(values) - 10} more values" if len(values) > 10 else ""
+        ign = ", ".join(map(str, sorted(ignore))) or "none"
+        raise LabelError(
+            f"labels outside 0..{num_classes - 1} that are not ignore values ({ign}): "
+            f"{shown}{more}; check --classes or add --ignore-index",
+            path=path,
+        )
+    return valid

@@ -1,0 +1,158 @@
+"""Presentation: CSV and JSON reports (DESIGN §5) and rich terminal tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .errors import UsageError
+from .stats import CLASS_COLUMNS, IMAGE_COLUMNS
+
+REPORT_FILES = ("per_image.csv", "per_class.csv", "summary.json")
+
+
+def jsonable(value):
+    """A copy of ``value`` that ``json`` can write: NaN and ±Inf become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item"):  # NumPy scalars
+        return jsonable(value.item())
+    return value
+
+
+def summary_json(summary: Mapping) -> str:
+    return json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    return str(value)
+
+
+def rows_csv(rows: Iterable[Mapping], columns: tuple[str, ...]) -> str:
+    """CSV text with exactly ``columns``; undefined numbers are empty cells."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in columns])
+    return buf.getvalue()
+
+
+def write_atomic(files: Mapping[Path, str]) -> None:
+    """Write every file to a temporary sibling first, then rename them all into place.
+
+    A reader never sees half a file, and if writing any of them fails, none is replaced.
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+        temps.clear()
+    finally:
+        for tmp, _ in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def prepare_out_dir(out: Path, inputs: Iterable[Path] = ()) -> Path:
+    """Create ``out`` if needed; refuse a file, or a report path that is one of the inputs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder")
+    resolved = {Path(p).resolve() for p in inputs}
+    for name in REPORT_FILES:
+        if (out / name).resolve() in resolved:
+            raise UsageError(f"--out {out} would overwrite the input {out / name}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create folder ({err.strerror or err})") from None
+    return out
+
+
+def write_reports(summary: Mapping, out: Path) -> list[Path]:
+    """Write ``per_image.csv``, ``per_class.csv`` and ``summary.json`` into ``out``."""
+    out = Path(out)
+    files = {
+        out / "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
+        out / "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
+        out / "summary.json": summary_json(summary),
+    }
+    write_atomic(files)
+    return list(files)
+
+
+# --- terminal tables ----------------------------------------------------------------------
+
+UNDEFINED = "—"
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return UNDEFINED
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_table(summary: Mapping):
+    """Dataset metrics, pooled and image-mean side by side."""
+    from rich import box
+    from rich.table import Table
+
+    settings = summary["settings"]
+    unit = "bits" if settings["log_base"] == 2 else "nats"
+    table = Table(
+        title=f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels",
+        caption=f"kl, ce, js, entropy in {unit}; brier: multi-class sum (0..2)",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("metric", no_wrap=True)
+    table.add_column("pooled", justify="right", no_wrap=True)
+    table.add_column("image mean", justify="right", no_wrap=True)
+    dataset = summary["dataset"]
+    for name in IMAGE_COLUMNS[4:]:
+        table.add_row(
+            name, fmt(dataset.get(f"{name}_pooled")), fmt(dataset.get(f"{name}_image_mean"))
+        )
+    return table
+
+
+def class_table(summary: Mapping):
+    """Per-class results over the whole data set."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="per class", box=box.SIMPLE_HEAD)
+    headers = ("id", "class", "pixels", "iou", "dice", "prec", "recall", "kl", "ce")
+    for col in headers:
+        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
+    for row in summary["classes"]:
+        table.add_row(
+            str(row["class_id"]),
+            row["class_name"],
+            f"{row['n_target']:,}",
+            *(fmt(row[k], 3) for k in ("iou", "dice", "precision", "recall", "kl", "ce")),
+        )
+    return table

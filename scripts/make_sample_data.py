@@ -1,0 +1,121 @@
+"""Make sample_data/: a small street-scene-like set with a fixed seed.
+
+    python scripts/make_sample_data.py [OUT_DIR]
+
+Eight 120×160 scenes with five classes (road, building, vegetation, sky, car):
+- targets are palette PNGs (palette index = class id) with an ignore region (255) where the
+  ego vehicle's bonnet would be;
+- predictions are softmax outputs that are confident inside regions, uncertain along
+  boundaries, with a few confident mistakes (a car taken for road, a tree for a building);
+  float32 with exact 0.0 and 1.0 where the softmax saturates, as real output has;
+- even-numbered scenes are .npy (H, W, C); odd ones are zlib-compressed .tif (C, H, W);
+- scene 7 has no car at all, neither in the target nor in the prediction.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+CLASSES = ["road", "building", "vegetation", "sky", "car"]
+PALETTE = [(128, 64, 128), (70, 70, 70), (107, 142, 35), (70, 130, 180), (0, 0, 142)]
+H, W, C = 120, 160, len(CLASSES)
+IGNORE = 255
+SEED = 20261127
+
+
+def box_blur(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)² window along the last two axes, edges padded by reflection."""
+    pad = [(0, 0)] * (x.ndim - 2) + [(r, r), (r, r)]
+    p = np.pad(x, pad, mode="edge")
+    c = p.cumsum(-1)
+    c = np.concatenate([np.zeros_like(c[..., :1]), c], -1)
+    p = (c[..., 2 * r + 1 :] - c[..., : -2 * r - 1]) / (2 * r + 1)
+    c = p.cumsum(-2)
+    c = np.concatenate([np.zeros_like(c[..., :1, :]), c], -2)
+    return (c[..., 2 * r + 1 :, :] - c[..., : -2 * r - 1, :]) / (2 * r + 1)
+
+
+def scene(rng: np.random.Generator, index: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    mask = np.full((H, W), 1, dtype=np.uint8)  # building by default
+    horizon = 35 + 10 * np.sin(xx / rng.uniform(15, 30) + rng.uniform(0, 6)) + rng.integers(-5, 5)
+    mask[yy < horizon] = 3  # sky
+    for _ in range(rng.integers(2, 5)):  # trees
+        cy, cx, r = rng.uniform(35, 70), rng.uniform(0, W), rng.uniform(10, 22)
+        mask[(yy - cy) ** 2 + ((xx - cx) * 0.8) ** 2 < r * r] = 2
+    road_top = 70 + rng.integers(-6, 6)
+    half = (yy - road_top) * 1.4 + 10
+    mask[(yy >= road_top) & (np.abs(xx - W / 2) < half)] = 0
+    if index != 7:
+        for _ in range(rng.integers(1, 4)):  # cars on the road
+            cy, cx = rng.integers(road_top + 8, H - 25), rng.integers(30, W - 30)
+            h, w = rng.integers(8, 16), rng.integers(14, 26)
+            mask[cy : cy + h, cx : cx + w] = 4
+    bonnet = (yy > H - 12) & (np.abs(xx - W / 2) < 60 - (H - yy) * 2)
+    mask[bonnet] = IGNORE
+    return mask
+
+
+def predict(rng: np.random.Generator, mask: np.ndarray, index: int) -> np.ndarray:
+    """Softmax of logits that follow a blurred target: sharp inside regions, soft at edges."""
+    labels = np.where(mask == IGNORE, 0, mask)
+    onehot = (labels[None] == np.arange(C)[:, None, None]).astype(np.float64)
+    soft = box_blur(onehot, 3)
+    logits = 7.0 * np.log(soft + 1e-3) + rng.normal(0, 1.5, size=(C, H, W))
+    logits += box_blur(rng.normal(0, 9.0, size=(C, H, W)), 5)  # smooth, region-wise doubt
+    # a few confident mistakes
+    if index in (1, 4):
+        cars = np.argwhere(labels == 4)
+        if len(cars):
+            y0, x0 = cars[0]
+            logits[0, y0 : y0 + 10, x0 : x0 + 12] += 40.0  # a car seen as road
+    if index in (2, 5):
+        trees = np.argwhere(labels == 2)
+        if len(trees):
+            y0, x0 = trees[len(trees) // 2]
+            logits[1, max(0, y0 - 8) : y0 + 8, max(0, x0 - 8) : x0 + 8] += 45.0  # tree → building
+    if index == 7:
+        logits[4] -= 60.0  # no car predicted anywhere
+    logits -= logits.max(axis=0, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=0, keepdims=True)
+    return probs.astype(np.float32)  # tiny probabilities underflow to 0, the top one to 1
+
+
+def main(out: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    (out / "ground_truth").mkdir(parents=True, exist_ok=True)
+    palette = [v for rgb in PALETTE for v in rgb] + [0, 0, 0] * (256 - len(PALETTE))
+    for i in range(8):
+        stem = f"scene_{i:02d}"
+        mask = scene(rng, i)
+        img = Image.fromarray(mask, mode="P")
+        img.putpalette(palette)
+        img.save(out / "ground_truth" / f"{stem}.png", optimize=True)
+        probs = predict(rng, mask, i)  # (C, H, W)
+        if i % 2 == 0:
+            np.save(
+                out / "predictions" / f"{stem}.npy", np.ascontiguousarray(probs.transpose(1, 2, 0))
+            )
+        else:
+            tifffile.imwrite(
+                out / "predictions" / f"{stem}.tif",
+                probs,
+                photometric="minisblack",
+                compression="zlib",
+            )
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+
+
+if __name__ == "__main__":
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent.parent / "sample_data"
+    )

@@ -1,0 +1,152 @@
+"""An independent, slow and obvious float64 implementation of DESIGN §2, for tests only.
+
+It builds full one-hot / smoothed targets, uses SciPy's ``rel_entr`` and ``xlogy`` and
+computes every reduction directly from per-pixel arrays: nothing is shared with klseg's core.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import logsumexp, rel_entr, xlogy
+
+
+def to_pixels(pred: np.ndarray, layout: str) -> np.ndarray:
+    """(N, C) float64 rows from an HWC / CHW / HW (binary) map."""
+    a = np.asarray(pred, dtype=np.float64)
+    if layout == "hwc":
+        return a.reshape(-1, a.shape[-1])
+    if layout == "chw":
+        return a.reshape(a.shape[0], -1).T
+    p1 = a.reshape(-1)
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
+def pixel_values(p, q, *, eps=1e-7, logits=False):
+    """Per-pixel metrics for (N, C) predictions p and targets q (float64)."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    if logits:
+        logp = p - logsumexp(p, axis=1, keepdims=True)
+        p = np.exp(logp)
+        logpt = logp
+    else:
+        logpt = np.log(np.maximum(p, eps))
+    ce = -(q * logpt).sum(axis=1)
+    kl = np.maximum(xlogy(q, q).sum(axis=1) + ce, 0.0)
+    with np.errstate(all="ignore"):
+        kl_rev = rel_entr(p, q).sum(axis=1)
+    m = (p + q) / 2
+    js = 0.5 * rel_entr(p, m).sum(axis=1) + 0.5 * rel_entr(q, m).sum(axis=1)
+    ent = -xlogy(p, p).sum(axis=1)
+    brier = ((p - q) ** 2).sum(axis=1)
+    return {
+        "kl": kl,
+        "kl_reverse": kl_rev,
+        "js": js,
+        "ce": ce,
+        "entropy": ent,
+        "brier": brier,
+        "confidence": p.max(axis=1),
+        "pred": p.argmax(axis=1),
+    }
+
+
+def hard_targets(labels: np.ndarray, C: int, smoothing: float) -> np.ndarray:
+    onehot = np.zeros((labels.size, C))
+    onehot[np.arange(labels.size), labels] = 1.0
+    return (1 - smoothing) * onehot + smoothing / C
+
+
+def ece(conf, correct, bins=15):
+    total = 0.0
+    n = len(conf)
+    for b in range(1, bins + 1):
+        lo, hi = (b - 1) / bins, b / bins
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            total += sel.sum() / n * abs(correct[sel].mean() - conf[sel].mean())
+    return total
+
+
+def confusion(labels, pred, C):
+    cm = np.zeros((C, C), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    return cm
+
+
+def class_scores(cm):
+    tp = np.diag(cm).astype(float)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    with np.errstate(all="ignore"):
+        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
+        dice = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        prec = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
+        rec = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+    return tp, fp, fn, iou, dice, prec, rec
+
+
+def nanmean(values):
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def image_metrics(vals, labels, C, log_base=math.e, bins=15):
+    """per_image.csv numbers for one image's valid pixels."""
+    scale = math.log(log_base)
+    n = labels.size
+    out = {"n_valid": n}
+    for k in ("kl", "kl_reverse", "js", "ce", "entropy"):
+        v = vals[k].mean() / scale if n else math.nan
+        out[k] = v if math.isfinite(v) else math.nan
+    out["brier"] = vals["brier"].mean() if n else math.nan
+    correct = (vals["pred"] == labels).astype(float)
+    out["accuracy"] = correct.mean() if n else math.nan
+    cm = confusion(labels, vals["pred"], C)
+    _, _, _, iou, dice, _, _ = class_scores(cm)
+    out["miou"] = nanmean(iou)
+    out["mdice"] = nanmean(dice)
+    out["ece"] = ece(vals["confidence"], correct, bins) if n else math.nan
+    return out
+
+
+def evaluate_reference(images, C, *, smoothing=0.0, eps=1e-7, ignore=(255,), log_base=math.e,
+                       logits=False):
+    """images: list of (stem, pred_pixels (N, C) float64, labels (N,) int).
+
+    Returns (per_image rows, per_class rows, dataset dict) like klseg's reports.
+    """
+    scale = math.log(log_base)
+    rows, all_vals, all_labels = [], [], []
+    for stem, pix, labels in sorted(images, key=lambda t: t[0]):
+        keep = ~np.isin(labels, ignore)
+        lab = labels[keep].astype(np.int64)
+        vals = pixel_values(pix[keep], hard_targets(lab, C, smoothing), eps=eps, logits=logits)
+        row = {"image": stem, **image_metrics(vals, lab, C, log_base)}
+        rows.append(row)
+        all_vals.append(vals)
+        all_labels.append(lab)
+    vals = {k: np.concatenate([v[k] for v in all_vals]) for k in all_vals[0]}
+    labels = np.concatenate(all_labels)
+    pooled = image_metrics(vals, labels, C, log_base)
+    cm = confusion(labels, vals["pred"], C)
+    tp, fp, fn, iou, dice, prec, rec = class_scores(cm)
+    classes = []
+    for c in range(C):
+        sel = labels == c
+        classes.append({
+            "class_id": c, "n_target": int(sel.sum()), "n_pred": int(cm[:, c].sum()),
+            "tp": int(tp[c]), "fp": int(fp[c]), "fn": int(fn[c]), "iou": iou[c], "dice": dice[c],
+            "precision": prec[c], "recall": rec[c],
+            "kl": vals["kl"][sel].mean() / scale if sel.any() else math.nan,
+            "ce": vals["ce"][sel].mean() / scale if sel.any() else math.nan,
+        })
+    dataset = {}
+    for k in ("kl", "kl_reverse", "js", "ce", "entropy", "brier", "accuracy", "miou", "mdice",
+              "ece"):
+        dataset[f"{k}_pooled"] = pooled[k]
+        dataset[f"{k}_image_mean"] = nanmean([r[k] for r in rows])
+    return rows, classes, dataset
