@@ -146,7 +146,7 @@ def iter_terms(
         P = pred.block(start, stop, logits=logits)
         y = labels[start:stop].astype(np.intp)
         valid = None
-        if not all_valid:
+        if not all_valid and not valid_all[start:stop].all():
             valid = valid_all[start:stop]
             P = P[:, valid]
             y = y[valid]

@@ -247,7 +247,9 @@ class PredictionMap:
         flat = self._flat()
         dtype = self.compute_dtype
         if self.layout == "chw":
-            return np.asarray(flat[:, start:stop], dtype=dtype)
+            # A contiguous copy: the class planes of a view lie H·W·itemsize apart, often a
+            # power of two, and walking 19 such streams at once thrashes the cache's sets.
+            return np.array(flat[:, start:stop], dtype=dtype, order="C")
         if self.layout == "hwc":
             rows = flat[start:stop]
             out = np.empty((rows.shape[1], rows.shape[0]), dtype=dtype)

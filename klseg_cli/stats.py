@@ -64,14 +64,16 @@ class Stats:
             sums[1] = 0.0  # nothing to be undefined about
         confusion = np.bincount(y * C + pred, minlength=C * C).reshape(C, C)
         b = ece_bin_index(terms.confidence, bins)
+        # one pass for both the bin counts and the correct counts: index b + bins·[correct]
+        b_correct = np.bincount(b + bins * (y == pred), minlength=2 * bins)
         return cls(
             sums=sums,
             confusion=confusion.astype(np.int64),
             class_kl=np.bincount(y, weights=terms.kl, minlength=C),
             class_ce=np.bincount(y, weights=terms.ce, minlength=C),
-            ece_count=np.bincount(b, minlength=bins).astype(np.int64),
+            ece_count=(b_correct[:bins] + b_correct[bins:]).astype(np.int64),
             ece_conf=np.bincount(b, weights=terms.confidence, minlength=bins),
-            ece_correct=np.bincount(b[y == pred], minlength=bins).astype(np.int64),
+            ece_correct=b_correct[bins:].astype(np.int64),
             n_clipped=terms.n_clipped,
         )
 
