@@ -118,6 +118,24 @@ def _safe_log(x: np.ndarray) -> np.ndarray:
         return np.log(out, out=out)
 
 
+def class_sum(M: np.ndarray) -> np.ndarray:
+    """Σ over the class axis of a (C, n) array, adding class rows in order 0, 1, …, C-1.
+
+    ``M.sum(axis=0)`` and ``einsum`` pick their summation order from the array's shape, so
+    a pixel's float32 value could change with the chunk it falls in; a fixed order keeps
+    every per-pixel value, and so every result, independent of the chunk size.
+    """
+    acc = M[0].copy()
+    for c in range(1, M.shape[0]):
+        np.add(acc, M[c], out=acc)
+    return acc
+
+
+def class_dot(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Σ_c A[c]·B[c] per pixel, in the fixed class order of ``class_sum``."""
+    return class_sum(A * B)
+
+
 def argmax_classes(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Max and argmax over the class axis of a (C, n) chunk; ties go to the lowest index.
 
@@ -141,7 +159,7 @@ def log_softmax(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stable log-softmax over the class axis of a (C, n) logits chunk: (log p, p)."""
     shifted = Z - Z.max(axis=0)
     p = np.exp(shifted)
-    total = p.sum(axis=0)
+    total = class_sum(p)
     p /= total
     shifted -= np.log(total)
     return shifted, p
@@ -209,18 +227,18 @@ def pixel_terms(
     if settings.input_kind == "logits":
         L, p = log_softmax(P)
         Lt = L  # log-softmax is finite: nothing is clipped
-        sums = p.sum(axis=0)
+        sums = class_sum(p)
     else:
         p = P
-        sums = p.sum(axis=0)
+        sums = class_sum(p)
         L = _safe_log(p)
         Lt = None  # clipped logs are only needed in full for smoothing / soft targets
 
     confidence, pred = argmax_classes(p)
-    entropy = -np.einsum("cn,cn->n", p, L)
+    entropy = -class_dot(p, L)
     if tolerance is not None and not _plausible(sums, confidence, entropy, tolerance):
         check_probabilities(p, sums, tolerance=tolerance)  # the full diagnosis; raises
-    sum_sq = np.einsum("cn,cn->n", p, p)
+    sum_sq = class_dot(p, p)
 
     if settings.soft_gt:
         return _soft_terms(p, L, Lt, target, settings, confidence, pred, entropy, sums, log_eps)
@@ -254,13 +272,13 @@ def pixel_terms(
         if Lt is None:
             Lt = np.maximum(L, log_eps)
         lq_lo, lq_hi = math.log(q_lo), math.log(q_hi)
-        ce = -(q_hi - q_lo) * Lt_y - q_lo * Lt.sum(axis=0)
+        ce = -(q_hi - q_lo) * Lt_y - q_lo * class_sum(Lt)
         neg_hq = q_hi * lq_hi + (C - 1) * q_lo * lq_lo  # Σ q log q, the same for every pixel
         kl = ce + dtype.type(neg_hq)
         kl_reverse = -entropy - lq_lo * sums - (lq_hi - lq_lo) * p_y
         np.maximum(kl_reverse, 0.0, out=kl_reverse)
         # Σ_c over all classes at q_lo, then swap the label's term from q_lo to q_hi.
-        js = _js_terms(p, L, q_lo, lq_lo).sum(axis=0)
+        js = class_sum(_js_terms(p, L, q_lo, lq_lo))
         js -= _js_terms(p_y, L_y, q_lo, lq_lo)
         js += _js_terms(p_y, L_y, q_hi, lq_hi)
         js *= 0.5
@@ -308,19 +326,19 @@ def _soft_terms(p, L, Lt, Q, settings, confidence, pred, entropy, sums, log_eps)
     n_clipped = (
         int(np.count_nonzero(p[y, cols] < settings.eps)) if settings.input_kind == "probs" else 0
     )
-    ce = -np.einsum("cn,cn->n", Q, Lt)
-    kl = np.einsum("cn,cn->n", Q, logQ) + ce
+    ce = -class_dot(Q, Lt)
+    kl = class_dot(Q, logQ) + ce
     np.maximum(kl, 0.0, out=kl)
     # KL(p‖q) is infinite where q = 0 < p: keep it infinite, never clip it away.
     with np.errstate(divide="ignore", invalid="ignore"):
         rev = p * (L - np.log(Q))
     rev[p == 0] = 0.0
-    kl_reverse = rev.sum(axis=0)
+    kl_reverse = class_sum(rev)
     np.maximum(kl_reverse, 0.0, out=kl_reverse)
-    js = 0.5 * _js_terms(p, L, Q, logQ).sum(axis=0)
+    js = 0.5 * class_sum(_js_terms(p, L, Q, logQ))
     np.maximum(js, 0.0, out=js)
     diff = p - Q
-    brier = np.einsum("cn,cn->n", diff, diff)
+    brier = class_dot(diff, diff)
     return PixelTerms(
         kl=kl,
         kl_reverse=kl_reverse,
