@@ -113,8 +113,9 @@ def image_metrics(vals, labels, C, log_base=math.e, bins=15):
     return out
 
 
-def evaluate_reference(images, C, *, smoothing=0.0, eps=1e-7, ignore=(255,), log_base=math.e,
-                       logits=False):
+def evaluate_reference(
+    images, C, *, smoothing=0.0, eps=1e-7, ignore=(255,), log_base=math.e, logits=False
+):
     """images: list of (stem, pred_pixels (N, C) float64, labels (N,) int).
 
     Returns (per_image rows, per_class rows, dataset dict) like klseg's reports.
@@ -137,16 +138,35 @@ def evaluate_reference(images, C, *, smoothing=0.0, eps=1e-7, ignore=(255,), log
     classes = []
     for c in range(C):
         sel = labels == c
-        classes.append({
-            "class_id": c, "n_target": int(sel.sum()), "n_pred": int(cm[:, c].sum()),
-            "tp": int(tp[c]), "fp": int(fp[c]), "fn": int(fn[c]), "iou": iou[c], "dice": dice[c],
-            "precision": prec[c], "recall": rec[c],
-            "kl": vals["kl"][sel].mean() / scale if sel.any() else math.nan,
-            "ce": vals["ce"][sel].mean() / scale if sel.any() else math.nan,
-        })
+        classes.append(
+            {
+                "class_id": c,
+                "n_target": int(sel.sum()),
+                "n_pred": int(cm[:, c].sum()),
+                "tp": int(tp[c]),
+                "fp": int(fp[c]),
+                "fn": int(fn[c]),
+                "iou": iou[c],
+                "dice": dice[c],
+                "precision": prec[c],
+                "recall": rec[c],
+                "kl": vals["kl"][sel].mean() / scale if sel.any() else math.nan,
+                "ce": vals["ce"][sel].mean() / scale if sel.any() else math.nan,
+            }
+        )
     dataset = {}
-    for k in ("kl", "kl_reverse", "js", "ce", "entropy", "brier", "accuracy", "miou", "mdice",
-              "ece"):
+    for k in (
+        "kl",
+        "kl_reverse",
+        "js",
+        "ce",
+        "entropy",
+        "brier",
+        "accuracy",
+        "miou",
+        "mdice",
+        "ece",
+    ):
         dataset[f"{k}_pooled"] = pooled[k]
         dataset[f"{k}_image_mean"] = nanmean([r[k] for r in rows])
     return rows, classes, dataset

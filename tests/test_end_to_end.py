@@ -58,8 +58,13 @@ def make_mixed(tmp_path, rng):
             np.savez_compressed(path, probs=stored)
         else:
             kw = {"compression": "zlib"} if fmt == "tifz" else {}
-            tifffile.imwrite(path, stored, photometric="minisblack",
-                             planarconfig="contig" if layout == "hwc" else None, **kw)
+            tifffile.imwrite(
+                path,
+                stored,
+                photometric="minisblack",
+                planarconfig="contig" if layout == "hwc" else None,
+                **kw,
+            )
         if mask_fmt == "png_p":
             img = Image.fromarray(mask, mode="P")
             img.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
@@ -94,10 +99,22 @@ def close(actual, expected):
 def test_reports_match_independent_reference(tmp_path, rng, smoothing, log_base):
     pred_dir, gt_dir, truth = make_mixed(tmp_path, rng)
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, [
-        "evaluate", str(pred_dir), str(gt_dir), "--out", str(out), "--smoothing", str(smoothing),
-        "--log-base", log_base, "--chunk-pixels", "333",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(pred_dir),
+            str(gt_dir),
+            "--out",
+            str(out),
+            "--smoothing",
+            str(smoothing),
+            "--log-base",
+            log_base,
+            "--chunk-pixels",
+            "333",
+        ],
+    )
     assert result.exit_code == 0, result.output
     base = 2.0 if log_base == "2" else math.e
     rows, classes, dataset = evaluate_reference(truth, C, smoothing=smoothing, log_base=base)

@@ -60,8 +60,9 @@ def test_kl_against_scipy_per_pixel(rng):
         assert math.isclose(terms.kl[i], scipy_entropy(q[i], p[i]), rel_tol=1e-9, abs_tol=1e-12)
         assert math.isclose(terms.kl_reverse[i], scipy_entropy(p[i], q[i]), rel_tol=1e-9)
         assert math.isclose(terms.entropy[i], scipy_entropy(p[i]), rel_tol=1e-9, abs_tol=1e-12)
-        assert math.isclose(terms.ce[i], scipy_entropy(q[i]) + scipy_entropy(q[i], p[i]),
-                            rel_tol=1e-9)
+        assert math.isclose(
+            terms.ce[i], scipy_entropy(q[i]) + scipy_entropy(q[i], p[i]), rel_tol=1e-9
+        )
 
 
 def test_soft_targets_match_reference(rng):
