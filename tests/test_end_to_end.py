@@ -160,3 +160,24 @@ def test_results_do_not_depend_on_chunk_size_or_file_order(tmp_path, rng):
     assert a["classes"] == b["classes"] or all(
         x["tp"] == y["tp"] and x["fp"] == y["fp"] for x, y in zip(a["classes"], b["classes"])
     )
+
+
+def test_soft_targets_and_logits_end_to_end(tmp_path, rng):
+    from klseg_cli import evaluate
+
+    from .reference import pixel_values
+
+    h, w, C_ = 20, 30, 4
+    z = rng.normal(0, 4, size=(h * w, C_))
+    q = random_probs(rng, h * w, C_, saturate=0.0, dtype=np.float64)
+    np.save(tmp_path / "p.npy", z.reshape(h, w, C_).astype(np.float32))
+    np.save(tmp_path / "q.npy", np.ascontiguousarray(q.reshape(h, w, C_).transpose(2, 0, 1)))
+    result = evaluate(
+        tmp_path / "p.npy", tmp_path / "q.npy", soft_gt=True, input_kind="logits", chunk_pixels=77
+    )
+    ref = pixel_values(z.astype(np.float32), q, logits=True)
+    dataset = result.summary()["dataset"]
+    for name in ("kl", "kl_reverse", "js", "ce", "entropy", "brier"):
+        assert math.isclose(dataset[f"{name}_pooled"], ref[name].mean(), rel_tol=1e-5), name
+    labels = q.argmax(axis=1)
+    assert math.isclose(dataset["accuracy_pooled"], (ref["pred"] == labels).mean())
