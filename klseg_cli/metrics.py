@@ -206,6 +206,47 @@ def _plausible(sums, confidence, entropy, tolerance: float) -> bool:
     )
 
 
+@dataclass
+class PredictionTerms:
+    """What a chunk's prediction alone gives: no target needed (``entropy``, ``confidence``)."""
+
+    p: np.ndarray  # (C, n) probabilities
+    logp: np.ndarray  # (C, n) log p, finite at p = 0 (see _safe_log)
+    sums: np.ndarray  # (n,) Σ_c p
+    confidence: np.ndarray
+    pred: np.ndarray
+    entropy: np.ndarray
+
+
+def prediction_terms(
+    P: np.ndarray, settings: MetricSettings, *, tolerance: float | None = None
+) -> PredictionTerms:
+    """Probabilities, logs, argmax and entropy of a (C, n) chunk (probabilities or logits).
+
+    With ``tolerance`` set (probabilities only), the chunk is validated: a ProbabilityError
+    says what is wrong with it.
+    """
+    if settings.input_kind == "logits":
+        with np.errstate(invalid="ignore", over="ignore"):
+            L, p = log_softmax(P)
+    else:
+        p = P
+        L = _safe_log(p)
+    sums = class_sum(p)
+    confidence, pred = argmax_classes(p)
+    entropy = -class_dot(p, L)
+    if settings.input_kind == "logits" and not np.isfinite(entropy).all():
+        bad = int(np.count_nonzero(~np.isfinite(P)))
+        raise ProbabilityError(f"{bad} logits are NaN or infinite")
+    if (
+        tolerance is not None
+        and settings.input_kind == "probs"
+        and not _plausible(sums, confidence, entropy, tolerance)
+    ):
+        check_probabilities(p, sums, tolerance=tolerance)  # the full diagnosis; raises
+    return PredictionTerms(p, L, sums, confidence, pred, entropy)
+
+
 def pixel_terms(
     P: np.ndarray,
     target: np.ndarray,
@@ -223,21 +264,16 @@ def pixel_terms(
         raise ProbabilityError(f"prediction has {C} classes, expected {settings.num_classes}")
     dtype = P.dtype
     log_eps = dtype.type(math.log(settings.eps))
-
-    if settings.input_kind == "logits":
-        L, p = log_softmax(P)
-        Lt = L  # log-softmax is finite: nothing is clipped
-        sums = class_sum(p)
-    else:
-        p = P
-        sums = class_sum(p)
-        L = _safe_log(p)
-        Lt = None  # clipped logs are only needed in full for smoothing / soft targets
-
-    confidence, pred = argmax_classes(p)
-    entropy = -class_dot(p, L)
-    if tolerance is not None and not _plausible(sums, confidence, entropy, tolerance):
-        check_probabilities(p, sums, tolerance=tolerance)  # the full diagnosis; raises
+    pt = prediction_terms(P, settings, tolerance=tolerance)
+    p, L, sums, confidence, pred, entropy = (
+        pt.p,
+        pt.logp,
+        pt.sums,
+        pt.confidence,
+        pt.pred,
+        pt.entropy,
+    )
+    Lt = L if settings.input_kind == "logits" else None  # log-softmax needs no clipping
     sum_sq = class_dot(p, p)
 
     if settings.soft_gt:

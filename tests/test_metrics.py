@@ -191,3 +191,10 @@ def test_kl_is_not_symmetric_but_js_is(a, b):
     ref = rel_entr(q, np.maximum(p, 1e-7)).sum(axis=1)
     exact = (p >= 1e-7).all(axis=1) | (p == 0).all(axis=1)
     np.testing.assert_allclose(forward.kl[exact], np.maximum(ref[exact], 0), atol=1e-9)
+
+
+def test_non_finite_logits_are_refused():
+    s = MetricSettings(num_classes=2, input_kind="logits")
+    Z = np.array([[0.0, np.nan], [1.0, 2.0]], dtype=np.float32)
+    with pytest.raises(ProbabilityError, match="1 logits are NaN"):
+        pixel_terms(Z, np.array([0, 1]), s)
