@@ -123,6 +123,64 @@ MaxPixelsOpt = Annotated[
     int,
     typer.Option("--max-pixels", help="Refuse images whose header claims more pixels per plane."),
 ]
+IgnoreOpt = Annotated[
+    Optional[list[int]],
+    typer.Option("--ignore-index", help="Label value that counts nowhere (repeatable)."),
+]
+SmoothingOpt = Annotated[
+    float, typer.Option("--smoothing", help="Label smoothing ε of hard targets.")
+]
+InputOpt = Annotated[InputKind, typer.Option("--input", help="Maps hold probabilities or logits.")]
+EpsOpt = Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")]
+LogBaseOpt = Annotated[str, typer.Option("--log-base", help="'e' (nats) or 2 (bits).")]
+SoftGtOpt = Annotated[bool, typer.Option("--soft-gt", help="Targets are float probability maps.")]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option("--allow-missing", help="Go on when targets lack a prediction (they are listed)."),
+]
+PredSuffixOpt = Annotated[
+    str, typer.Option("--pred-suffix", help="Stripped from prediction stems.")
+]
+GtSuffixOpt = Annotated[str, typer.Option("--gt-suffix", help="Stripped from target stems.")]
+ChunkOpt = Annotated[
+    int, typer.Option("--chunk-pixels", help="Pixels per chunk (memory vs. speed).")
+]
+
+
+def plan_options(
+    *,
+    classes,
+    ignore_index,
+    smoothing,
+    input_kind,
+    eps,
+    log_base,
+    layout,
+    soft_gt,
+    allow_missing,
+    pred_suffix,
+    gt_suffix,
+    npz_key,
+    max_pixels,
+    chunk_pixels,
+) -> dict:
+    """The options every computing command shares, as ``evaluation.plan`` keywords."""
+    return {
+        "classes": classes,
+        "eps": eps,
+        "smoothing": smoothing,
+        "ignore_index": (255,) if ignore_index is None else tuple(ignore_index),
+        "input_kind": input_kind.value,
+        "log_base": parse_log_base(log_base),
+        "soft_gt": soft_gt,
+        "layout": layout.value if layout else None,
+        "pred_suffix": pred_suffix,
+        "gt_suffix": gt_suffix,
+        "allow_missing": allow_missing,
+        "npz_key": npz_key,
+        "max_pixels": max_pixels,
+        "chunk_pixels": chunk_pixels,
+    }  # fmt: skip
 
 
 @app.command()
@@ -138,40 +196,33 @@ def evaluate(
         OutputFormat,
         typer.Option("--format", help="table: rich tables; json: summary JSON on stdout."),
     ] = OutputFormat.table,
+    heatmaps: Annotated[
+        int,
+        typer.Option(
+            "--heatmaps",
+            help="Also write KL heatmaps of the K images with the highest mean KL "
+            "into OUT/heatmaps/.",
+            metavar="K",
+        ),
+    ] = 0,
     classes: ClassesOpt = None,
-    ignore_index: Annotated[
-        Optional[list[int]],
-        typer.Option("--ignore-index", help="Label value that counts nowhere (repeatable)."),
-    ] = None,
-    smoothing: Annotated[
-        float, typer.Option("--smoothing", help="Label smoothing ε of hard targets.")
-    ] = 0.0,
-    input_kind: Annotated[
-        InputKind, typer.Option("--input", help="Maps hold probabilities or logits.")
-    ] = InputKind.probs,
-    eps: Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")] = 1e-7,
-    log_base: Annotated[str, typer.Option("--log-base", help="'e' (nats) or 2 (bits).")] = "e",
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = 1e-7,
+    log_base: LogBaseOpt = "e",
     layout: LayoutOpt = None,
-    soft_gt: Annotated[
-        bool, typer.Option("--soft-gt", help="Targets are float probability maps.")
-    ] = False,
-    allow_missing: Annotated[
-        bool,
-        typer.Option("--allow-missing", help="Evaluate the rest when targets lack a prediction."),
-    ] = False,
+    soft_gt: SoftGtOpt = False,
+    allow_missing: AllowMissingOpt = False,
     keep_going: Annotated[
         bool,
         typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
     ] = False,
-    pred_suffix: Annotated[
-        str, typer.Option("--pred-suffix", help="Stripped from prediction stems.")
-    ] = "",
-    gt_suffix: Annotated[str, typer.Option("--gt-suffix", help="Stripped from target stems.")] = "",
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
-    chunk_pixels: Annotated[
-        int, typer.Option("--chunk-pixels", help="Pixels per chunk (memory vs. speed).")
-    ] = 1 << 15,
+    chunk_pixels: ChunkOpt = 1 << 15,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -183,47 +234,21 @@ def evaluate(
     from . import report
     from .evaluation import evaluate as run
 
+    if heatmaps and out is None:
+        raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     if out is not None:
         report.prepare_out_dir(out, inputs=[pred, gt])
+    options = plan_options(
+        classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
+        eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
+        pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
+        chunk_pixels=chunk_pixels,
+    )  # fmt: skip
     err = _stderr_console()
-    progress = _progress(err)
-    task = None
-
-    def on_start(n: int) -> None:
-        nonlocal task
-        if progress is not None and n > 1:
-            progress.start()
-            task = progress.add_task("evaluating", total=n)
-
-    def on_image(pair) -> None:
-        if task is not None:
-            progress.advance(task)
-
-    try:
+    with _progress(err, "evaluating") as tick:
         result = run(
-            pred,
-            gt,
-            classes=classes,
-            eps=eps,
-            smoothing=smoothing,
-            ignore_index=(255,) if ignore_index is None else tuple(ignore_index),
-            input_kind=input_kind.value,
-            log_base=parse_log_base(log_base),
-            soft_gt=soft_gt,
-            layout=layout.value if layout else None,
-            pred_suffix=pred_suffix,
-            gt_suffix=gt_suffix,
-            allow_missing=allow_missing,
-            keep_going=keep_going,
-            npz_key=npz_key,
-            max_pixels=max_pixels,
-            chunk_pixels=chunk_pixels,
-            on_start=on_start,
-            on_image=on_image,
+            pred, gt, keep_going=keep_going, on_start=tick.start, on_image=tick.advance, **options
         )
-    finally:
-        if progress is not None:
-            progress.stop()
 
     for path in result.unpaired_predictions:
         err.print(f"[yellow]warning:[/] {path}: prediction has no target; skipped", highlight=False)
@@ -233,6 +258,12 @@ def evaluate(
         )
     summary = result.summary()
     if out is not None:
+        if heatmaps:
+            from .heatmap import HeatmapOptions, worst_images_heatmaps
+
+            worst_images_heatmaps(
+                result, out / "heatmaps", heatmaps, HeatmapOptions(metric="kl", colorbar=True)
+            )
         report.write_reports(summary, out)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
@@ -250,20 +281,143 @@ def evaluate(
         raise typer.Exit(code=2)
 
 
-def _progress(console):
-    """A progress bar on stderr, only when stderr is a terminal."""
-    if not console.is_terminal:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+class Metric(str, Enum):
+    kl = "kl"
+    ce = "ce"
+    js = "js"
+    entropy = "entropy"
+    error = "error"
+    confidence = "confidence"
 
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+
+class Reduce(str, Enum):
+    max = "max"
+    mean = "mean"
+
+
+@app.command()
+@handle_errors
+def heatmap(
+    pred: Annotated[Path, typer.Argument(help="Prediction map file, or a folder of them.")],
+    gt: Annotated[
+        Optional[Path],
+        typer.Argument(help="Target file or folder (not needed for entropy and confidence)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="OUT.png for one pair; a folder for several.")
+    ] = Path("heatmaps"),
+    metric: Annotated[Metric, typer.Option("--metric", help="Per-pixel quantity to draw.")] = (
+        Metric.kl
+    ),
+    cmap: Annotated[str, typer.Option("--cmap", help="Colormap name (matplotlib's).")] = "magma",
+    vmin: Annotated[Optional[float], typer.Option("--vmin", help="Value drawn darkest.")] = None,
+    vmax: Annotated[
+        Optional[float],
+        typer.Option("--vmax", help="Value drawn brightest [default: 99th percentile]."),
+    ] = None,
+    log: Annotated[bool, typer.Option("--log", help="Log colour scale (3 decades).")] = False,
+    ignore_color: Annotated[
+        str, typer.Option("--ignore-color", help="Colour of ignored pixels.")
+    ] = "#808080",
+    overlay: Annotated[
+        Optional[Path],
+        typer.Option("--overlay", help="Photo (or folder of photos by stem) to blend under."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Opacity of the map over --overlay.")
+    ] = 0.6,
+    colorbar: Annotated[
+        bool, typer.Option("--colorbar", help="Add a legend strip with the value range.")
+    ] = False,
+    panel: Annotated[
+        bool, typer.Option("--panel", help="Target | predicted classes | map, side by side.")
+    ] = False,
+    max_side: Annotated[
+        Optional[int], typer.Option("--max-side", help="Downsample so no side exceeds N.")
+    ] = None,
+    reduce: Annotated[
+        Reduce, typer.Option("--reduce", help="How --max-side merges pixels.")
+    ] = Reduce.max,
+    raw: Annotated[
+        Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
+    ] = None,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = 1e-7,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
+
+    Example:
+
+        klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
+    """
+    from .heatmap import HeatmapOptions, make_heatmaps
+
+    options = HeatmapOptions(
+        metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
+        overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
+        reduce=reduce.value,
+    )  # fmt: skip
+    plan = plan_options(
+        classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
+        eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
+        pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
+        chunk_pixels=chunk_pixels,
+    )  # fmt: skip
+    err = _stderr_console()
+    with _progress(err, "rendering") as tick:
+        written = make_heatmaps(
+            pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance, **plan
+        )
+    for path in written:
+        err.print(f"wrote {path}", highlight=False)
+
+
+class _Ticker:
+    """Progress callbacks for the library: a bar on stderr only when it is a terminal."""
+
+    def __init__(self, console, description: str) -> None:
+        self.console, self.description = console, description
+        self.progress = self.task = None
+
+    def start(self, total: int) -> None:
+        if total < 2 or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.progress = Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=self.console, transient=True,
+        )  # fmt: skip
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=total)
+
+    def advance(self, _pair=None) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _progress(console, description: str) -> _Ticker:
+    return _Ticker(console, description)
 
 
 @app.command()

@@ -11,8 +11,8 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, KlsegError, ShapeError, UsageError
-from .metrics import DEFAULT_ECE_BINS, DEFAULT_EPS, MetricSettings, PixelTerms, pixel_terms
-from .pairing import Pair, pair_files
+from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, pixel_terms
+from .pairing import Pair, Pairing, pair_files
 from .readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
@@ -72,6 +72,7 @@ class EvaluationResult:
     missing_predictions: list[Path] = field(default_factory=list)
     unpaired_predictions: list[Path] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    read: ReadOptions = field(default_factory=ReadOptions)
 
     @property
     def total(self) -> Stats:
@@ -244,34 +245,18 @@ def parse_classes(spec: str | None) -> tuple[str, ...]:
     return names
 
 
-def make_settings(
-    num_classes: int,
-    *,
-    class_names: Sequence[str] = (),
-    eps: float = DEFAULT_EPS,
-    smoothing: float = 0.0,
-    ignore_index: Sequence[int] = (255,),
-    input_kind: str = "probs",
-    log_base: float = math.e,
-    soft_gt: bool = False,
-    ece_bins: int = DEFAULT_ECE_BINS,
-) -> MetricSettings:
-    return MetricSettings(
-        num_classes=num_classes,
-        eps=eps,
-        smoothing=smoothing,
-        ignore_index=tuple(sorted(set(int(i) for i in ignore_index))),
-        input_kind=input_kind,
-        log_base=log_base,
-        soft_gt=soft_gt,
-        ece_bins=ece_bins,
-        class_names=tuple(class_names),
-    )
+@dataclass(frozen=True)
+class Job:
+    """What to read and how to compute: the pairs, the numeric settings, the read options."""
+
+    pairing: Pairing
+    settings: MetricSettings
+    read: ReadOptions
 
 
-def evaluate(
+def plan(
     pred: str | Path,
-    target: str | Path,
+    target: str | Path | None,
     *,
     classes: Sequence[str] | str | None = None,
     eps: float = DEFAULT_EPS,
@@ -284,30 +269,27 @@ def evaluate(
     pred_suffix: str = "",
     gt_suffix: str = "",
     allow_missing: bool = False,
-    keep_going: bool = False,
     npz_key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
-    on_image: Callable[[Pair], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-) -> EvaluationResult:
-    """Evaluate prediction maps against targets: two files or two folders.
-
-    Example (in a notebook)::
-
-        import klseg_cli
-        result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
-        result.summary()["dataset"]["miou_pooled"]
-    """
-    names = (
-        parse_classes(classes) if isinstance(classes, str) or classes is None else tuple(classes)
+) -> Job:
+    """Pair the files and settle the settings (the class count comes from the first map)."""
+    if isinstance(classes, str) or classes is None:
+        names = parse_classes(classes)
+    else:
+        names = tuple(classes)
+    pairing = pair_files(
+        Path(pred),
+        Path(target) if target is not None else None,
+        pred_suffix=pred_suffix,
+        gt_suffix=gt_suffix,
     )
-    pairing = pair_files(Path(pred), Path(target), pred_suffix=pred_suffix, gt_suffix=gt_suffix)
     if pairing.missing_pred and not allow_missing:
         shown = ", ".join(p.name for p in pairing.missing_pred[:5])
-        more = f" and {len(pairing.missing_pred) - 5} more" if len(pairing.missing_pred) > 5 else ""
+        n_missing = len(pairing.missing_pred)
+        more = f" and {n_missing - 5} more" if n_missing > 5 else ""
         raise InputError(
-            f"{len(pairing.missing_pred)} targets have no prediction ({shown}{more}); "
+            f"{n_missing} targets have no prediction ({shown}{more}); "
             "pass --allow-missing to evaluate the rest",
             path=pred,
         )
@@ -316,27 +298,50 @@ def evaluate(
     )
     num_classes = len(names) if names else None
     if num_classes is None:  # the first prediction tells
-        first = pairing.pairs[0]
-        num_classes = open_pair(
-            first, soft_gt=soft_gt, num_classes=None, read=read
-        ).pred.num_classes
-    settings = make_settings(
-        num_classes,
-        class_names=names,
+        first = open_pair(pairing.pairs[0], soft_gt=soft_gt, num_classes=None, read=read)
+        num_classes = first.pred.num_classes
+    settings = MetricSettings(
+        num_classes=num_classes,
         eps=eps,
         smoothing=smoothing,
-        ignore_index=ignore_index,
+        ignore_index=tuple(sorted({int(i) for i in ignore_index})),
         input_kind=input_kind,
         log_base=log_base,
         soft_gt=soft_gt,
+        class_names=names,
     )
+    return Job(pairing, settings, read)
+
+
+def evaluate(
+    pred: str | Path,
+    target: str | Path,
+    *,
+    keep_going: bool = False,
+    on_image: Callable[[Pair], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    **options,
+) -> EvaluationResult:
+    """Evaluate prediction maps against targets: two files or two folders.
+
+    ``options`` are those of ``plan`` (classes, eps, smoothing, ignore_index, input_kind,
+    log_base, soft_gt, layout, suffixes, allow_missing, npz_key, max_pixels, chunk_pixels).
+    With ``keep_going``, a pair that cannot be read is recorded in ``errors`` and skipped.
+
+    Example (in a notebook)::
+
+        import klseg_cli
+        result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
+        result.summary()["dataset"]["miou_pooled"]
+    """
+    job = plan(pred, target, **options)
     if on_start is not None:
-        on_start(len(pairing.pairs))
+        on_start(len(job.pairing.pairs))
     images: list[ImageResult] = []
     errors: list[dict] = []
-    for pair in pairing.pairs:
+    for pair in job.pairing.pairs:
         try:
-            images.append(evaluate_pair(pair, settings, read=read))
+            images.append(evaluate_pair(pair, job.settings, read=job.read))
         except InputError as err:
             if not keep_going:
                 raise
@@ -344,9 +349,10 @@ def evaluate(
         if on_image is not None:
             on_image(pair)
     return EvaluationResult(
-        settings=settings,
+        settings=job.settings,
         images=images,
-        missing_predictions=pairing.missing_pred,
-        unpaired_predictions=pairing.missing_target,
+        missing_predictions=job.pairing.missing_pred,
+        unpaired_predictions=job.pairing.missing_target,
         errors=errors,
+        read=job.read,
     )

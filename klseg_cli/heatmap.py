@@ -1,0 +1,644 @@
+"""Per-pixel metric maps rendered as PNG heatmaps, band by band in bounded memory.
+
+One pass over the prediction computes the metric per pixel (the same core and chunking as
+``evaluate``) into a float32 (H, W) map, kept in memory for ordinary images and in a
+temporary file for huge ones. The colour range, the colour mapping, the optional
+downsampling, overlay, panels and legends then work on bands of rows, and the PNG is
+written as a stream (see ``png.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, UsageError
+from .evaluation import DEFAULT_CHUNK_PIXELS, OpenedPair, iter_terms
+from .metrics import MetricSettings, prediction_terms
+from .png import write_rgb_png
+from .readers import sum_tolerance
+
+HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence")
+TARGET_FREE_METRICS = ("entropy", "confidence")
+INFORMATION_METRICS = ("kl", "ce", "js", "entropy")  # in nats or bits
+IN_MEMORY_PIXELS = 1 << 24
+"""Metric maps up to this many pixels (64 MB of float32) stay in memory; larger ones go to
+a temporary file, so memory stays bounded by the band size."""
+
+BAND_PIXELS = 1 << 20
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+LOG_DECADES = 3
+
+
+@dataclass(frozen=True)
+class HeatmapOptions:
+    metric: str = "kl"
+    cmap: str = "magma"
+    vmin: float | None = None
+    vmax: float | None = None
+    percentile: float = 99.0
+    log: bool = False
+    ignore_color: str = "#808080"
+    overlay: Path | None = None
+    alpha: float = 0.6
+    colorbar: bool = False
+    panel: bool = False
+    max_side: int | None = None
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.metric not in HEATMAP_METRICS:
+            raise UsageError(
+                f"--metric must be one of {', '.join(HEATMAP_METRICS)}, got {self.metric!r}"
+            )
+        if self.reduce not in ("max", "mean"):
+            raise UsageError(f"--reduce must be 'max' or 'mean', got {self.reduce!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.max_side is not None and self.max_side < 1:
+            raise UsageError(f"--max-side must be positive, got {self.max_side}")
+        if self.vmin is not None and self.vmax is not None and not self.vmax > self.vmin:
+            raise UsageError(f"--vmax ({self.vmax}) must be above --vmin ({self.vmin})")
+
+
+@dataclass
+class MetricMap:
+    """A per-pixel metric (NaN where ignored), with what the panels need."""
+
+    metric: str
+    values: np.ndarray  # (H, W) float32
+    pred: np.ndarray | None  # (H, W) predicted class, for --panel
+    labels: np.ndarray | None  # (H, W) target class (ignore values kept), for --panel
+    unit: str
+
+    @property
+    def height(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.values.shape[1]
+
+
+def _unit(metric: str, settings: MetricSettings) -> str:
+    if metric not in INFORMATION_METRICS:
+        return ""
+    return (
+        "bits"
+        if settings.log_base == 2
+        else ("nats" if settings.log_base == math.e else f"log base {settings.log_base:g}")
+    )
+
+
+def _empty(shape: tuple[int, int], dtype, fill) -> np.ndarray:
+    """An (H, W) array in memory, or in a temporary file when it is large."""
+    if shape[0] * shape[1] <= IN_MEMORY_PIXELS:
+        return np.full(shape, fill, dtype=dtype)
+    fh = tempfile.TemporaryFile(prefix="klseg-map-")
+    arr = np.memmap(fh, dtype=dtype, mode="w+", shape=shape)
+    for r in range(0, shape[0], max(1, BAND_PIXELS // shape[1])):
+        arr[r : r + max(1, BAND_PIXELS // shape[1])] = fill
+    return arr
+
+
+def compute_map(
+    opened: OpenedPair,
+    settings: MetricSettings,
+    metric: str,
+    *,
+    with_pred: bool = False,
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    target_path: Path | None = None,
+) -> MetricMap:
+    """The per-pixel ``metric`` of one prediction (against its target where it needs one)."""
+    if metric not in HEATMAP_METRICS:
+        raise UsageError(f"unknown metric {metric!r}")
+    if opened.target is None and metric not in TARGET_FREE_METRICS:
+        raise UsageError(f"--metric {metric} needs a target; only entropy and confidence do not")
+    H, W = opened.height, opened.width
+    values = _empty((H, W), np.float32, np.nan)
+    flat = values.reshape(-1)
+    pred_map = _empty((H, W), np.uint16, 0) if with_pred else None
+    pred_flat = pred_map.reshape(-1) if pred_map is not None else None
+    scale = math.log(settings.log_base) if metric in INFORMATION_METRICS else 1.0
+
+    if opened.target is None:
+        logits = settings.input_kind == "logits"
+        tol = None if logits else sum_tolerance(opened.pred.array.dtype)
+        n = opened.pred.n_pixels
+        for start in range(0, n, chunk_pixels):
+            stop = min(start + chunk_pixels, n)
+            try:
+                pt = prediction_terms(
+                    opened.pred.block(start, stop, logits=logits), settings, tolerance=tol
+                )
+            except InputError as err:
+                raise err.with_path(opened.pred.path) from None
+            flat[start:stop] = (pt.entropy / scale) if metric == "entropy" else pt.confidence
+            if pred_flat is not None:
+                pred_flat[start:stop] = pt.pred
+        return MetricMap(metric, values, pred_map, None, _unit(metric, settings))
+
+    for start, stop, valid, terms in iter_terms(
+        opened.pred, opened.target, settings, chunk_pixels=chunk_pixels, target_path=target_path
+    ):
+        if metric == "error":
+            v = (terms.pred != terms.label).astype(np.float32)
+        elif metric == "confidence":
+            v = terms.confidence
+        else:
+            v = getattr(terms, metric) / scale
+        if valid is None:
+            flat[start:stop] = v
+            if pred_flat is not None:
+                pred_flat[start:stop] = terms.pred
+        else:
+            flat[start:stop][valid] = v
+            if pred_flat is not None:
+                pred_flat[start:stop][valid] = terms.pred
+    labels = opened.target if isinstance(opened.target, np.ndarray) else None
+    return MetricMap(metric, values, pred_map, labels, _unit(metric, settings))
+
+
+# --- colour range -------------------------------------------------------------------------
+
+
+def _bands(arr: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    for r in range(0, arr.shape[0], rows):
+        yield arr[r : r + rows]
+
+
+def _band_rows(width: int, multiple: int = 1) -> int:
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    return max(multiple, rows - rows % multiple)
+
+
+def percentile(values: np.ndarray, q: float, *, bins: int = 4096) -> float:
+    """The q-th percentile of the finite values of a (H, W) map, band by band.
+
+    The "lower" percentile (an actual value, as ``np.percentile(method="lower")``), from
+    below: two histogram passes (``bins`` bins over the range, then ``bins`` within the bin that
+    holds the rank) find it to 1/bins² of the value range without holding the values.
+    NaN when no value is finite.
+    """
+    rows = _band_rows(values.shape[1])
+    lo, hi, n = math.inf, -math.inf, 0
+    for band in _bands(values, rows):
+        finite = band[np.isfinite(band)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            n += finite.size
+    if n == 0:
+        return math.nan
+    if hi == lo:
+        return lo
+    rank = q / 100.0 * (n - 1)
+    for _ in range(2):
+        counts = np.zeros(bins, dtype=np.int64)
+        below = 0
+        edges = np.linspace(lo, hi, bins + 1)
+        for band in _bands(values, rows):
+            finite = band[np.isfinite(band)]
+            below += int(np.count_nonzero(finite < lo))
+            inside = finite[(finite >= lo) & (finite <= hi)]
+            counts += np.histogram(inside, bins=edges)[0]
+        cum = below + np.cumsum(counts)
+        k = int(np.searchsorted(cum, rank, side="right"))
+        k = min(k, bins - 1)
+        lo, hi = float(edges[k]), float(edges[k + 1])
+    return lo
+
+
+def value_range(mm: MetricMap, options: HeatmapOptions) -> tuple[float, float]:
+    """(vmin, vmax): given, fixed for 0..1 metrics, else 0 and the ``percentile``."""
+    fixed = mm.metric in ("error", "confidence")
+    vmin = options.vmin if options.vmin is not None else 0.0
+    if options.vmax is not None:
+        vmax = options.vmax
+    elif fixed:
+        vmax = 1.0
+    else:
+        vmax = percentile(mm.values, options.percentile)
+        if not math.isfinite(vmax):
+            vmax = 1.0
+    if not vmax > vmin:
+        vmax = vmin + (1.0 if vmin == 0 else abs(vmin) * 1e-3)
+    return vmin, vmax
+
+
+# --- colour -------------------------------------------------------------------------------
+
+
+def colormap_lut(name: str) -> np.ndarray:
+    """(256, 3) uint8 colours of a named colormap (matplotlib's names, via ``cmap``)."""
+    import cmap
+
+    try:
+        lut = cmap.Colormap(name).lut(256)
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"unknown colormap {name!r}; try magma, viridis, inferno, turbo") from None
+    return np.clip(np.rint(np.asarray(lut)[:, :3] * 255), 0, 255).astype(np.uint8)
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    import cmap
+
+    try:
+        rgba = tuple(cmap.Color(text))
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"cannot read {text!r} as a colour; use a name or #rrggbb") from None
+    return tuple(round(c * 255) for c in rgba[:3])
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(C, 3) uint8 distinct colours for class ids (tab10, tab20, then repeated)."""
+    import cmap
+
+    name = "tab10" if num_classes <= 10 else "tab20"
+    base = np.asarray(cmap.Colormap(name).lut(10 if num_classes <= 10 else 20))[:, :3]
+    reps = -(-num_classes // len(base))
+    return np.clip(np.rint(np.tile(base, (reps, 1))[:num_classes] * 255), 0, 255).astype(np.uint8)
+
+
+def normalize(values: np.ndarray, vmin: float, vmax: float, *, log: bool) -> np.ndarray:
+    """Values → [0, 1]; ``log`` spreads the lowest LOG_DECADES decades below vmax."""
+    t = (values.astype(np.float64) - vmin) / (vmax - vmin)
+    np.clip(t, 0.0, 1.0, out=t)
+    if log:
+        k = 10.0**LOG_DECADES - 1.0
+        t = np.log1p(k * t) / math.log1p(k)
+    return t
+
+
+def colorize(
+    values: np.ndarray, lut: np.ndarray, vmin: float, vmax: float, *, log: bool, ignore_rgb
+) -> np.ndarray:
+    """(rows, W) values → (rows, W, 3) uint8; NaN (ignored) pixels get ``ignore_rgb``."""
+    nan = np.isnan(values)
+    t = normalize(np.where(nan, vmin, values), vmin, vmax, log=log)
+    rgb = lut[np.rint(t * (len(lut) - 1)).astype(np.intp)]
+    rgb[nan] = ignore_rgb
+    return rgb
+
+
+def block_reduce(band: np.ndarray, f: int, how: str) -> np.ndarray:
+    """Reduce f×f blocks of a (rows, W) band, ignoring NaN; an all-NaN block stays NaN."""
+    if f == 1:
+        return band
+    rows, W = band.shape
+    ph, pw = -rows % f, -W % f
+    if ph or pw:
+        band = np.pad(band, ((0, ph), (0, pw)), constant_values=np.nan)
+    blocks = band.reshape(band.shape[0] // f, f, band.shape[1] // f, f)
+    if how == "max":
+        return np.fmax.reduce(np.fmax.reduce(blocks, axis=3), axis=1)
+    finite = ~np.isnan(blocks)
+    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
+    count = finite.sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+
+
+def _sample(arr: np.ndarray, f: int) -> np.ndarray:
+    """Nearest-neighbour downsampling of a class map: the top-left pixel of each block."""
+    return arr[::f, ::f] if f > 1 else arr
+
+
+# --- text strips ---------------------------------------------------------------------------
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def fmt_value(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000 or abs(v) < 0.01:
+        return f"{v:.2e}"
+    return f"{v:.3g}"
+
+
+def colorbar_strip(width: int, lut, vmin, vmax, *, log: bool, label: str) -> np.ndarray:
+    """A legend strip: the colour gradient with vmin, middle and vmax values and the unit."""
+    from PIL import Image, ImageDraw
+
+    height, margin, bar_h = 54, 10, 14
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    bar_w = max(width - 2 * margin, 2)
+    t = np.linspace(0.0, 1.0, bar_w)
+    idx = np.rint(t * (len(lut) - 1)).astype(np.intp)
+    bar = np.repeat(lut[idx][None], bar_h, axis=0)
+    img.paste(Image.fromarray(bar, "RGB"), (margin, 6))
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    k = 10.0**LOG_DECADES - 1.0
+    mid_t = 0.5
+    mid = vmin + (vmax - vmin) * (((1 + k) ** mid_t - 1) / k if log else mid_t)
+    y = 6 + bar_h + 4
+    draw.text((margin, y), fmt_value(vmin), fill=TEXT, font=font)
+    right = fmt_value(vmax)
+    draw.text((margin + bar_w - draw.textlength(right, font=font), y), right, fill=TEXT, font=font)
+    mid_text = fmt_value(mid)
+    draw.text(
+        (margin + bar_w / 2 - draw.textlength(mid_text, font=font) / 2, y),
+        mid_text,
+        fill=TEXT,
+        font=font,
+    )
+    title = label + (" (log scale)" if log else "")
+    draw.text((margin, y + 16), title, fill=TEXT, font=font)
+    return np.asarray(img)
+
+
+def legend_strip(width: int, names, palette, ignore_rgb) -> np.ndarray:
+    """Class colour swatches with their names, wrapped over as many lines as needed."""
+    from PIL import Image, ImageDraw
+
+    font = _font(12)
+    entries = [*zip(names, map(tuple, palette.tolist())), ("ignored", tuple(ignore_rgb))]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x, line, placed = 10, 0, []
+    for name, rgb in entries:
+        w = 14 + 4 + int(probe.textlength(name, font=font)) + 14
+        if x + w > width - 10 and x > 10:
+            x, line = 10, line + 1
+        placed.append((x, line, name, rgb))
+        x += w
+    height = 8 + 18 * (line + 1)
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for x, ln, name, rgb in placed:
+        y = 6 + 18 * ln
+        draw.rectangle([x, y, x + 13, y + 13], fill=rgb, outline=TEXT)
+        draw.text((x + 18, y), name, fill=TEXT, font=font)
+    return np.asarray(img)
+
+
+def title_strip(width: int, panel_w: int, titles) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, 18), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    for i, title in enumerate(titles):
+        w = draw.textlength(title, font=font)
+        draw.text((i * panel_w + max(2, (panel_w - w) / 2), 3), title, fill=TEXT, font=font)
+    return np.asarray(img)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _load_overlay(path: Path, size: tuple[int, int], map_size: tuple[int, int]) -> np.ndarray:
+    """The photo as (h, w, 3) uint8 at the output size (a map-sized photo is box-filtered)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.size not in (size, map_size):
+                raise InputError(
+                    f"overlay is {img.size[0]}x{img.size[1]}, the map is "
+                    f"{map_size[0]}x{map_size[1]}",
+                    path=path,
+                )
+            rgb = img.convert("RGB")
+            if rgb.size != size:
+                rgb = rgb.resize(size, Image.Resampling.BOX)
+            return np.asarray(rgb)
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"cannot read overlay image ({err})", path=path) from None
+
+
+def render(
+    mm: MetricMap,
+    out: Path,
+    options: HeatmapOptions,
+    *,
+    class_names=(),
+    ignore_index=(255,),
+) -> dict:
+    """Write ``mm`` as a PNG heatmap; returns what was drawn (size, range) for messages."""
+    lut = colormap_lut(options.cmap)
+    ignore_rgb = np.array(parse_color(options.ignore_color), dtype=np.uint8)
+    vmin, vmax = value_range(mm, options)
+    H, W = mm.height, mm.width
+    f = 1 if options.max_side is None else max(1, math.ceil(max(H, W) / options.max_side))
+    out_h, out_w = -(-H // f), -(-W // f)
+    panel = options.panel
+    if panel and mm.pred is None:
+        raise UsageError("--panel needs the predicted classes; compute the map with_pred=True")
+    n_panels = 3 if panel and mm.labels is not None else (2 if panel else 1)
+    content_w = out_w * n_panels
+    width = max(content_w, 260) if (options.colorbar or panel) else content_w
+    photo = _load_overlay(options.overlay, (out_w, out_h), (W, H)) if options.overlay else None
+    palette = class_palette(len(class_names) or int(mm.pred.max()) + 1) if panel else None
+    label = mm.metric + (f" ({mm.unit})" if mm.unit else "")
+
+    def class_rgb(ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+        rgb = palette[np.clip(ids, 0, len(palette) - 1)]
+        rgb[invalid] = ignore_rgb
+        return rgb
+
+    top, bottom = [], []
+    if panel:
+        titles = (["target"] if mm.labels is not None else []) + ["predicted", label]
+        top.append(title_strip(width, out_w, titles))
+        names = list(class_names) or [str(c) for c in range(len(palette))]
+        bottom.append(legend_strip(width, names, palette, ignore_rgb))
+    if options.colorbar:
+        bottom.append(colorbar_strip(width, lut, vmin, vmax, log=options.log, label=label))
+
+    def bands() -> Iterator[np.ndarray]:
+        yield from top
+        rows = _band_rows(W, f)
+        for r0 in range(0, H, rows):
+            vals = block_reduce(np.asarray(mm.values[r0 : r0 + rows]), f, options.reduce)
+            heat = colorize(vals, lut, vmin, vmax, log=options.log, ignore_rgb=ignore_rgb)
+            if photo is not None:
+                o0 = r0 // f
+                base = photo[o0 : o0 + heat.shape[0]].astype(np.float32)
+                heat = np.rint((1 - options.alpha) * base + options.alpha * heat).astype(np.uint8)
+            parts = []
+            if panel:
+                ignored = np.isnan(_sample(np.asarray(mm.values[r0 : r0 + rows]), f))
+                if mm.labels is not None:
+                    lab = _sample(np.asarray(mm.labels[r0 : r0 + rows]), f).astype(np.int64)
+                    bad = np.isin(lab, list(ignore_index)) | (lab >= len(palette)) | (lab < 0)
+                    parts.append(class_rgb(lab, bad))
+                pred = _sample(np.asarray(mm.pred[r0 : r0 + rows]), f).astype(np.int64)
+                parts.append(class_rgb(pred, ignored))
+            parts.append(heat)
+            band = np.concatenate(parts, axis=1) if len(parts) > 1 else heat
+            if band.shape[1] < width:
+                pad = np.empty((band.shape[0], width - band.shape[1], 3), np.uint8)
+                pad[:] = BACKGROUND
+                band = np.concatenate([band, pad], axis=1)
+            yield band
+        yield from bottom
+
+    height = out_h + sum(s.shape[0] for s in top + bottom)
+    write_rgb_png(out, width, height, bands())
+    return {"width": width, "height": height, "vmin": vmin, "vmax": vmax, "factor": f}
+
+
+def write_raw(mm: MetricMap, path: Path) -> None:
+    """The float32 metric map as a TIFF (NaN where ignored), atomically."""
+    import os
+
+    import tifffile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        big = mm.values.nbytes > 2**31
+        tifffile.imwrite(
+            tmp,
+            mm.values,
+            bigtiff=big,
+            photometric="minisblack",
+            metadata={"metric": mm.metric, "unit": mm.unit},
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def _photo_for(overlay: Path | None, stem: str) -> Path | None:
+    """The overlay photo of one image: the file given, or the file with its stem in a folder."""
+    if overlay is None or overlay.is_file():
+        return overlay
+    if not overlay.is_dir():
+        raise InputError("no such overlay file or folder", path=overlay)
+    for path in sorted(overlay.iterdir()):
+        if path.suffix.lower() in PHOTO_SUFFIXES and path.stem == stem:
+            return path
+    raise InputError(f"no photo named {stem}.* to overlay", path=overlay)
+
+
+def make_heatmaps(
+    pred: str | Path,
+    target: str | Path | None,
+    out: str | Path,
+    options: HeatmapOptions = HeatmapOptions(),
+    *,
+    raw: str | Path | None = None,
+    on_start=None,
+    on_image=None,
+    **plan_options,
+) -> list[Path]:
+    """Render heatmaps of one pair (``out`` a .png file) or of folders (``out`` a folder).
+
+    ``plan_options`` are those of ``evaluation.plan``. Returns the PNGs written.
+    """
+    from dataclasses import replace
+
+    from .evaluation import open_pair, plan
+
+    if target is None and options.metric not in TARGET_FREE_METRICS:
+        raise UsageError(f"--metric {options.metric} needs a target (GT)")
+    colormap_lut(options.cmap)  # fail on a bad name or colour before any work
+    parse_color(options.ignore_color)
+    job = plan(pred, target, **plan_options)
+    out = Path(out)
+    raw = Path(raw) if raw is not None else None
+    single = Path(pred).is_file() and out.suffix.lower() == ".png"
+    inputs = {
+        Path(p).resolve()
+        for pair in job.pairing.pairs
+        for p in (pair.pred, pair.target)
+        if p is not None
+    }
+    if not single:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
+        out.mkdir(parents=True, exist_ok=True)
+        if raw is not None:
+            raw.mkdir(parents=True, exist_ok=True)
+    written = []
+    if on_start is not None:
+        on_start(len(job.pairing.pairs))
+    for pair in job.pairing.pairs:
+        png = out if single else out / f"{pair.stem}_{options.metric}.png"
+        tif = (
+            None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
+        )
+        for path in (png, tif):
+            if path is not None and path.resolve() in inputs:
+                raise UsageError(f"{path} is an input; choose another output path")
+        opened = open_pair(
+            pair, soft_gt=job.settings.soft_gt, num_classes=job.settings.num_classes, read=job.read
+        )
+        mm = compute_map(
+            opened,
+            job.settings,
+            options.metric,
+            with_pred=options.panel,
+            chunk_pixels=job.read.chunk_pixels,
+            target_path=pair.target,
+        )
+        render(
+            mm,
+            png,
+            replace(options, overlay=_photo_for(options.overlay, pair.stem)),
+            class_names=job.settings.names,
+            ignore_index=job.settings.ignore_index,
+        )
+        if tif is not None:
+            write_raw(mm, tif)
+        written.append(png)
+        if on_image is not None:
+            on_image(pair)
+    return written
+
+
+def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions) -> list[Path]:
+    """Heatmaps of the ``k`` images of an evaluation with the highest mean KL."""
+    from .evaluation import open_pair
+    from .pairing import Pair
+
+    settings = result.settings
+    rows = {row["image"]: row for row in result.image_rows()}
+    ranked = sorted(
+        (img for img in result.images if math.isfinite(rows[img.stem]["kl"])),
+        key=lambda img: rows[img.stem]["kl"],
+        reverse=True,
+    )[:k]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for img in ranked:
+        pair = Pair(img.stem, img.pred_path, img.target_path)
+        opened = open_pair(
+            pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=result.read
+        )
+        mm = compute_map(
+            opened,
+            settings,
+            options.metric,
+            with_pred=options.panel,
+            chunk_pixels=result.read.chunk_pixels,
+            target_path=img.target_path,
+        )
+        png = folder / f"{img.stem}_{options.metric}.png"
+        render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index)
+        written.append(png)
+    return written
