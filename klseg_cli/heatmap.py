@@ -497,26 +497,18 @@ def render(
 
 def write_raw(mm: MetricMap, path: Path) -> None:
     """The float32 metric map as a TIFF (NaN where ignored), atomically."""
-    import os
-
     import tifffile
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        big = mm.values.nbytes > 2**31
+    from .atomic import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
         tifffile.imwrite(
             tmp,
             mm.values,
-            bigtiff=big,
+            bigtiff=mm.values.nbytes > 2**31,
             photometric="minisblack",
             metadata={"metric": mm.metric, "unit": mm.unit},
         )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

@@ -7,14 +7,14 @@ renames the finished file into place, so a reader never sees half a PNG.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -39,30 +39,20 @@ def _filter_sub(band: np.ndarray) -> bytes:
 
 def write_rgb_png(path: Path, width: int, height: int, bands: Iterable[np.ndarray]) -> None:
     """Write an 8-bit RGB PNG from bands of shape (rows, width, 3) that add up to ``height``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_SIGNATURE)
-            _chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            comp = zlib.compressobj(6)
-            rows = 0
-            for band in bands:
-                band = np.ascontiguousarray(band, dtype=np.uint8)
-                if band.ndim != 3 or band.shape[1:] != (width, 3):
-                    raise ValueError(f"band of shape {band.shape}, expected (rows, {width}, 3)")
-                rows += band.shape[0]
-                data = comp.compress(_filter_sub(band))
-                if data:
-                    _chunk(fh, b"IDAT", data)
-            if rows != height:
-                raise ValueError(f"got {rows} rows, expected {height}")
-            _chunk(fh, b"IDAT", comp.flush())
-            _chunk(fh, b"IEND", b"")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        fh.write(_SIGNATURE)
+        _chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        comp = zlib.compressobj(6)
+        rows = 0
+        for band in bands:
+            band = np.ascontiguousarray(band, dtype=np.uint8)
+            if band.ndim != 3 or band.shape[1:] != (width, 3):
+                raise ValueError(f"band of shape {band.shape}, expected (rows, {width}, 3)")
+            rows += band.shape[0]
+            data = comp.compress(_filter_sub(band))
+            if data:
+                _chunk(fh, b"IDAT", data)
+        if rows != height:
+            raise ValueError(f"got {rows} rows, expected {height}")
+        _chunk(fh, b"IDAT", comp.flush())
+        _chunk(fh, b"IEND", b"")

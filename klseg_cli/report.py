@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import UsageError
 from .stats import CLASS_COLUMNS, IMAGE_COLUMNS
 
@@ -57,22 +57,11 @@ def write_atomic(files: Mapping[Path, str]) -> None:
 
     A reader never sees half a file, and if writing any of them fails, none is replaced.
     """
-    temps: list[tuple[str, Path]] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for path, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-        temps.clear()
-    finally:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            tmp = stack.enter_context(atomic_path(path))
+            tmp.write_text(text, encoding="utf-8", newline="")
+        # leaving the stack renames them all, or on an error removes every temporary file
 
 
 def prepare_out_dir(out: Path, inputs: Iterable[Path] = ()) -> Path:

@@ -9,7 +9,8 @@ Eight 120×160 scenes with five classes (road, building, vegetation, sky, car):
   boundaries, with a few confident mistakes (a car taken for road, a tree for a building);
   float32 with exact 0.0 and 1.0 where the softmax saturates, as real output has;
 - even-numbered scenes are .npy (H, W, C); odd ones are zlib-compressed .tif (C, H, W);
-- scene 7 has no car at all, neither in the target nor in the prediction.
+- scene 7 has no car at all, neither in the target nor in the prediction;
+- images/ holds a synthetic "photo" of each scene (JPEG) for ``klseg heatmap --overlay``.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def predict(rng: np.random.Generator, mask: np.ndarray, index: int) -> np.ndarra
         cars = np.argwhere(labels == 4)
         if len(cars):
             y0, x0 = cars[0]
-            logits[0, y0 : y0 + 10, x0 : x0 + 12] += 40.0  # a car seen as road
+            logits[0, y0 : y0 + 10, x0 : x0 + 12] += 130.0  # a car seen as road
     if index in (2, 5):
         trees = np.argwhere(labels == 2)
         if len(trees):
             y0, x0 = trees[len(trees) // 2]
-            logits[1, max(0, y0 - 8) : y0 + 8, max(0, x0 - 8) : x0 + 8] += 45.0  # tree → building
+            logits[1, max(0, y0 - 8) : y0 + 8, max(0, x0 - 8) : x0 + 8] += 130.0  # tree → building
     if index == 7:
         logits[4] -= 60.0  # no car predicted anywhere
     # softmax in float32, as a network computes it: tiny probabilities underflow to exactly
@@ -91,10 +92,24 @@ def predict(rng: np.random.Generator, mask: np.ndarray, index: int) -> np.ndarra
     return probs
 
 
+def photo(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """A photo-like RGB rendering of a scene: muted class colours, shading and texture."""
+    labels = np.where(mask == IGNORE, 1, mask)
+    base = np.array(PALETTE, dtype=np.float64)[labels]
+    base = 0.55 * base + 0.45 * np.array([150.0, 150.0, 150.0])
+    yy = np.linspace(1.1, 0.8, H)[:, None, None]
+    texture = box_blur(rng.normal(0, 25, size=(1, H, W)), 1)[0][..., None]
+    rgb = base * yy + texture
+    rgb[mask == IGNORE] = [40, 40, 45]  # the bonnet
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
 def main(out: Path) -> None:
     rng = np.random.default_rng(SEED)
+    photo_rng = np.random.default_rng(SEED + 1)  # its own stream: the maps do not change
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     palette = [v for rgb in PALETTE for v in rgb] + [0, 0, 0] * (256 - len(PALETTE))
     for i in range(8):
         stem = f"scene_{i:02d}"
@@ -103,6 +118,7 @@ def main(out: Path) -> None:
         img.putpalette(palette)
         img.save(out / "ground_truth" / f"{stem}.png", optimize=True)
         probs = predict(rng, mask, i)  # (C, H, W)
+        Image.fromarray(photo(photo_rng, mask)).save(out / "images" / f"{stem}.jpg", quality=85)
         if i % 2 == 0:
             np.save(
                 out / "predictions" / f"{stem}.npy", np.ascontiguousarray(probs.transpose(1, 2, 0))
