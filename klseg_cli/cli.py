@@ -147,6 +147,75 @@ ChunkOpt = Annotated[
 ]
 
 
+RequireOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--require",
+        help="Gate: 'NAME OP VALUE', e.g. 'miou_pooled >= 0.7', 'iou[road] > 0.9', "
+        "'kl_pooled <= baseline + 0.01' (repeatable). Exit 1 when one fails.",
+    ),
+]
+BaselineOpt = Annotated[
+    Optional[Path],
+    typer.Option("--baseline", help="An earlier summary.json that 'baseline' refers to."),
+]
+AllowSettingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-settings-change", help="Compare with a baseline made with other settings."
+    ),
+]
+JunitOpt = Annotated[
+    Optional[Path], typer.Option("--junit", help="Write the requirements as JUnit XML here.")
+]
+MarkdownOpt = Annotated[
+    Optional[Path], typer.Option("--markdown", help="Write a Markdown summary here.")
+]
+GithubSummaryOpt = Annotated[
+    bool,
+    typer.Option("--github-summary", help="Append the Markdown summary to $GITHUB_STEP_SUMMARY."),
+]
+
+
+def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout) -> int:
+    """Print and write the requirement results; returns the exit code they call for (0 or 1)."""
+    import os
+
+    from rich.console import Console
+
+    from . import report
+    from .atomic import atomic_path
+
+    if rows:
+        Console(stderr=json_on_stdout).print(report.requirements_table(rows))
+    if junit is not None:
+        with atomic_path(junit) as tmp:
+            tmp.write_text(report.junit_xml(rows), encoding="utf-8")
+    text = report.markdown_report(summary, rows)
+    if markdown is not None:
+        with atomic_path(markdown) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    if github_summary:
+        target = os.environ.get("GITHUB_STEP_SUMMARY")
+        if target:
+            with open(target, "a", encoding="utf-8") as fh:
+                fh.write(text)
+        else:
+            sys.stderr.write("warning: --github-summary: GITHUB_STEP_SUMMARY is not set\n")
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        stream = sys.stderr if json_on_stdout else sys.stdout
+        for line in report.github_annotations(rows):
+            stream.write(line + "\n")
+        stream.flush()
+    return 1 if any(not r["passed"] for r in rows) else 0
+
+
+def _check_paths_writable(*paths) -> None:
+    for path in paths:
+        if path is not None and path.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name")
+
+
 def plan_options(
     *,
     classes,
@@ -223,6 +292,12 @@ def evaluate(
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
     chunk_pixels: ChunkOpt = 1 << 15,
+    require: RequireOpt = None,
+    baseline: BaselineOpt = None,
+    allow_settings_change: AllowSettingsOpt = False,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    github_summary: GithubSummaryOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -233,7 +308,11 @@ def evaluate(
     """
     from . import report
     from .evaluation import evaluate as run
+    from .requirements import check_names, load_summary
 
+    check_names(require or ())  # a malformed or misnamed gate fails before any work
+    base = load_summary(baseline) if baseline is not None else None
+    _check_paths_writable(junit, markdown)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     if out is not None:
@@ -257,6 +336,12 @@ def evaluate(
             f"[yellow]warning:[/] {path}: target has no prediction; left out", highlight=False
         )
     summary = result.summary()
+    if require:
+        from .requirements import check_requirements
+
+        summary["requirements"] = check_requirements(
+            summary, require, baseline=base, allow_settings_change=allow_settings_change
+        )
     if out is not None:
         if heatmaps:
             from .heatmap import HeatmapOptions, worst_images_heatmaps
@@ -275,10 +360,52 @@ def evaluate(
         console.print(report.class_table(summary))
         if out is not None:
             console.print(f"reports written to {out}/", highlight=False)
+    code = gate_outputs(
+        summary, summary["requirements"], junit=junit, markdown=markdown,
+        github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
+    ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
     for error in result.errors:
         sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
     if result.errors:
         raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+@handle_errors
+def gate(
+    summary_path: Annotated[
+        Path, typer.Argument(metavar="SUMMARY", help="A summary.json written by klseg evaluate.")
+    ],
+    require: RequireOpt = None,
+    baseline: BaselineOpt = None,
+    allow_settings_change: AllowSettingsOpt = False,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    github_summary: GithubSummaryOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check requirements against a saved summary.json, without recomputing anything.
+
+    Exit 0 when all hold, 1 when one fails, 2 on a usage or input error.
+
+    Example:
+
+        klseg gate report/summary.json --require "miou_pooled >= 0.7"
+    """
+    from .requirements import check_requirements, load_summary
+
+    if not require:
+        raise UsageError("klseg gate needs at least one --require")
+    _check_paths_writable(junit, markdown)
+    summary = load_summary(summary_path)
+    base = load_summary(baseline) if baseline is not None else None
+    rows = check_requirements(
+        summary, require, baseline=base, allow_settings_change=allow_settings_change
+    )
+    code = gate_outputs(summary, rows, junit=junit, markdown=markdown,
+                        github_summary=github_summary, json_on_stdout=False)  # fmt: skip
+    raise typer.Exit(code=code)
 
 
 class Metric(str, Enum):

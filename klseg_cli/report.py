@@ -105,6 +105,13 @@ def fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def fmt_g(value) -> str:
+    """Up to six significant digits: how a threshold was written, not padded."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return UNDEFINED
+    return f"{value:.6g}"
+
+
 def summary_table(summary: Mapping):
     """Dataset metrics, pooled and image-mean side by side."""
     from rich import box
@@ -145,3 +152,98 @@ def class_table(summary: Mapping):
             *(fmt(row[k], 3) for k in ("iou", "dice", "precision", "recall", "kl", "ce")),
         )
     return table
+
+
+# --- requirements (CI gates) ---------------------------------------------------------------
+
+
+def requirements_table(rows: list[Mapping]):
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="requirements", box=box.SIMPLE_HEAD)
+    for col, justify in (("requirement", "left"), ("value", "right"), ("threshold", "right"),
+                         ("result", "left")):  # fmt: skip
+        table.add_column(col, justify=justify, no_wrap=col != "requirement")
+    for row in rows:
+        verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
+        if row["reason"] in ("undefined", "baseline undefined"):
+            verdict += f" ({row['reason']})"
+        table.add_row(escape(row["expr"]), fmt_g(row["value"]), fmt_g(row["threshold"]), verdict)
+    return table
+
+
+def junit_xml(rows: list[Mapping], *, suite: str = "klseg") -> str:
+    """JUnit XML: one testcase per requirement, a <failure> for each one that fails."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(not r["passed"] for r in rows)
+    root = ET.Element("testsuites", name=suite, tests=str(len(rows)), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=f"{suite} requirements", tests=str(len(rows)),
+                       failures=str(failures), errors="0", skipped="0")  # fmt: skip
+    for row in rows:
+        case = ET.SubElement(ts, "testcase", classname=f"{suite}.requirements", name=row["expr"])
+        value = fmt_g(row["value"])
+        if not row["passed"]:
+            message = (f"{row['name']} is undefined" if row["reason"] == "undefined"
+                       else row["reason"])  # fmt: skip
+            fail = ET.SubElement(case, "failure", message=message, type="RequirementFailed")
+            fail.text = f"{row['expr']}: value {value}, threshold {fmt_g(row['threshold'])}"
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = f"{row['name']} = {value}"
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
+    """A Markdown summary (key data-set metrics) and the requirements table."""
+    lines = []
+    failed = sum(not r["passed"] for r in rows)
+    verdict = (
+        "all requirements hold" if not failed else f"{failed} of {len(rows)} requirements FAIL"
+    )
+    lines.append(f"## klseg: {verdict}\n")
+    if summary is not None:
+        lines.append(f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels.\n")
+        lines.append("| metric | pooled | image mean |")
+        lines.append("|---|---:|---:|")
+        for name in IMAGE_COLUMNS[4:]:
+            d = summary["dataset"]
+            lines.append(f"| {name} | {fmt(d.get(f'{name}_pooled'))} "
+                         f"| {fmt(d.get(f'{name}_image_mean'))} |")  # fmt: skip
+        lines.append("")
+    if rows:
+        lines.append("| requirement | value | threshold | result |")
+        lines.append("|---|---:|---:|---|")
+        for r in rows:
+            result = (
+                "✅ PASS"
+                if r["passed"]
+                else "❌ FAIL"
+                + (
+                    f" ({r['reason']})"
+                    if r["reason"] in ("undefined", "baseline undefined")
+                    else ""
+                )
+            )
+            expr = r["expr"].replace("|", "\\|")
+            lines.append(f"| `{expr}` | {fmt_g(r['value'])} | {fmt_g(r['threshold'])} "
+                         f"| {result} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def github_annotations(rows: list[Mapping]) -> list[str]:
+    """One ``::error::`` workflow command per failed requirement (GitHub Actions)."""
+
+    def esc(text: str) -> str:
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    out = []
+    for r in rows:
+        if not r["passed"]:
+            why = f"{r['name']} is undefined" if r["reason"] == "undefined" else r["reason"]
+            out.append(f"::error title=klseg requirement failed::{esc(r['expr'] + ': ' + why)}")
+    return out
