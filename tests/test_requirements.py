@@ -89,9 +89,9 @@ def test_malformed_expressions(text, why):
 
 def test_unknown_names_list_the_valid_ones(summary):
     s, _ = summary
-    with pytest.raises(UsageError, match="Valid names: .*miou_pooled.*iou\\[CLASS\\]"):
+    with pytest.raises(UsageError, match=r"Valid names: .*miou_pooled.*iou\[CLASS\]"):
         check_requirements(s, ["miou >= 0.5"])
-    with pytest.raises(UsageError, match="road \\(0\\)"):
+    with pytest.raises(UsageError, match=r"road \(0\)"):
         check_requirements(s, ["iou[bus] >= 0.5"])
     with pytest.raises(UsageError, match="per-class values need a class"):
         check_names(["iou >= 0.5"])
@@ -134,7 +134,7 @@ def test_baseline_needs_same_settings(summary):
     assert check_requirements(s, ["miou_pooled >= baseline"], baseline=base)[0]["passed"]
     base["settings"]["eps"] = 1e-6
     base["settings"]["ignore_index"] = [0, 255]
-    with pytest.raises(UsageError, match="eps: 1e-06 in the baseline, 1e-07 now.*ignore_index"):
+    with pytest.raises(UsageError, match=r"eps: 1e-06 in the baseline, 1e-07 now.*ignore_index"):
         check_requirements(s, ["miou_pooled >= baseline"], baseline=base)
     rows = check_requirements(
         s, ["miou_pooled >= baseline"], baseline=base, allow_settings_change=True
