@@ -134,6 +134,10 @@ InputOpt = Annotated[InputKind, typer.Option("--input", help="Maps hold probabil
 EpsOpt = Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")]
 LogBaseOpt = Annotated[str, typer.Option("--log-base", help="'e' (nats) or 2 (bits).")]
 SoftGtOpt = Annotated[bool, typer.Option("--soft-gt", help="Targets are float probability maps.")]
+RenormalizeOpt = Annotated[
+    bool,
+    typer.Option("--renormalize", help="Divide each pixel's probabilities by their sum first."),
+]
 AllowMissingOpt = Annotated[
     bool,
     typer.Option("--allow-missing", help="Go on when targets lack a prediction (they are listed)."),
@@ -218,6 +222,7 @@ def _check_paths_writable(*paths) -> None:
 
 def plan_options(
     *,
+    renormalize,
     classes,
     ignore_index,
     smoothing,
@@ -242,6 +247,7 @@ def plan_options(
         "input_kind": input_kind.value,
         "log_base": parse_log_base(log_base),
         "soft_gt": soft_gt,
+        "renormalize": renormalize,
         "layout": layout.value if layout else None,
         "pred_suffix": pred_suffix,
         "gt_suffix": gt_suffix,
@@ -282,6 +288,7 @@ def evaluate(
     log_base: LogBaseOpt = "e",
     layout: LayoutOpt = None,
     soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
     allow_missing: AllowMissingOpt = False,
     keep_going: Annotated[
         bool,
@@ -316,12 +323,12 @@ def evaluate(
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     if out is not None:
-        report.prepare_out_dir(out, inputs=[pred, gt])
+        report.check_out_dir(out)
     options = plan_options(
         classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
         eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
         pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
-        chunk_pixels=chunk_pixels,
+        chunk_pixels=chunk_pixels, renormalize=renormalize,
     )  # fmt: skip
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
@@ -342,6 +349,9 @@ def evaluate(
         summary["requirements"] = check_requirements(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
+    inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
+    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
+    report.refuse_overwriting_inputs([*outputs, junit, markdown], [*inputs, baseline])
     if out is not None:
         if heatmaps:
             from .heatmap import HeatmapOptions, worst_images_heatmaps
@@ -398,6 +408,9 @@ def gate(
     if not require:
         raise UsageError("klseg gate needs at least one --require")
     _check_paths_writable(junit, markdown)
+    from .report import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([junit, markdown], [summary_path, baseline])
     summary = load_summary(summary_path)
     base = load_summary(baseline) if baseline is not None else None
     rows = check_requirements(
@@ -476,6 +489,7 @@ def heatmap(
     log_base: LogBaseOpt = "e",
     layout: LayoutOpt = None,
     soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
     allow_missing: AllowMissingOpt = False,
     pred_suffix: PredSuffixOpt = "",
     gt_suffix: GtSuffixOpt = "",
@@ -501,7 +515,7 @@ def heatmap(
         classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
         eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
         pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
-        chunk_pixels=chunk_pixels,
+        chunk_pixels=chunk_pixels, renormalize=renormalize,
     )  # fmt: skip
     err = _stderr_console()
     with _progress(err, "rendering") as tick:

@@ -31,6 +31,15 @@ from .stats import (
 
 DEFAULT_CHUNK_PIXELS = 1 << 15
 """Pixels per chunk: 32768 × 19 classes × 4 bytes ≈ 2.5 MB, about an L2/L3 cache's worth."""
+MAX_CHUNK_ELEMENTS = 1 << 22
+"""A chunk never holds more values than this (16 MB of float32), however many classes."""
+
+
+def chunk_for(chunk_pixels: int, num_classes: int) -> int:
+    """Pixels per chunk for a map with ``num_classes`` classes: memory stays bounded."""
+    if chunk_pixels < 1:
+        raise UsageError(f"chunk size must be positive, got {chunk_pixels}")
+    return max(1, min(chunk_pixels, MAX_CHUNK_ELEMENTS // max(num_classes, 1)))
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,7 @@ def iter_terms(
     Yields ``(start, stop, valid, terms)``: pixels [start, stop) in row-major order, the mask
     of valid pixels among them (None when all are valid) and the terms of the valid ones.
     """
-    if chunk_pixels < 1:
-        raise UsageError(f"chunk size must be positive, got {chunk_pixels}")
+    chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     logits = settings.input_kind == "logits"
     tolerance = None if logits else sum_tolerance(pred.array.dtype)
     n = pred.n_pixels
@@ -265,6 +273,7 @@ def plan(
     input_kind: str = "probs",
     log_base: float = math.e,
     soft_gt: bool = False,
+    renormalize: bool = False,
     layout: str | None = None,
     pred_suffix: str = "",
     gt_suffix: str = "",
@@ -309,6 +318,7 @@ def plan(
         log_base=log_base,
         soft_gt=soft_gt,
         class_names=names,
+        renormalize=renormalize,
     )
     return Job(pairing, settings, read)
 

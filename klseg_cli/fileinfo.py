@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KlsegError
+from .evaluation import chunk_for
 from .readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
@@ -32,8 +33,9 @@ def _map_facts(pm: PredictionMap) -> dict:
     lo, hi, n_nonfinite = math.inf, -math.inf, 0
     s_lo, s_hi, n_off = math.inf, -math.inf, 0
     tol = sum_tolerance(pm.array.dtype)
-    for start in range(0, pm.n_pixels, _INFO_CHUNK):
-        P = pm.block(start, min(start + _INFO_CHUNK, pm.n_pixels))
+    step = chunk_for(_INFO_CHUNK, pm.num_classes)
+    for start in range(0, pm.n_pixels, step):
+        P = pm.block(start, min(start + step, pm.n_pixels))
         finite = np.isfinite(P)
         if not finite.all():
             n_nonfinite += int(P.size - np.count_nonzero(finite))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, UsageError
-from .evaluation import DEFAULT_CHUNK_PIXELS, OpenedPair, iter_terms
+from .evaluation import DEFAULT_CHUNK_PIXELS, OpenedPair, chunk_for, iter_terms
 from .metrics import MetricSettings, prediction_terms
 from .png import write_rgb_png
 from .readers import sum_tolerance
@@ -132,6 +132,7 @@ def compute_map(
         logits = settings.input_kind == "logits"
         tol = None if logits else sum_tolerance(opened.pred.array.dtype)
         n = opened.pred.n_pixels
+        chunk_pixels = chunk_for(chunk_pixels, opened.pred.num_classes)
         for start in range(0, n, chunk_pixels):
             stop = min(start + chunk_pixels, n)
             try:

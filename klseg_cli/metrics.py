@@ -42,6 +42,7 @@ class MetricSettings:
     soft_gt: bool = False
     ece_bins: int = DEFAULT_ECE_BINS
     class_names: tuple[str, ...] = field(default=())
+    renormalize: bool = False
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -87,6 +88,7 @@ class MetricSettings:
             "log_base": self.log_base,
             "soft_gt": self.soft_gt,
             "ece_bins": self.ece_bins,
+            "renormalize": self.renormalize,
         }
 
 
@@ -186,7 +188,8 @@ def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) ->
         hint = (
             "this looks like logits: pass --input logits"
             if looks_like_logits
-            else "renormalize the map, or check the class axis with `klseg info`"
+            else "pass --renormalize to divide each pixel by its sum, or check the class axis "
+            "with `klseg info`"
         )
         raise ProbabilityError(f"not a probability map: {what}; {hint}")
 
@@ -230,7 +233,7 @@ def prediction_terms(
         with np.errstate(invalid="ignore", over="ignore"):
             L, p = log_softmax(P)
     else:
-        p = P
+        p = _renormalized(P, tolerance) if settings.renormalize else P
         L = _safe_log(p)
     sums = class_sum(p)
     confidence, pred = argmax_classes(p)
@@ -245,6 +248,19 @@ def prediction_terms(
     ):
         check_probabilities(p, sums, tolerance=tolerance)  # the full diagnosis; raises
     return PredictionTerms(p, L, sums, confidence, pred, entropy)
+
+
+def _renormalized(P: np.ndarray, tolerance: float | None) -> np.ndarray:
+    """P divided by each pixel's sum (``--renormalize``); refuses what no division mends."""
+    raw = class_sum(P)
+    if tolerance is not None and not (raw > 0).all():  # NaN, negative or all-zero pixels
+        lo = float(np.nanmin(P)) if P.size else 0.0
+        if not np.isfinite(P).all() or lo < 0:
+            check_probabilities(P, raw, tolerance=tolerance)  # says NaN/negative; raises
+        n_zero = int(np.count_nonzero(raw <= 0))
+        raise ProbabilityError(f"{n_zero} pixels have all-zero probabilities; cannot renormalize")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return P / raw
 
 
 def pixel_terms(

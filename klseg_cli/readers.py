@@ -7,6 +7,7 @@ the image. Targets (label masks) are small integer images and are read whole.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zipfile
 from dataclasses import dataclass
@@ -288,11 +289,24 @@ def open_prediction(
 # --- targets ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Let Pillow open what --max-pixels allows (klseg checks the size itself), then restore."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _read_png(path: Path, max_pixels: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with _pillow_limit(max_pixels), Image.open(path) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ReadError(

@@ -64,15 +64,23 @@ def write_atomic(files: Mapping[Path, str]) -> None:
         # leaving the stack renames them all, or on an error removes every temporary file
 
 
-def prepare_out_dir(out: Path, inputs: Iterable[Path] = ()) -> Path:
-    """Create ``out`` if needed; refuse a file, or a report path that is one of the inputs."""
+def check_out_dir(out: Path) -> Path:
+    """Refuse an ``--out`` that is an existing file (checked before any work is done)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is an existing file; give a folder")
-    resolved = {Path(p).resolve() for p in inputs}
-    for name in REPORT_FILES:
-        if (out / name).resolve() in resolved:
-            raise UsageError(f"--out {out} would overwrite the input {out / name}")
+    return out
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None]):
+    """A UsageError if an output path is one of the input files."""
+    resolved = {Path(p).resolve() for p in inputs if p is not None}
+    for path in outputs:
+        if path is not None and Path(path).resolve() in resolved:
+            raise UsageError(f"{path} is an input file; writing there would destroy it")
+
+
+def make_out_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -82,7 +90,7 @@ def prepare_out_dir(out: Path, inputs: Iterable[Path] = ()) -> Path:
 
 def write_reports(summary: Mapping, out: Path) -> list[Path]:
     """Write ``per_image.csv``, ``per_class.csv`` and ``summary.json`` into ``out``."""
-    out = Path(out)
+    out = make_out_dir(Path(out))
     files = {
         out / "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
         out / "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),

@@ -26,7 +26,7 @@ OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operat
 CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
-    "soft_gt", "ece_bins",
+    "soft_gt", "ece_bins", "renormalize",
 )  # fmt: skip
 
 _TOKEN = re.compile(
