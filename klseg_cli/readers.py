@@ -8,6 +8,7 @@ the image. Targets (label masks) are small integer images and are read whole.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import zipfile
 from dataclasses import dataclass
@@ -48,30 +49,56 @@ def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
 
 
 def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
-    plane = math.prod(shape[-2:]) if len(shape) >= 2 else math.prod(shape)
-    if max(plane, math.prod(shape) // 64) > max_pixels:
+    """Refuse, from the header alone, an image whose H × W (its two largest axes) is absurd."""
+    pixels = math.prod(sorted(shape)[-2:])
+    if pixels > max_pixels:
         raise ReadError(
-            f"header claims shape {shape}, more than --max-pixels {max_pixels}; "
-            "raise --max-pixels if the file is genuine",
+            f"header claims shape {tuple(shape)}, {pixels:,} pixels, more than --max-pixels "
+            f"{max_pixels:,}; raise --max-pixels if the file is genuine",
             path=path,
         )
 
 
-def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a .npy header, read without touching the data."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return tuple(shape), np.dtype(dtype), fh.tell()
+
+
+def _load_npy(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Memory-map a .npy after checking its header: size, dtype, and that no data is missing."""
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as err:
-        text = str(err)
-        if "allow_pickle" in text or "Python objects" in text or "object" in text.lower():
-            raise ReadError(
-                "holds Python objects; klseg never unpickles files, save a numeric array",
-                path=path,
-            ) from None
-        raise ReadError(f"not a valid .npy file ({text})", path=path) from None
+        shape, dtype, offset = _npy_header(path)
     except OSError as err:
         raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
     except Exception as err:  # NumPy raises a zoo of errors on damaged headers
-        raise ReadError(f"not a valid .npy file ({type(err).__name__}: {err})", path=path) from None
+        raise ReadError(f"not a valid .npy file ({err})", path=path) from None
+    if dtype.hasobject:
+        raise ReadError(
+            "holds Python objects; klseg never unpickles files, save a numeric array", path=path
+        )
+    _check_size(shape, path, max_pixels)
+    expected = offset + math.prod(shape) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise ReadError(
+            f"is truncated: its header promises shape {shape} ({expected:,} bytes) but the "
+            f"file has {actual:,} bytes",
+            path=path,
+        )
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except OSError as err:
+        raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
+    except Exception as err:
+        raise ReadError(f"not a valid .npy file ({err})", path=path) from None
 
 
 def _load_npz(path: Path, key: str | None) -> np.ndarray:
@@ -106,11 +133,23 @@ def _load_npz(path: Path, key: str | None) -> np.ndarray:
         raise ReadError(f"not a valid .npz file ({type(err).__name__}: {err})", path=path) from None
 
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile logs warnings about damaged files on stderr; klseg reports one error instead."""
+    logger = logging.getLogger("tifffile")
+    saved = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
 def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise ReadError("TIFF holds no image", path=path)
             series = tif.series[0]
@@ -134,8 +173,7 @@ def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFA
     if not path.exists():
         raise ReadError("no such file", path=path)
     if suffix == ".npy":
-        arr = _load_npy(path, mmap=True)
-        _check_size(arr.shape, path, max_pixels)
+        arr = _load_npy(path, max_pixels=max_pixels)
     elif suffix == ".npz":
         arr = _load_npz(path, npz_key)
     elif suffix in (".tif", ".tiff"):
@@ -290,12 +328,13 @@ def open_prediction(
 
 
 @contextlib.contextmanager
-def _pillow_limit(max_pixels: int):
-    """Let Pillow open what --max-pixels allows (klseg checks the size itself), then restore."""
+def _pillow_limit():
+    """Pillow's own bomb check off while klseg opens a PNG: klseg checks the header's size
+    against --max-pixels itself, right after opening and before decoding anything."""
     from PIL import Image
 
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
+    Image.MAX_IMAGE_PIXELS = None
     try:
         yield
     finally:
@@ -306,7 +345,7 @@ def _read_png(path: Path, max_pixels: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with _pillow_limit(max_pixels), Image.open(path) as img:
+        with _pillow_limit(), Image.open(path) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ReadError(
