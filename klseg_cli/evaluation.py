@@ -20,6 +20,7 @@ from .readers import (
     open_prediction,
     read_target,
     sum_tolerance,
+    valid_labels,
 )
 from .stats import (
     IMAGE_COLUMNS,
@@ -148,15 +149,15 @@ def iter_terms(
             yield start, stop, None, terms
         return
     labels = target.reshape(-1)
-    valid_all = check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
-    all_valid = bool(valid_all.all())
+    check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
     for start in range(0, n, chunk_pixels):
         stop = min(start + chunk_pixels, n)
         P = pred.block(start, stop, logits=logits)
         y = labels[start:stop].astype(np.intp)
         valid = None
-        if not all_valid and not valid_all[start:stop].all():
-            valid = valid_all[start:stop]
+        mask = valid_labels(y, settings.num_classes)
+        if not mask.all():
+            valid = mask
             P = P[:, valid]
             y = y[valid]
         yield start, stop, valid, _terms(pred, P, y, settings, tolerance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,20 +282,73 @@ class PredictionMap:
             return a.reshape(-1, a.shape[2])
         return a.reshape(-1)
 
+    def _raw(self) -> tuple[str, int] | None:
+        """(file, byte offset) when the array is a C-ordered memory map of a plain file.
+
+        Such blocks are read with ``os.pread`` instead of through the map: the pages a map
+        touches stay in the process's resident set until the kernel reclaims them, so
+        reading a 4 GB map through it would show 4 GB of RSS. Reads keep it at a chunk.
+        """
+        a = self.array
+        if isinstance(a, np.memmap) and a.flags.c_contiguous and a.filename is not None:
+            return a.filename, a.offset
+        return None
+
+    def _pread_into(self, fd: int, offset: int, out: np.ndarray) -> None:
+        """Fill the contiguous array ``out`` with the bytes at ``offset``."""
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise ReadError(
+                    "file ended early: it was truncated while being read", path=self.path
+                )
+            got += n
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        """The stored values of pixels [start, stop): (n, C) for HWC, (C, n) for CHW, (n,)."""
+        raw = self._raw()
+        if raw is None:
+            flat = self._flat()
+            return flat[:, start:stop] if self.layout == "chw" else flat[start:stop]
+        filename, offset = raw
+        dtype = self.array.dtype
+        n, C = stop - start, self.num_classes
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            if self.layout == "chw":
+                out = np.empty((C, n), dtype=dtype)
+                for c in range(C):
+                    self._pread_into(
+                        fd, offset + (c * self.n_pixels + start) * dtype.itemsize, out[c]
+                    )
+                return out
+            out = np.empty((n, C) if self.layout == "hwc" else n, dtype=dtype)
+            width = C if self.layout == "hwc" else 1
+            self._pread_into(fd, offset + start * width * dtype.itemsize, out)
+            return out
+        finally:
+            os.close(fd)
+
     def block(self, start: int, stop: int, *, logits: bool = False) -> np.ndarray:
         """Pixels [start, stop) in row-major order as a (C, n) array in the compute dtype."""
-        flat = self._flat()
         dtype = self.compute_dtype
         if self.layout == "chw":
             # A contiguous copy: the class planes of a view lie H·W·itemsize apart, often a
             # power of two, and walking 19 such streams at once thrashes the cache's sets.
-            return np.array(flat[:, start:stop], dtype=dtype, order="C")
+            rows = self._read_rows(start, stop)
+            return (
+                rows.astype(dtype, copy=False)
+                if rows.flags.c_contiguous
+                else np.array(rows, dtype=dtype, order="C")
+            )
         if self.layout == "hwc":
-            rows = flat[start:stop]
+            rows = self._read_rows(start, stop)
             out = np.empty((rows.shape[1], rows.shape[0]), dtype=dtype)
             np.copyto(out, rows.T)
             return out
-        p1 = np.asarray(flat[start:stop], dtype=dtype)
+        p1 = np.asarray(self._read_rows(start, stop), dtype=dtype)
         out = np.empty((2, p1.shape[0]), dtype=dtype)
         if logits:  # one logit z of class 1 is the pair (0, z) under softmax
             out[0] = 0.0
@@ -409,26 +463,40 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     return np.asarray(arr)
 
 
+LABEL_CHUNK = 1 << 20
+
+
+def valid_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mask of labels that are classes (0..C-1); after ``check_labels`` the rest are ignored."""
+    if labels.dtype.kind == "i":
+        return (labels >= 0) & (labels < num_classes)
+    return labels < num_classes
+
+
 def check_labels(
-    labels: np.ndarray, num_classes: int, ignore: tuple[int, ...], path: Path
-) -> np.ndarray:
+    labels: np.ndarray, num_classes: int, ignore: tuple[int, ...], path: Path | None
+) -> None:
     """Raise LabelError for labels that are neither 0..C−1 nor ignore values.
 
-    Returns the boolean mask of valid (non-ignored) pixels. Unknown labels are never dropped
-    silently: the message gives each value and its count.
+    Unknown labels are never dropped silently: the message gives each value and its pixel
+    count. Works through the (flat) labels in chunks, so memory stays bounded.
     """
-    valid = (
-        (labels >= 0) & (labels < num_classes) if labels.dtype.kind == "i" else labels < num_classes
-    )
-    if valid.all():
-        return valid
-    ignored = np.isin(labels, np.asarray(ignore)) if ignore else np.zeros_like(valid)
-    bad = ~valid & ~ignored
-    if bad.any():
-        values, counts = np.unique(labels[bad], return_counts=True)
-        shown = ", ".join(
-            f"{v} ({c} px)" for v, c in zip(values[:10].tolist(), counts[:10].tolist())
-        )
+    bad_counts: dict[int, int] = {}
+    ignore_arr = np.asarray(ignore, dtype=np.int64)
+    for start in range(0, labels.size, LABEL_CHUNK):
+        y = np.asarray(labels[start : start + LABEL_CHUNK])
+        valid = valid_labels(y, num_classes)
+        if valid.all():
+            continue
+        other = y[~valid]
+        other = other[~np.isin(other, ignore_arr)] if ignore else other
+        if other.size:
+            values, counts = np.unique(other, return_counts=True)
+            for v, c in zip(values.tolist(), counts.tolist()):
+                bad_counts[v] = bad_counts.get(v, 0) + c
+    if bad_counts:
+        values = sorted(bad_counts)
+        shown = ", ".join(f"{v} ({bad_counts[v]} px)" for v in values[:10])
         more = f" and {len(values) - 10} more values" if len(values) > 10 else ""
         ign = ", ".join(map(str, sorted(ignore))) or "none"
         raise LabelError(
@@ -436,4 +504,3 @@ def check_labels(
             f"{shown}{more}; check --classes or add --ignore-index",
             path=path,
         )
-    return valid

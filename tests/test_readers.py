@@ -6,7 +6,13 @@ import tifffile
 from PIL import Image
 
 from klseg_cli.errors import LabelError, ReadError, ShapeError
-from klseg_cli.readers import check_labels, detect_layout, open_prediction, read_target
+from klseg_cli.readers import (
+    check_labels,
+    detect_layout,
+    open_prediction,
+    read_target,
+    valid_labels,
+)
 
 from .conftest import random_probs
 
@@ -125,8 +131,9 @@ def test_unknown_labels_are_named_with_counts(tmp_path):
     with pytest.raises(LabelError, match=r"7 \(1 px\), 9 \(2 px\)") as info:
         check_labels(labels.reshape(-1), 5, (255,), "gt/x.png")
     assert str(info.value).startswith("gt/x.png: ")
-    valid = check_labels(np.array([0, 4, 255]), 5, (255,), "x")
-    assert valid.tolist() == [True, True, False]
+    check_labels(np.array([0, 4, 255]), 5, (255,), "x")  # no error
+    assert valid_labels(np.array([0, 4, 255]), 5).tolist() == [True, True, False]
+    assert valid_labels(np.array([0, -1, 5], dtype=np.int16), 5).tolist() == [True, False, False]
 
 
 def test_object_npy_is_refused_without_unpickling(tmp_path):
