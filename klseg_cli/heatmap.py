@@ -10,6 +10,7 @@ written as a stream (see ``png.py``).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,15 +97,68 @@ def _unit(metric: str, settings: MetricSettings) -> str:
     )
 
 
-def _empty(shape: tuple[int, int], dtype, fill) -> np.ndarray:
-    """An (H, W) array in memory, or in a temporary file when it is large."""
+class DiskMap:
+    """An (H, W) array kept in an unlinked temporary file, read and written by rows.
+
+    Used for maps too large for memory. Explicit ``pread``/``pwrite`` instead of a memory
+    map: pages written through a map stay in the process's resident set, these do not.
+    """
+
+    def __init__(self, shape: tuple[int, int], dtype, fill) -> None:
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self._fh = tempfile.TemporaryFile(prefix="klseg-map-")
+        row = np.full(shape[1], fill, dtype=self.dtype).tobytes()
+        rows = max(1, BAND_PIXELS // shape[1])
+        band = row * rows
+        for r in range(0, shape[0], rows):
+            self._fh.write(band[: len(row) * min(rows, shape[0] - r)])
+        self._fh.flush()
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def write_flat(self, start: int, values: np.ndarray) -> None:
+        """Write pixels [start, start + len(values)) in row-major order."""
+        data = np.ascontiguousarray(values, dtype=self.dtype)
+        os.pwrite(self._fh.fileno(), data.tobytes(), start * self.dtype.itemsize)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("DiskMap reads contiguous row ranges only")
+        W, item = self.shape[1], self.dtype.itemsize
+        out = np.empty((max(r1 - r0, 0), W), dtype=self.dtype)
+        if out.size:
+            os.preadv(self._fh.fileno(), [memoryview(out).cast("B")], r0 * W * item)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[0 : self.shape[0]]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def _empty(shape: tuple[int, int], dtype, fill):
+    """An (H, W) map: in memory, or in a temporary file when it is large."""
     if shape[0] * shape[1] <= IN_MEMORY_PIXELS:
         return np.full(shape, fill, dtype=dtype)
-    fh = tempfile.TemporaryFile(prefix="klseg-map-")
-    arr = np.memmap(fh, dtype=dtype, mode="w+", shape=shape)
-    for r in range(0, shape[0], max(1, BAND_PIXELS // shape[1])):
-        arr[r : r + max(1, BAND_PIXELS // shape[1])] = fill
-    return arr
+    return DiskMap(shape, dtype, fill)
+
+
+def _put(target, start: int, stop: int, values: np.ndarray, valid: np.ndarray | None, fill):
+    """Store one chunk's values (for its valid pixels) at flat pixels [start, stop)."""
+    if isinstance(target, np.ndarray):
+        flat = target.reshape(-1)
+        if valid is None:
+            flat[start:stop] = values
+        else:
+            flat[start:stop][valid] = values
+        return
+    if valid is not None:
+        full = np.full(stop - start, fill, dtype=target.dtype)
+        full[valid] = values
+        values = full
+    target.write_flat(start, values)
 
 
 def compute_map(
@@ -123,9 +177,7 @@ def compute_map(
         raise UsageError(f"--metric {metric} needs a target; only entropy and confidence do not")
     H, W = opened.height, opened.width
     values = _empty((H, W), np.float32, np.nan)
-    flat = values.reshape(-1)
     pred_map = _empty((H, W), np.uint16, 0) if with_pred else None
-    pred_flat = pred_map.reshape(-1) if pred_map is not None else None
     scale = math.log(settings.log_base) if metric in INFORMATION_METRICS else 1.0
 
     if opened.target is None:
@@ -141,9 +193,10 @@ def compute_map(
                 )
             except InputError as err:
                 raise err.with_path(opened.pred.path) from None
-            flat[start:stop] = (pt.entropy / scale) if metric == "entropy" else pt.confidence
-            if pred_flat is not None:
-                pred_flat[start:stop] = pt.pred
+            v = (pt.entropy / scale) if metric == "entropy" else pt.confidence
+            _put(values, start, stop, v, None, np.nan)
+            if pred_map is not None:
+                _put(pred_map, start, stop, pt.pred, None, 0)
         return MetricMap(metric, values, pred_map, None, _unit(metric, settings))
 
     for start, stop, valid, terms in iter_terms(
@@ -155,14 +208,9 @@ def compute_map(
             v = terms.confidence
         else:
             v = getattr(terms, metric) / scale
-        if valid is None:
-            flat[start:stop] = v
-            if pred_flat is not None:
-                pred_flat[start:stop] = terms.pred
-        else:
-            flat[start:stop][valid] = v
-            if pred_flat is not None:
-                pred_flat[start:stop][valid] = terms.pred
+        _put(values, start, stop, v, valid, np.nan)
+        if pred_map is not None:
+            _put(pred_map, start, stop, terms.pred, valid, 0)
     labels = opened.target if isinstance(opened.target, np.ndarray) else None
     return MetricMap(metric, values, pred_map, labels, _unit(metric, settings))
 
@@ -214,6 +262,11 @@ def percentile(values: np.ndarray, q: float, *, bins: int = 4096) -> float:
         k = min(k, bins - 1)
         lo, hi = float(edges[k]), float(edges[k + 1])
     return lo
+
+
+def _max_class(pred) -> int:
+    rows = _band_rows(pred.shape[1])
+    return max(int(np.asarray(band).max(initial=0)) for band in _bands(pred, rows))
 
 
 def value_range(mm: MetricMap, options: HeatmapOptions) -> tuple[float, float]:
@@ -446,7 +499,7 @@ def render(
     content_w = out_w * n_panels
     width = max(content_w, 260) if (options.colorbar or panel) else content_w
     photo = _load_overlay(options.overlay, (out_w, out_h), (W, H)) if options.overlay else None
-    palette = class_palette(len(class_names) or int(mm.pred.max()) + 1) if panel else None
+    palette = class_palette(len(class_names) or _max_class(mm.pred) + 1) if panel else None
     label = mm.metric + (f" ({mm.unit})" if mm.unit else "")
 
     def class_rgb(ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
@@ -502,11 +555,17 @@ def write_raw(mm: MetricMap, path: Path) -> None:
 
     from .atomic import atomic_path
 
+    H, W = mm.values.shape
+    rows = _band_rows(W)
+    strips = (np.asarray(mm.values[r : r + rows]) for r in range(0, H, rows))
     with atomic_path(Path(path)) as tmp:
         tifffile.imwrite(
             tmp,
-            mm.values,
-            bigtiff=mm.values.nbytes > 2**31,
+            data=strips,
+            shape=(H, W),
+            dtype=np.float32,
+            rowsperstrip=rows,
+            bigtiff=H * W * 4 > 2**31,
             photometric="minisblack",
             metadata={"metric": mm.metric, "unit": mm.unit},
         )

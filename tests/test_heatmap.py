@@ -152,12 +152,17 @@ def test_chunked_rendering_equals_one_shot(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(hm, "BAND_PIXELS", 61)  # bands of two rows
     monkeypatch.setattr(hm, "IN_MEMORY_PIXELS", 100)  # the map goes to a temporary file
     small = compute_map(opened, job.settings, "kl", with_pred=True, chunk_pixels=37)
-    assert isinstance(small.values, np.memmap)
-    np.testing.assert_array_equal(small.values, big.values)
+    assert isinstance(small.values, hm.DiskMap) and isinstance(small.pred, hm.DiskMap)
+    np.testing.assert_array_equal(np.asarray(small.values), big.values)
+    np.testing.assert_array_equal(np.asarray(small.pred), big.pred)
     render(small, tmp_path / "chunked.png", HeatmapOptions(panel=True, colorbar=True))
     np.testing.assert_array_equal(
         png_array(tmp_path / "one.png"), png_array(tmp_path / "chunked.png")
     )
+    hm.write_raw(small, tmp_path / "small.tif")
+    hm.write_raw(big, tmp_path / "big.tif")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "small.tif"), big.values)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "big.tif"), big.values)
 
 
 def test_map_values_are_the_core_per_pixel_values(tmp_path, rng):

@@ -1,0 +1,121 @@
+"""Peak memory of klseg on maps far larger than a chunk (a script, not a test).
+
+    python benchmarks/bench_memory.py [--gb 4] [--keep]
+
+Writes a ~4 GB float32 (H, W, 19) .npy prediction and a uint8 .npy target into a temporary
+folder, then runs ``klseg evaluate`` and ``klseg heatmap`` on it as child processes and
+reports each one's peak resident set size as the OS accounts it (``ru_maxrss`` of the
+child, the number ``/usr/bin/time -v`` prints as "Maximum resident set size"). Then it
+evaluates folders of 2 and 8 images (links to one file) to show RSS does not grow with the
+number of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+C = 19
+
+
+def write_map(folder: Path, gb: float) -> tuple[Path, Path]:
+    side = int(math.sqrt(gb * 1e9 / (4 * C)))
+    h, w = side, side
+    pred = folder / "pred" / "big.npy"
+    gt = folder / "gt" / "big.npy"
+    pred.parent.mkdir()
+    gt.parent.mkdir()
+    rng = np.random.default_rng(0)
+    mm = np.lib.format.open_memmap(pred, mode="w+", dtype=np.float32, shape=(h, w, C))
+    labels = np.lib.format.open_memmap(gt, mode="w+", dtype=np.uint8, shape=(h, w))
+    rows = max(1, (1 << 22) // (w * C))
+    for r in range(0, h, rows):
+        z = rng.standard_normal((min(rows, h - r), w, C), dtype=np.float32) * 3
+        z -= z.max(axis=2, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=2, keepdims=True)
+        mm[r : r + rows] = z
+        labels[r : r + rows] = z.argmax(axis=2)
+    mm.flush()
+    labels.flush()
+    del mm, labels
+    return pred, gt
+
+
+def peak_rss_mb(args: list[str]) -> tuple[float, float]:
+    """Run ``klseg ARGS``; (its peak RSS in MB, seconds) as the OS accounts it.
+
+    Through ``/usr/bin/time -f %M`` where it exists: a child forked straight from this
+    (larger) process would count this process's resident pages in its own peak.
+    """
+    cmd = [sys.executable, "-m", "klseg_cli", *args]
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    t0 = time.perf_counter()
+    if timer:
+        proc = subprocess.run([timer, "-f", "%M", *cmd], capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if proc.returncode not in (0, 1):
+            sys.exit(f"klseg {' '.join(args)} failed:\n{proc.stderr}")
+        return int(proc.stderr.strip().splitlines()[-1]) / 1024, dt
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=4.0)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--write", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.write:
+        write_map(args.write, args.gb)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="klseg-mem-"))
+    try:
+        t0 = time.perf_counter()
+        # written by a child, so that this process stays small: a child forked from a large
+        # parent starts with the parent's resident pages and would report them as its peak
+        subprocess.run([sys.executable, __file__, "--write", str(folder), "--gb", str(args.gb)],
+                       check=True)
+        pred, gt = folder / "pred" / "big.npy", folder / "gt" / "big.npy"
+        size = pred.stat().st_size / 1e9
+        print(f"wrote {pred} ({size:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+        for n in (8, 2):
+            d = folder / f"set{n}"
+            (d / "pred").mkdir(parents=True)
+            (d / "gt").mkdir()
+            small_p = folder / "small_pred.npy"
+            small_g = folder / "small_gt.npy"
+            if not small_p.exists():
+                np.save(small_p, np.array(np.load(pred, mmap_mode="r")[:512, :1024]))
+                np.save(small_g, np.array(np.load(gt, mmap_mode="r")[:512, :1024]))
+            for i in range(n):
+                os.symlink(small_p, d / "pred" / f"img{i}.npy")
+                os.symlink(small_g, d / "gt" / f"img{i}.npy")
+        for n in (8, 2):
+            d = folder / f"set{n}"
+            rss, dt = peak_rss_mb(["evaluate", str(d / "pred"), str(d / "gt"), "--format", "json"])
+            print(f"evaluate {n} images of 512x1024x19: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
+        rss, dt = peak_rss_mb(["evaluate", str(pred), str(gt), "--format", "json"])
+        print(f"evaluate {size:.1f} GB map: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
+        rss, dt = peak_rss_mb(["heatmap", str(pred), str(gt), "-o", str(folder / "big.png"),
+                               "--max-side", "2048"])
+        print(f"heatmap  {size:.1f} GB map: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
