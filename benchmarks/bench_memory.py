@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -68,7 +67,7 @@ def peak_rss_mb(args: list[str]) -> tuple[float, float]:
             sys.exit(f"klseg {' '.join(args)} failed:\n{proc.stderr}")
         return int(proc.stderr.strip().splitlines()[-1]) / 1024, dt
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
+    _, _, usage = os.wait4(p.pid, 0)
     return usage.ru_maxrss / 1024, time.perf_counter() - t0
 
 
@@ -86,8 +85,9 @@ def main() -> None:
         t0 = time.perf_counter()
         # written by a child, so that this process stays small: a child forked from a large
         # parent starts with the parent's resident pages and would report them as its peak
-        subprocess.run([sys.executable, __file__, "--write", str(folder), "--gb", str(args.gb)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--write", str(folder), "--gb", str(args.gb)], check=True
+        )
         pred, gt = folder / "pred" / "big.npy", folder / "gt" / "big.npy"
         size = pred.stat().st_size / 1e9
         print(f"wrote {pred} ({size:.2f} GB) in {time.perf_counter() - t0:.0f} s")
@@ -109,8 +109,9 @@ def main() -> None:
             print(f"evaluate {n} images of 512x1024x19: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
         rss, dt = peak_rss_mb(["evaluate", str(pred), str(gt), "--format", "json"])
         print(f"evaluate {size:.1f} GB map: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
-        rss, dt = peak_rss_mb(["heatmap", str(pred), str(gt), "-o", str(folder / "big.png"),
-                               "--max-side", "2048"])
+        rss, dt = peak_rss_mb(
+            ["heatmap", str(pred), str(gt), "-o", str(folder / "big.png"), "--max-side", "2048"]
+        )
         print(f"heatmap  {size:.1f} GB map: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
     finally:
         if not args.keep:

@@ -294,6 +294,9 @@ def evaluate(
         bool,
         typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
     ] = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Images evaluated in parallel (processes).")
+    ] = 1,
     pred_suffix: PredSuffixOpt = "",
     gt_suffix: GtSuffixOpt = "",
     npz_key: NpzKeyOpt = None,
@@ -333,8 +336,9 @@ def evaluate(
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
-            pred, gt, keep_going=keep_going, on_start=tick.start, on_image=tick.advance, **options
-        )
+            pred, gt, keep_going=keep_going, jobs=jobs, on_start=tick.start,
+            on_image=tick.advance, **options,
+        )  # fmt: skip
 
     for path in result.unpaired_predictions:
         err.print(f"[yellow]warning:[/] {path}: prediction has no target; skipped", highlight=False)

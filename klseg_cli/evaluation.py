@@ -324,11 +324,50 @@ def plan(
     return Job(pairing, settings, read)
 
 
+def _evaluate_one(pair: Pair, settings: MetricSettings, read: ReadOptions):
+    """One pair in a worker process: its result, or the InputError it raised."""
+    try:
+        return evaluate_pair(pair, settings, read=read)
+    except InputError as err:
+        return err
+
+
+def _results(job: Job, jobs: int):
+    """(pair, ImageResult or InputError) for every pair, in pair order, for any ``jobs``.
+
+    Parallelism is over images, in processes. Threads over the chunks of one image were
+    measured first (Cityscapes-sized map, 2 cores): 2 threads ran at 0.84-1.0x the speed of
+    one, as the per-chunk work is many short NumPy calls that queue on the GIL. Processes
+    scale with the cores, each keeps its own bounded chunk buffers, and what comes back is a
+    Stats of a few arrays, cheap to pickle. Results are merged in pair order, so any
+    ``jobs`` gives the same numbers.
+    """
+    pairs = job.pairing.pairs
+    if jobs <= 1 or len(pairs) < 2:
+        for pair in pairs:
+            yield pair, _evaluate_one(pair, job.settings, job.read)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=ctx) as pool:
+        futures = [pool.submit(_evaluate_one, pair, job.settings, job.read) for pair in pairs]
+        try:
+            for pair, future in zip(pairs, futures):
+                yield pair, future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def evaluate(
     pred: str | Path,
     target: str | Path,
     *,
     keep_going: bool = False,
+    jobs: int = 1,
     on_image: Callable[[Pair], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     **options,
@@ -338,6 +377,7 @@ def evaluate(
     ``options`` are those of ``plan`` (classes, eps, smoothing, ignore_index, input_kind,
     log_base, soft_gt, layout, suffixes, allow_missing, npz_key, max_pixels, chunk_pixels).
     With ``keep_going``, a pair that cannot be read is recorded in ``errors`` and skipped.
+    ``jobs`` > 1 evaluates images in that many processes; the results are identical.
 
     Example (in a notebook)::
 
@@ -345,18 +385,20 @@ def evaluate(
         result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
         result.summary()["dataset"]["miou_pooled"]
     """
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
     job = plan(pred, target, **options)
     if on_start is not None:
         on_start(len(job.pairing.pairs))
     images: list[ImageResult] = []
     errors: list[dict] = []
-    for pair in job.pairing.pairs:
-        try:
-            images.append(evaluate_pair(pair, job.settings, read=job.read))
-        except InputError as err:
+    for pair, outcome in _results(job, jobs):
+        if isinstance(outcome, InputError):
             if not keep_going:
-                raise
-            errors.append({"file": err.path or str(pair.pred), "message": err.message})
+                raise outcome
+            errors.append({"file": outcome.path or str(pair.pred), "message": outcome.message})
+        else:
+            images.append(outcome)
         if on_image is not None:
             on_image(pair)
     return EvaluationResult(

@@ -82,3 +82,16 @@ def test_stats_serialise_to_plain_data():
 
     again = Stats.from_dict(json.loads(json.dumps(st_.to_dict(), allow_nan=True)))
     assert_same(st_, again, rtol=0)
+
+
+def test_results_are_identical_for_any_jobs():
+    from pathlib import Path
+
+    from klseg_cli import evaluate
+
+    sample = Path(__file__).resolve().parent.parent / "sample_data"
+    args = (sample / "predictions", sample / "ground_truth")
+    from klseg_cli.report import summary_json
+
+    one, two, three = (summary_json(evaluate(*args, jobs=j).summary()) for j in (1, 2, 3))
+    assert one == two == three  # the same text: the same numbers to the last bit
