@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from klseg_cli.evaluation import DEFAULT_CHUNK_PIXELS, iter_terms
+from klseg_cli import _fast
+from klseg_cli.evaluation import DEFAULT_CHUNK_PIXELS, image_stats
 from klseg_cli.metrics import MetricSettings
 from klseg_cli.readers import PredictionMap
-from klseg_cli.stats import Stats
 
 
 def best_of(fn, repeat):
@@ -43,11 +43,8 @@ def make_map(h, w, C, rng):
     return logits, labels
 
 
-def core(pm, labels, settings, chunk_pixels=DEFAULT_CHUNK_PIXELS):
-    total = Stats.zeros(settings.num_classes, settings.ece_bins)
-    for _, _, _, terms in iter_terms(pm, labels, settings, chunk_pixels=chunk_pixels):
-        total = total + Stats.from_terms(terms, settings)
-    return total
+def core(pm, labels, settings, chunk_pixels=DEFAULT_CHUNK_PIXELS, accelerate=False):
+    return image_stats(pm, labels, settings, chunk_pixels=chunk_pixels, accelerate=accelerate)
 
 
 def naive(p_hwc, labels, C):
@@ -98,9 +95,19 @@ def main() -> None:
         t_sum = best_of(lambda a=arr: np.sum(a), 3 * args.repeat)
         t_core = best_of(lambda pm=pm: core(pm, labels, settings, args.chunk_pixels), args.repeat)
         line = (
-            f"{layout}: np.sum {t_sum * 1e3:7.1f} ms | klseg core {t_core * 1e3:7.1f} ms "
+            f"{layout}: np.sum {t_sum * 1e3:6.1f} ms | NumPy core {t_core * 1e3:6.1f} ms "
             f"= {t_core / t_sum:5.1f}x sum"
         )
+        if _fast.AVAILABLE:
+            core(pm, labels, settings, args.chunk_pixels, accelerate=True)  # compile
+            t_fast = best_of(
+                lambda pm=pm: core(pm, labels, settings, args.chunk_pixels, accelerate=True),
+                args.repeat,
+            )
+            line += (
+                f" | numba core {t_fast * 1e3:6.1f} ms = {t_fast / t_sum:5.1f}x sum, "
+                f"{t_core / t_fast:4.2f}x the NumPy core"
+            )
         if naive_t is not None:
             line += f" | naive {naive_t * 1e3:7.0f} ms = {naive_t / t_sum:5.0f}x sum"
             line += f" | core is {naive_t / t_core:4.0f}x faster than naive"

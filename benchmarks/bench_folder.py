@@ -70,8 +70,10 @@ def main() -> None:
         same = s1["dataset"] == s2["dataset"] and s1["classes"] == s2["classes"]
         print(f"np.load all: {t_load:6.2f} s")
         print(f"--jobs 1:    {t1:6.2f} s = {t1 / t_load:5.2f}x load")
-        print(f"--jobs 2:    {t2:6.2f} s = {t2 / t_load:5.2f}x load; jobs 1 / jobs 2 = "
-              f"{t1 / t2:4.2f}x; results identical: {same}")
+        print(
+            f"--jobs 2:    {t2:6.2f} s = {t2 / t_load:5.2f}x load; jobs 1 / jobs 2 = "
+            f"{t1 / t2:4.2f}x; results identical: {same}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

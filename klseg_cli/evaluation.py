@@ -11,7 +11,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, KlsegError, ShapeError, UsageError
-from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, pixel_terms
+from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
 from .pairing import Pair, Pairing, pair_files
 from .readers import (
     DEFAULT_MAX_PIXELS,
@@ -51,6 +51,7 @@ class ReadOptions:
     npz_key: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS
+    accelerate: bool = True  # use the compiled kernel (klseg[fast]) where it applies
 
 
 @dataclass
@@ -116,27 +117,25 @@ class EvaluationResult:
         }
 
 
-def iter_terms(
+def iter_chunks(
     pred: PredictionMap,
     target: np.ndarray | PredictionMap,
     settings: MetricSettings,
     *,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     target_path: Path | None = None,
-) -> Iterator[tuple[int, int, np.ndarray | None, PixelTerms]]:
-    """Per-pixel terms of one image, chunk by chunk.
+) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray]]:
+    """The chunks of one image: ``(start, stop, valid, P, target)``.
 
-    Yields ``(start, stop, valid, terms)``: pixels [start, stop) in row-major order, the mask
-    of valid pixels among them (None when all are valid) and the terms of the valid ones.
+    Pixels [start, stop) in row-major order; ``valid`` masks the non-ignored ones (None when
+    all are); ``P`` (C, n) and ``target`` hold the valid pixels only. Labels are checked
+    first and soft targets chunk by chunk, so a bad target fails before any metric.
     """
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     logits = settings.input_kind == "logits"
-    tolerance = None if logits else sum_tolerance(pred.array.dtype)
     n = pred.n_pixels
     if isinstance(target, PredictionMap):
         soft_tol = sum_tolerance(target.array.dtype)
-        from .metrics import check_probabilities
-
         for start in range(0, n, chunk_pixels):
             stop = min(start + chunk_pixels, n)
             Q = target.block(start, stop)
@@ -144,9 +143,7 @@ def iter_terms(
                 check_probabilities(Q, Q.sum(axis=0), tolerance=soft_tol)
             except KlsegError as err:
                 raise err.with_path(target.path) from None
-            P = pred.block(start, stop, logits=logits)
-            terms = _terms(pred, P, Q, settings, tolerance)
-            yield start, stop, None, terms
+            yield start, stop, None, pred.block(start, stop, logits=logits), Q
         return
     labels = target.reshape(-1)
     check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
@@ -160,7 +157,56 @@ def iter_terms(
             valid = mask
             P = P[:, valid]
             y = y[valid]
-        yield start, stop, valid, _terms(pred, P, y, settings, tolerance)
+        yield start, stop, valid, P, y
+
+
+def iter_terms(
+    pred: PredictionMap,
+    target: np.ndarray | PredictionMap,
+    settings: MetricSettings,
+    *,
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    target_path: Path | None = None,
+) -> Iterator[tuple[int, int, np.ndarray | None, PixelTerms]]:
+    """Per-pixel terms of one image, chunk by chunk: ``(start, stop, valid, terms)``."""
+    tolerance = _tolerance(pred, settings)
+    for start, stop, valid, P, tgt in iter_chunks(
+        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
+    ):
+        yield start, stop, valid, _terms(pred, P, tgt, settings, tolerance)
+
+
+def _tolerance(pred: PredictionMap, settings: MetricSettings) -> float | None:
+    return None if settings.input_kind == "logits" else sum_tolerance(pred.array.dtype)
+
+
+def image_stats(
+    pred: PredictionMap,
+    target: np.ndarray | PredictionMap,
+    settings: MetricSettings,
+    *,
+    chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    target_path: Path | None = None,
+    accelerate: bool = True,
+) -> Stats:
+    """The sums of one image: the compiled kernel where it applies, else the NumPy path."""
+    from . import _fast
+
+    tolerance = _tolerance(pred, settings)
+    fast = (
+        accelerate
+        and not isinstance(target, PredictionMap)
+        and _fast.supported(settings, pred.compute_dtype)
+    )
+    total = Stats.zeros(settings.num_classes, settings.ece_bins)
+    for _, _, _, P, tgt in iter_chunks(
+        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
+    ):
+        stats = _fast.chunk_stats(P, tgt, settings, tolerance) if fast else None
+        if stats is None:  # out of the kernel's scope, or a chunk to diagnose
+            stats = Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
+        total = total + stats
+    return total
 
 
 def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
@@ -218,15 +264,14 @@ def evaluate_pair(
     opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
     if opened.target is None:
         raise UsageError(f"{pair.pred}: evaluation needs a target")
-    total = Stats.zeros(settings.num_classes, settings.ece_bins)
-    for _, _, _, terms in iter_terms(
+    total = image_stats(
         opened.pred,
         opened.target,
         settings,
         chunk_pixels=read.chunk_pixels,
         target_path=pair.target,
-    ):
-        total = total + Stats.from_terms(terms, settings)
+        accelerate=read.accelerate,
+    )
     return ImageResult(pair.stem, pair.pred, pair.target, opened.height, opened.width, total)
 
 
