@@ -32,6 +32,9 @@ from .stats import (
 
 DEFAULT_CHUNK_PIXELS = 1 << 15
 """Pixels per chunk: 32768 × 19 classes × 4 bytes ≈ 2.5 MB, about an L2/L3 cache's worth."""
+FAST_MIN_VALUES = 1 << 23
+"""Maps with at least this many values (8.4M: a 1024×2048 map has 40M) use the compiled
+kernel when it is installed; smaller ones are done before numba would have loaded."""
 MAX_CHUNK_ELEMENTS = 1 << 22
 """A chunk never holds more values than this (16 MB of float32), however many classes."""
 
@@ -51,7 +54,7 @@ class ReadOptions:
     npz_key: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS
-    accelerate: bool = True  # use the compiled kernel (klseg[fast]) where it applies
+    accelerate: bool | None = None  # the compiled kernel (klseg[fast]): None = for large maps
 
 
 @dataclass
@@ -187,17 +190,23 @@ def image_stats(
     *,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     target_path: Path | None = None,
-    accelerate: bool = True,
+    accelerate: bool | None = None,
 ) -> Stats:
-    """The sums of one image: the compiled kernel where it applies, else the NumPy path."""
-    from . import _fast
+    """The sums of one image: the compiled kernel where it applies, else the NumPy path.
 
+    ``accelerate``: True forces the kernel where it applies, False never uses it, None (the
+    default) uses it for maps of at least FAST_MIN_VALUES values. Importing numba and
+    loading its compiled code costs about a second, more than small maps take in NumPy.
+    """
     tolerance = _tolerance(pred, settings)
-    fast = (
-        accelerate
-        and not isinstance(target, PredictionMap)
-        and _fast.supported(settings, pred.compute_dtype)
-    )
+    wanted = accelerate if accelerate is not None else (
+        pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+    )  # fmt: skip
+    fast = wanted and not isinstance(target, PredictionMap)
+    if fast:
+        from . import _fast
+
+        fast = _fast.supported(settings, pred.compute_dtype)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for _, _, _, P, tgt in iter_chunks(
         pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
