@@ -220,42 +220,22 @@ def _check_paths_writable(*paths) -> None:
             raise UsageError(f"{path} is a folder; give a file name")
 
 
-def plan_options(
-    *,
-    renormalize,
-    classes,
-    ignore_index,
-    smoothing,
-    input_kind,
-    eps,
-    log_base,
-    layout,
-    soft_gt,
-    allow_missing,
-    pred_suffix,
-    gt_suffix,
-    npz_key,
-    max_pixels,
-    chunk_pixels,
-) -> dict:
-    """The options every computing command shares, as ``evaluation.plan`` keywords."""
-    return {
-        "classes": classes,
-        "eps": eps,
-        "smoothing": smoothing,
-        "ignore_index": (255,) if ignore_index is None else tuple(ignore_index),
-        "input_kind": input_kind.value,
-        "log_base": parse_log_base(log_base),
-        "soft_gt": soft_gt,
-        "renormalize": renormalize,
-        "layout": layout.value if layout else None,
-        "pred_suffix": pred_suffix,
-        "gt_suffix": gt_suffix,
-        "allow_missing": allow_missing,
-        "npz_key": npz_key,
-        "max_pixels": max_pixels,
-        "chunk_pixels": chunk_pixels,
-    }  # fmt: skip
+PLAN_OPTIONS = (
+    "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
+    "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
+    "max_pixels", "chunk_pixels",
+)  # fmt: skip
+"""The options every computing command shares (parameters of ``evaluation.plan``)."""
+
+
+def plan_options(params: dict) -> dict:
+    """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
+    opts = {name: params[name] for name in PLAN_OPTIONS}
+    opts["ignore_index"] = (255,) if opts["ignore_index"] is None else tuple(opts["ignore_index"])
+    opts["input_kind"] = opts["input_kind"].value
+    opts["log_base"] = parse_log_base(opts["log_base"])
+    opts["layout"] = opts["layout"].value if opts["layout"] else None
+    return opts
 
 
 @app.command()
@@ -327,12 +307,7 @@ def evaluate(
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     if out is not None:
         report.check_out_dir(out)
-    options = plan_options(
-        classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
-        eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
-        pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
-        chunk_pixels=chunk_pixels, renormalize=renormalize,
-    )  # fmt: skip
+    options = plan_options(locals())
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
@@ -515,12 +490,7 @@ def heatmap(
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
         reduce=reduce.value,
     )  # fmt: skip
-    plan = plan_options(
-        classes=classes, ignore_index=ignore_index, smoothing=smoothing, input_kind=input_kind,
-        eps=eps, log_base=log_base, layout=layout, soft_gt=soft_gt, allow_missing=allow_missing,
-        pred_suffix=pred_suffix, gt_suffix=gt_suffix, npz_key=npz_key, max_pixels=max_pixels,
-        chunk_pixels=chunk_pixels, renormalize=renormalize,
-    )  # fmt: skip
+    plan = plan_options(locals())
     err = _stderr_console()
     with _progress(err, "rendering") as tick:
         written = make_heatmaps(
