@@ -361,9 +361,17 @@ def plan(
         layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels
     )
     num_classes = len(names) if names else None
-    if num_classes is None:  # the first prediction tells
-        first = open_pair(pairing.pairs[0], soft_gt=soft_gt, num_classes=None, read=read)
-        num_classes = first.pred.num_classes
+    if num_classes is None:  # the first prediction that opens tells (--keep-going skips bad ones)
+        first_error = None
+        for pair in pairing.pairs:
+            try:
+                opened = open_pair(pair, soft_gt=soft_gt, num_classes=None, read=read)
+                num_classes = opened.pred.num_classes
+                break
+            except InputError as err:
+                first_error = first_error or err
+        else:
+            raise first_error
     settings = MetricSettings(
         num_classes=num_classes,
         eps=eps,

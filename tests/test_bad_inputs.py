@@ -428,3 +428,15 @@ def test_debug_shows_a_traceback(dirs):
     result = evaluate(pred, gt, out, "--debug")
     assert result.exit_code != 0 and result.exception is not None
     assert type(result.exception).__name__ == "ProbabilityError"
+
+
+def test_keep_going_when_the_first_file_is_bad(dirs):
+    pred, gt, out = dirs
+    save_pair(pred, gt, "a")
+    save_pair(pred, gt, "b")
+    (pred / "a.npy").write_bytes(b"garbage")
+    result = evaluate(pred, gt, out, "--keep-going")
+    assert result.exit_code == 2 and "a.npy" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["image"] for r in summary["images"]] == ["b"]
+    assert_refused(evaluate(pred, gt, tmp := out.parent / "out2"), tmp, "a.npy")
