@@ -51,6 +51,31 @@ def write_map(folder: Path, gb: float) -> tuple[Path, Path]:
     return pred, gt
 
 
+def write_tiled_tiff(folder: Path, gb: float) -> tuple[Path, Path]:
+    """A (19, S, S) float32 tiled BigTIFF of about ``gb`` GB, one page per class."""
+    import tifffile
+
+    side = int(math.sqrt(gb * 1e9 / (4 * C))) // 256 * 256
+    pred = folder / "tiled" / "big.tif"
+    gt = folder / "tiled_gt" / "big.npy"
+    pred.parent.mkdir()
+    gt.parent.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(gt, rng.integers(0, C, size=(side, side), dtype=np.uint8))
+    tile = np.full((256, 256), 1.0 / C, dtype=np.float32)  # uniform: valid, cheap to make
+    n_tiles = C * (side // 256) ** 2
+    tifffile.imwrite(
+        pred,
+        data=(tile for _ in range(n_tiles)),
+        shape=(C, side, side),
+        dtype=np.float32,
+        tile=(256, 256),
+        photometric="minisblack",
+        bigtiff=True,
+    )
+    return pred, gt
+
+
 def peak_rss_mb(args: list[str]) -> tuple[float, float]:
     """Run ``klseg ARGS``; (its peak RSS in MB, seconds) as the OS accounts it.
 
@@ -79,6 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.write:
         write_map(args.write, args.gb)
+        write_tiled_tiff(args.write, args.gb / 2)
         return
     folder = Path(tempfile.mkdtemp(prefix="klseg-mem-"))
     try:
@@ -113,6 +139,14 @@ def main() -> None:
             ["heatmap", str(pred), str(gt), "-o", str(folder / "big.png"), "--max-side", "2048"]
         )
         print(f"heatmap  {size:.1f} GB map: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
+        tif, tif_gt = folder / "tiled" / "big.tif", folder / "tiled_gt" / "big.npy"
+        tsize = tif.stat().st_size / 1e9
+        rss, dt = peak_rss_mb(["evaluate", str(tif), str(tif_gt), "--format", "json"])
+        print(f"evaluate {tsize:.1f} GB tiled BigTIFF: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
+        rss, dt = peak_rss_mb(
+            ["heatmap", str(tif), str(tif_gt), "-o", str(folder / "t.png"), "--max-side", "2048"]
+        )
+        print(f"heatmap  {tsize:.1f} GB tiled BigTIFF: peak RSS {rss:6.0f} MB ({dt:.1f} s)")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

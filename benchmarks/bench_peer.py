@@ -77,9 +77,11 @@ def main() -> None:
     iou, cal, nll = torchmetrics_run()
     stats = image_stats(pm, labels, settings, accelerate=False)
     ours_iou = np.array([r["iou"] for r in class_metrics(stats, settings)])
-    print(f"check: max |IoU diff| {np.nanmax(np.abs(ours_iou - iou.numpy())):.2e}, "
-          f"ECE {ece(stats):.6f} vs {float(cal):.6f}, "
-          f"NLL {stats.sums[3] / stats.n_valid:.6f} vs {float(nll):.6f}")
+    print(
+        f"check: max |IoU diff| {np.nanmax(np.abs(ours_iou - iou.numpy())):.2e}, "
+        f"ECE {ece(stats):.6f} vs {float(cal):.6f}, "
+        f"NLL {stats.sums[3] / stats.n_valid:.6f} vs {float(nll):.6f}"
+    )
 
 
 if __name__ == "__main__":

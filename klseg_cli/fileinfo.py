@@ -14,6 +14,7 @@ from .readers import (
     PredictionMap,
     detect_layout,
     load_array,
+    prediction_map,
     read_target,
     sum_tolerance,
 )
@@ -102,4 +103,4 @@ def inspect_file(
         facts["layout"] = err.message
         return facts
     facts["layout"] = {"hwc": "HWC", "chw": "CHW", "hw": "HW (binary)"}[found]
-    return {**facts, **_map_facts(PredictionMap(path, arr, found))}
+    return {**facts, **_map_facts(prediction_map(path, arr, found))}

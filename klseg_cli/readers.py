@@ -157,14 +157,122 @@ def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
             _check_size(tuple(series.shape), path, max_pixels)
             try:
                 return tifffile.memmap(path, mode="r")
-            except Exception:  # compressed or tiled: decode into memory
-                return series.asarray()
+            except Exception:  # compressed, tiled or in pieces: decode as needed
+                pass
+            tiles = TiffSegments.open(path, series)
+            return tiles if tiles is not None else series.asarray()
     except ReadError:
         raise
     except OSError as err:
         raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
     except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise ReadError(f"not a valid TIFF file ({type(err).__name__}: {err})", path=path) from None
+
+
+class TiffSegments:
+    """A tiled or stripped TIFF read band by band: only one band of tiles is ever decoded.
+
+    Covers the layouts predictions are saved in: one 2-D page per class (C, H, W), one page
+    with contiguous samples (H, W, C), or one 2-D page. Looks like an array to the rest of
+    klseg (``shape``, ``dtype``, ``ndim``) and serves rows through ``rows(r0, r1)``; the
+    last decoded band of tile rows is kept, as chunks walk the image top to bottom.
+    """
+
+    def __init__(self, path: Path, pages, key, shape, dtype, samples: int) -> None:
+        self.path, self.pages, self.shape = path, pages, tuple(shape)
+        self.dtype, self.samples = np.dtype(dtype), samples
+        self.ndim = len(self.shape)
+        self.height, self.width = key.imagelength, key.imagewidth
+        self.band_height = key.tilelength if key.is_tiled else key.rowsperstrip
+        self._band: tuple[int, np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def fits(self, layout: str) -> bool:
+        """Whether band reads serve this layout: pages must be classes, or samples must be."""
+        return layout == "chw" if len(self.pages) > 1 else layout in ("hwc", "hw")
+
+    def asarray(self) -> np.ndarray:
+        """The whole image, decoded into memory (for layouts band reads do not serve)."""
+        import tifffile
+
+        try:
+            with _quiet_tifffile():
+                return tifffile.imread(self.path)
+        except Exception as err:
+            raise ReadError(f"not a valid TIFF file ({type(err).__name__}: {err})",
+                            path=self.path) from None  # fmt: skip
+
+    @classmethod
+    def open(cls, path: Path, series):
+        pages = list(series.pages)  # TiffPage or TiffFrame: the keyframe holds the tags
+        first = series.keyframe
+        if not pages or any(p is None for p in pages) or first.imagedepth != 1:
+            return None
+        if first.planarconfig == 2 and first.samplesperpixel > 1:  # separate sample planes
+            return None
+        if len(pages) > 1 and (first.samplesperpixel != 1 or series.ndim != 3):
+            return None
+        if len(pages) == 1 and series.ndim not in (2, 3):
+            return None
+        return cls(path, pages, first, series.shape, series.dtype, first.samplesperpixel)
+
+    def _decode_band(self, k: int) -> np.ndarray:
+        """Tile row k of every page: (pages, band rows, W, samples)."""
+        try:
+            return self._decode_band_unchecked(k)
+        except OSError as err:
+            raise ReadError(f"cannot read: {_describe_oserror(err)}", path=self.path) from None
+        except Exception as err:  # zlib.error, ValueError, IndexError on damaged tiles...
+            raise ReadError(
+                f"damaged TIFF tile data ({type(err).__name__}: {err})", path=self.path
+            ) from None
+
+    def _decode_band_unchecked(self, k: int) -> np.ndarray:
+        import tifffile
+
+        r0 = k * self.band_height
+        rows = min(self.band_height, self.height - r0)
+        out = np.zeros((len(self.pages), rows, self.width, self.samples), dtype=self.dtype)
+        with _quiet_tifffile(), tifffile.TiffFile(self.path) as tif:
+            fh = tif.filehandle
+            series = tif.series[0]
+            key = series.keyframe
+            per_row = -(-self.width // key.tilewidth) if key.is_tiled else 1
+            for i, page in enumerate(series.pages):
+                for index in range(k * per_row, (k + 1) * per_row):
+                    fh.seek(page.dataoffsets[index])
+                    data = fh.read(page.databytecounts[index])
+                    seg, (_, _, y, x, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
+                    if seg is None:
+                        continue
+                    seg = seg.reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
+                    h = min(seg.shape[0], self.height - y)
+                    w = min(seg.shape[1], self.width - x)
+                    out[i, y - r0 : y - r0 + h, x : x + w] = seg[:h, :w]
+        return out
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) in the stored layout: (C, rows, W), (rows, W, C) or (rows, W)."""
+        parts = []
+        r = r0
+        while r < r1:
+            k = r // self.band_height
+            if self._band is None or self._band[0] != k:
+                self._band = None  # let the old band go before the new one is decoded
+                self._band = (k, self._decode_band(k))
+            band = self._band[1]
+            b0 = k * self.band_height
+            stop = min(r1, b0 + band.shape[1])
+            parts.append(band[:, r - b0 : stop - b0])
+            r = stop
+        block = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        if len(self.pages) > 1:
+            return block[..., 0]  # (C, rows, W)
+        block = block[0]
+        return block if self.ndim == 3 else block[..., 0]
 
 
 def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -308,6 +416,16 @@ class PredictionMap:
 
     def _read_rows(self, start: int, stop: int) -> np.ndarray:
         """The stored values of pixels [start, stop): (n, C) for HWC, (C, n) for CHW, (n,)."""
+        if isinstance(self.array, TiffSegments):
+            W = self.width
+            r0, r1 = start // W, -(-stop // W)
+            band = self.array.rows(r0, r1)
+            a, b = start - r0 * W, stop - r0 * W
+            if self.layout == "chw":
+                return band.reshape(band.shape[0], -1)[:, a:b]
+            if self.layout == "hwc":
+                return band.reshape(-1, band.shape[-1])[a:b]
+            return band.reshape(-1)[a:b]
         raw = self._raw()
         if raw is None:
             flat = self._flat()
@@ -358,6 +476,13 @@ class PredictionMap:
         return out
 
 
+def prediction_map(path: Path, arr, layout: str) -> PredictionMap:
+    """A PredictionMap over an opened array, decoding a TIFF whole if bands cannot serve it."""
+    if isinstance(arr, TiffSegments) and not arr.fits(layout):
+        arr = arr.asarray()  # e.g. an (H, W, C) array that tifffile stored as H pages
+    return PredictionMap(path=Path(path), array=arr, layout=layout)
+
+
 def open_prediction(
     path: Path,
     *,
@@ -372,7 +497,7 @@ def open_prediction(
     arr = load_array(path, npz_key=npz_key, max_pixels=max_pixels)
     _check_float_dtype(arr.dtype, path)
     found = detect_layout(arr.shape, hw, layout=layout, num_classes=num_classes, path=path)
-    pm = PredictionMap(path=path, array=arr, layout=found)
+    pm = prediction_map(path, arr, found)
     if pm.n_pixels == 0:
         raise ShapeError(f"shape {tuple(arr.shape)} has no pixels", path=path)
     return pm

@@ -149,3 +149,65 @@ def test_non_float_predictions_are_refused(tmp_path, dtype, match):
     np.save(tmp_path / "x.npy", np.zeros((H, W, C), dtype=dtype))
     with pytest.raises(ReadError, match=match):
         open_prediction(tmp_path / "x.npy", hw=(H, W))
+
+
+@pytest.mark.parametrize(
+    "kind", ["chw_tiles", "hwc_tiles", "chw_strips", "hw_tiles", "hwc_as_pages"]
+)
+def test_tiled_and_stripped_tiffs_are_read_band_by_band(tmp_path, rng, kind):
+    from klseg_cli.readers import TiffSegments
+
+    h, w = 70, 90
+    chw = random_probs(rng, h * w, C, dtype=np.float64).reshape(h, w, C).transpose(2, 0, 1)
+    chw = np.ascontiguousarray(chw.astype(np.float32))
+    path = tmp_path / "t.tif"
+    if kind == "chw_tiles":
+        tifffile.imwrite(
+            path, chw, photometric="minisblack", tile=(32, 32), compression="zlib", bigtiff=True
+        )
+    elif kind == "hwc_tiles":
+        tifffile.imwrite(
+            path,
+            np.ascontiguousarray(chw.transpose(1, 2, 0)),
+            photometric="minisblack",
+            planarconfig="contig",
+            tile=(32, 32),
+            compression="zlib",
+        )
+    elif kind == "chw_strips":
+        tifffile.imwrite(path, chw, photometric="minisblack", compression="zlib", rowsperstrip=7)
+    elif kind == "hw_tiles":
+        tifffile.imwrite(path, chw[1], photometric="minisblack", compression="zlib", tile=(16, 48))
+    else:  # tifffile stores (H, W, C) without planarconfig as H pages of (W, C)
+        tifffile.imwrite(
+            path,
+            np.ascontiguousarray(chw.transpose(1, 2, 0)),
+            photometric="minisblack",
+            compression="zlib",
+            tile=(16, 16),
+        )
+    pm = open_prediction(path, hw=(h, w))
+    assert isinstance(pm.array, TiffSegments) == (kind != "hwc_as_pages")
+    for start, stop in ((0, 100), (95, 3000), (2000, 6300), (6250, 6300)):
+        block = pm.block(start, stop)
+        if kind == "hw_tiles":
+            np.testing.assert_array_equal(block[1], chw[1].reshape(-1)[start:stop])
+        else:
+            np.testing.assert_array_equal(block, chw.reshape(C, -1)[:, start:stop])
+    if isinstance(pm.array, TiffSegments):  # only one band of tile rows is ever held
+        assert pm.array._band[1].shape[1] <= max(pm.array.band_height, 7)
+
+
+def test_damaged_tiles_are_a_read_error(tmp_path, rng):
+    chw = np.ascontiguousarray(random_probs(rng, 40 * 50, C).reshape(40, 50, C).transpose(2, 0, 1))
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, chw, photometric="minisblack", tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[3]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 20] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    pm = open_prediction(path, hw=(40, 50))
+    with pytest.raises(ReadError, match="damaged TIFF tile"):
+        for start in range(0, pm.n_pixels, 100):
+            pm.block(start, min(start + 100, pm.n_pixels))
