@@ -12,6 +12,7 @@ from .evaluation import chunk_for
 from .readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
+    TiffSegments,
     detect_layout,
     load_array,
     prediction_map,
@@ -65,6 +66,14 @@ def _map_facts(pm: PredictionMap) -> dict:
     return facts
 
 
+def _read_as(arr) -> str:
+    if isinstance(arr, np.memmap):
+        return "from the file, a chunk at a time"
+    if isinstance(arr, TiffSegments):
+        return f"tiles, {arr.band_height} rows at a time"
+    return "whole, into memory"
+
+
 def inspect_file(
     path: Path,
     *,
@@ -89,7 +98,7 @@ def inspect_file(
         "format": path.suffix.lower().lstrip("."),
         "shape": tuple(arr.shape),
         "dtype": str(arr.dtype),
-        "memory-mapped": isinstance(arr, np.memmap),
+        "read as": _read_as(arr),
     }
     if arr.dtype.kind in "iub" and arr.ndim == 2:
         return {**facts, **_label_facts(arr)}
