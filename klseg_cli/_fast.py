@@ -105,6 +105,42 @@ if AVAILABLE:
                 A[i] = np.int32(c) if better else A[i]
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
+    def _xlogx(R, Ri, XL):
+        """x·log x over a flat, contiguous array (pixel-major maps): one vectorised pass."""
+        for k in range(R.shape[0]):
+            XL[k] = R[k] * _log_bits(Ri[k])
+
+    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
+    def _pixel_rows(R, XL, C, S, H, Q, M, A):
+        """Σp, −Σp log p, Σp², max and first argmax of each pixel's C contiguous values.
+
+        For HWC maps: reduces each pixel's row in place instead of transposing the chunk,
+        which cost as much as the class-plane pass itself.
+        """
+        for i in range(S.shape[0]):
+            base = i * C
+            s = np.float32(0.0)
+            h = np.float32(0.0)
+            q = np.float32(0.0)
+            for c in range(C):
+                x = R[base + c]
+                s += x
+                h -= XL[base + c]
+                q += x * x
+            m = R[base]
+            a = 0
+            for c in range(1, C):
+                x = R[base + c]
+                if x > m:
+                    m = x
+                    a = c
+            S[i] = s
+            H[i] = h
+            Q[i] = q
+            M[i] = m
+            A[i] = a
+
+    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
     def _terms(py, pyi, S, Q, log_eps, eps, KL, JS, BR):
         """Per-pixel KL (= CE), JS and Brier from the label's probability (vectorised)."""
         n = py.shape[0]
@@ -147,11 +183,15 @@ def supported(settings, dtype) -> bool:
     )
 
 
-def chunk_stats(P: np.ndarray, y: np.ndarray, settings, tolerance: float):
-    """Stats of a (C, n) float32 chunk with labels y, or None when it needs the NumPy path."""
+def chunk_stats(P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
+                pixel_major: bool = False):  # fmt: skip
+    """Stats of a float32 chunk with labels y, or None when it needs the NumPy path.
+
+    ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it.
+    """
     from .stats import Stats
 
-    C, n = P.shape
+    n, C = P.shape if pixel_major else P.shape[::-1]
     out = Stats.zeros(C, settings.ece_bins)
     out.sums[1] = np.nan  # KL(p‖q) is infinite against one-hot targets: not computed
     if n == 0:
@@ -161,15 +201,22 @@ def chunk_stats(P: np.ndarray, y: np.ndarray, settings, tolerance: float):
     lo = float(P.min())  # NaN if any value is NaN
     if not lo >= 0.0:
         return None  # NaN or negative: the NumPy path says what is wrong
-    Pi = P.view(np.int32)
     S, H, Q, M, KL, JS, BR = (np.empty(n, np.float32) for _ in range(7))
     A = np.empty(n, np.int32)
-    _planes(P, Pi, S, H, Q, M, A)
+    flat = P.reshape(-1)
+    if pixel_major:
+        XL = np.empty_like(flat)
+        _xlogx(flat, flat.view(np.int32), XL)
+        _pixel_rows(flat, XL, C, S, H, Q, M, A)
+        index = np.arange(n) * C + y
+    else:
+        _planes(P, P.view(np.int32), S, H, Q, M, A)
+        index = y * n + np.arange(n)
     if not (float(np.abs(S - 1.0).max()) <= tolerance and float(M.max()) <= 1.0 + tolerance):
         return None  # not summing to 1, above 1 or infinite
     y = np.ascontiguousarray(y, dtype=np.intp)
     eps = settings.eps
-    py = P.reshape(-1).take(y * n + np.arange(n))  # P[y, i], gathered by NumPy
+    py = flat.take(index)  # the label's probability, gathered by NumPy
     clipped = _terms(py, py.view(np.int32), S, Q, np.float32(math.log(eps)), np.float32(eps),
                      KL, JS, BR)  # fmt: skip
     ece_conf = np.zeros(settings.ece_bins)

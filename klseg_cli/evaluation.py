@@ -127,12 +127,15 @@ def iter_chunks(
     *,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     target_path: Path | None = None,
+    pixel_major: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray]]:
     """The chunks of one image: ``(start, stop, valid, P, target)``.
 
     Pixels [start, stop) in row-major order; ``valid`` masks the non-ignored ones (None when
-    all are); ``P`` (C, n) and ``target`` hold the valid pixels only. Labels are checked
-    first and soft targets chunk by chunk, so a bad target fails before any metric.
+    all are); ``P`` (C, n) and ``target`` hold the valid pixels only. With ``pixel_major``
+    (HWC maps and hard labels only) ``P`` is (n, C) as stored, without the transpose. Labels
+    are checked first and soft targets chunk by chunk, so a bad target fails before any
+    metric.
     """
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     logits = settings.input_kind == "logits"
@@ -152,13 +155,16 @@ def iter_chunks(
     check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
     for start in range(0, n, chunk_pixels):
         stop = min(start + chunk_pixels, n)
-        P = pred.block(start, stop, logits=logits)
+        if pixel_major:
+            P = pred.pixel_rows(start, stop)
+        else:
+            P = pred.block(start, stop, logits=logits)
         y = labels[start:stop].astype(np.intp)
         valid = None
         mask = valid_labels(y, settings.num_classes)
         if not mask.all():
             valid = mask
-            P = P[:, valid]
+            P = P[valid] if pixel_major else P[:, valid]
             y = y[valid]
         yield start, stop, valid, P, y
 
@@ -207,12 +213,18 @@ def image_stats(
         from . import _fast
 
         fast = _fast.supported(settings, pred.compute_dtype)
+    pixel_major = bool(fast) and pred.layout == "hwc"
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for _, _, _, P, tgt in iter_chunks(
-        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
-    ):
-        stats = _fast.chunk_stats(P, tgt, settings, tolerance) if fast else None
+        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path,
+        pixel_major=pixel_major,
+    ):  # fmt: skip
+        stats = None
+        if fast:
+            stats = _fast.chunk_stats(P, tgt, settings, tolerance, pixel_major=pixel_major)
         if stats is None:  # out of the kernel's scope, or a chunk to diagnose
+            if pixel_major:
+                P = np.ascontiguousarray(P.T)
             stats = Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
         total = total + stats
     return total

@@ -449,6 +449,13 @@ class PredictionMap:
         finally:
             os.close(fd)
 
+    def pixel_rows(self, start: int, stop: int) -> np.ndarray:
+        """HWC only: pixels [start, stop) as stored, (n, C) contiguous, in the compute dtype."""
+        if self.layout != "hwc":
+            raise ValueError("pixel_rows serves HWC maps")
+        rows = self._read_rows(start, stop)
+        return np.ascontiguousarray(rows, dtype=self.compute_dtype)
+
     def block(self, start: int, stop: int, *, logits: bool = False) -> np.ndarray:
         """Pixels [start, stop) in row-major order as a (C, n) array in the compute dtype."""
         dtype = self.compute_dtype
