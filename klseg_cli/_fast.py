@@ -3,8 +3,10 @@
 Scope: probabilities (not logits), hard labels, no label smoothing, float32 chunks. There the
 NumPy path spends most of its time in ``np.log`` (about 2.5 ns a value here, ten sum passes
 for a Cityscapes map) and in a dozen further passes over the chunk. This kernel makes one
-fused pass per class plane with a vectorisable float32 log, then one pass per pixel that
-updates the sums, the confusion matrix and the ECE bins directly: no per-pixel arrays.
+fused pass per class plane with a vectorisable float32 log (for HWC maps: one x·log x pass
+over the chunk as stored, then each pixel's row reduced in place, with no transpose), then
+per-pixel passes for KL/JS/Brier and the scattered updates of the confusion matrix and the
+ECE bins.
 
 It computes the same formulas as ``metrics.pixel_terms`` (DESIGN §2); per-pixel values agree
 with the NumPy path to a few float32 ulps and the sums to ~1e-7 relative, which
