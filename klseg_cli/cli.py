@@ -125,7 +125,9 @@ MaxPixelsOpt = Annotated[
 ]
 IgnoreOpt = Annotated[
     Optional[list[int]],
-    typer.Option("--ignore-index", help="Label value that counts nowhere (repeatable)."),
+    typer.Option(
+        "--ignore-index", metavar="N", help="Label value that counts nowhere (repeatable)."
+    ),
 ]
 SmoothingOpt = Annotated[
     float, typer.Option("--smoothing", help="Label smoothing ε of hard targets.")
@@ -155,6 +157,7 @@ RequireOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--require",
+        metavar="EXPR",
         help="Gate: 'NAME OP VALUE', e.g. 'miou_pooled >= 0.7', 'iou[road] > 0.9', "
         "'kl_pooled <= baseline + 0.01' (repeatable). Exit 1 when one fails.",
     ),
@@ -241,8 +244,12 @@ def plan_options(params: dict) -> dict:
 @app.command()
 @handle_errors
 def evaluate(
-    pred: Annotated[Path, typer.Argument(help="Prediction map file, or a folder of them.")],
-    gt: Annotated[Path, typer.Argument(help="Target mask file, or a folder of them.")],
+    pred: Annotated[
+        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+    ],
+    gt: Annotated[
+        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+    ],
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Write per_image.csv, per_class.csv, summary.json here."),
@@ -417,10 +424,14 @@ class Reduce(str, Enum):
 @app.command()
 @handle_errors
 def heatmap(
-    pred: Annotated[Path, typer.Argument(help="Prediction map file, or a folder of them.")],
+    pred: Annotated[
+        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+    ],
     gt: Annotated[
         Optional[Path],
-        typer.Argument(help="Target file or folder (not needed for entropy and confidence)."),
+        typer.Argument(
+            metavar="GT", help="Target file or folder (not needed for entropy and confidence)."
+        ),
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="OUT.png for one pair; a folder for several.")
