@@ -586,6 +586,15 @@ def _photo_for(overlay: Path | None, stem: str) -> Path | None:
     raise InputError(f"no photo named {stem}.* to overlay", path=overlay)
 
 
+def pair_map(pair, settings: MetricSettings, read, metric: str, *, with_pred: bool) -> MetricMap:
+    """Open one prediction (and its target) and compute its per-pixel ``metric``."""
+    from .evaluation import open_pair
+
+    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
+    return compute_map(opened, settings, metric, with_pred=with_pred,
+                       chunk_pixels=read.chunk_pixels, target_path=pair.target)  # fmt: skip
+
+
 def make_heatmaps(
     pred: str | Path,
     target: str | Path | None,
@@ -603,7 +612,8 @@ def make_heatmaps(
     """
     from dataclasses import replace
 
-    from .evaluation import open_pair, plan
+    from .evaluation import plan
+    from .report import refuse_overwriting_inputs
 
     if target is None and options.metric not in TARGET_FREE_METRICS:
         raise UsageError(f"--metric {options.metric} needs a target (GT)")
@@ -613,12 +623,7 @@ def make_heatmaps(
     out = Path(out)
     raw = Path(raw) if raw is not None else None
     single = Path(pred).is_file() and out.suffix.lower() == ".png"
-    inputs = {
-        Path(p).resolve()
-        for pair in job.pairing.pairs
-        for p in (pair.pred, pair.target)
-        if p is not None
-    }
+    inputs = [p for pair in job.pairing.pairs for p in (pair.pred, pair.target)]
     if not single:
         if out.exists() and not out.is_dir():
             raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
@@ -633,20 +638,8 @@ def make_heatmaps(
         tif = (
             None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
         )
-        for path in (png, tif):
-            if path is not None and path.resolve() in inputs:
-                raise UsageError(f"{path} is an input; choose another output path")
-        opened = open_pair(
-            pair, soft_gt=job.settings.soft_gt, num_classes=job.settings.num_classes, read=job.read
-        )
-        mm = compute_map(
-            opened,
-            job.settings,
-            options.metric,
-            with_pred=options.panel,
-            chunk_pixels=job.read.chunk_pixels,
-            target_path=pair.target,
-        )
+        refuse_overwriting_inputs([png, tif], inputs)
+        mm = pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel)
         render(
             mm,
             png,
@@ -664,7 +657,6 @@ def make_heatmaps(
 
 def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions) -> list[Path]:
     """Heatmaps of the ``k`` images of an evaluation with the highest mean KL."""
-    from .evaluation import open_pair
     from .pairing import Pair
 
     settings = result.settings
@@ -679,17 +671,7 @@ def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions)
     written = []
     for img in ranked:
         pair = Pair(img.stem, img.pred_path, img.target_path)
-        opened = open_pair(
-            pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=result.read
-        )
-        mm = compute_map(
-            opened,
-            settings,
-            options.metric,
-            with_pred=options.panel,
-            chunk_pixels=result.read.chunk_pixels,
-            target_path=img.target_path,
-        )
+        mm = pair_map(pair, settings, result.read, options.metric, with_pred=options.panel)
         png = folder / f"{img.stem}_{options.metric}.png"
         render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index)
         written.append(png)
