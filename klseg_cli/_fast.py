@@ -1,17 +1,25 @@
 """Optional compiled kernel (``pip install 'klseg[fast]'``, numba) for the common case.
 
-Scope: probabilities (not logits), hard labels, no label smoothing, float32 chunks. There the
+Scope: probabilities (not logits), hard labels, no label smoothing, float32 maps. There the
 NumPy path spends most of its time in ``np.log`` (about 2.5 ns a value here, ten sum passes
-for a Cityscapes map) and in a dozen further passes over the chunk. This kernel makes one
-fused pass per class plane with a vectorisable float32 log (for HWC maps: one x·log x pass
-over the chunk as stored, then each pixel's row reduced in place, with no transpose), then
-per-pixel passes for KL/JS/Brier and the scattered updates of the confusion matrix and the
-ECE bins.
+for a Cityscapes map) and in a dozen further passes over each chunk. This kernel does one
+chunk in one call, in three loops over it:
 
-It computes the same formulas as ``metrics.pixel_terms`` (DESIGN §2); per-pixel values agree
-with the NumPy path to a few float32 ulps and the sums to ~1e-7 relative, which
-``tests/test_fast.py`` checks. Anything out of scope, or a chunk that fails validation, goes
-to the NumPy path, which also produces the error message.
+1. one pass per class plane that accumulates, per pixel, Σp, Σp·log p, Σp², the maximum and
+   its class (HWC chunks are first turned class-major one small tile at a time, in cache);
+2. a per-pixel loop for KL (= CE against a one-hot target), JS, Brier and the checks, which
+   adds the sums in float64;
+3. the scattered updates: confusion matrix, per-class KL, ECE bins.
+
+Loops 1 and 2 are written with selects, not branches, and with int32 bit arithmetic, so
+that LLVM vectorises them (8 float32 lanes with AVX2). The logarithm is a polynomial on the
+float's mantissa (``_log``), within about one float32 ulp of the true value.
+
+It computes the formulas of ``metrics.pixel_terms`` (DESIGN §2); per-pixel values agree with
+the NumPy path to a few float32 ulps and the sums to ~1e-7 relative, which
+``tests/test_fast.py`` checks. A chunk that fails a check (NaN, negative values, pixels not
+summing to 1) leaves no trace in the totals: it goes to the NumPy path, which also produces
+the error message.
 """
 
 from __future__ import annotations
@@ -25,152 +33,271 @@ try:  # numba is optional
     if os.environ.get("KLSEG_NO_NUMBA"):
         raise ImportError
     import numba
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 AVAILABLE = numba is not None
 
+TILE = 256
+"""Pixels per tile when an HWC chunk is turned class-major: 19 classes × 256 × 4 bytes is
+19 KB, so the tile and its accumulators stay in the L1 cache."""
+
 _LN2_HI = 0.693145751953125  # ln 2 split so that e·LN2_HI is exact in float32
 _LN2_LO = 1.428606765330187e-06
-_SQRT2 = 1.4142135
+_SQRT_HALF_BITS = 0x3F3504F3  # the float32 bits of √½
+# log(1 + f) ≈ f − f²/2 + f³·P(f) on f ∈ [√½ − 1, √2 − 1]: P fitted by weighted least
+# squares on the relative error of log(1 + f) (Chebyshev nodes, degree 7); with float32
+# arithmetic the result is within 1.2 ulp of log x (tests/test_fast.py).
+_P = (
+    0.33333354047279157,
+    -0.2500085194354304,
+    0.19999826572956864,
+    -0.1662136991023862,
+    0.14227114035875707,
+    -0.13202104208933577,
+    0.12620327488865338,
+    -0.07362867871242536,
+)
 
 
 if AVAILABLE:
-    _flags = {"reassoc", "contract", "arcp", "afn"}  # no 'nnan'/'ninf': validation sees them
+    _flags = {"reassoc", "contract", "arcp", "afn"}  # no 'nnan'/'ninf': the checks see them
+    _i32 = np.int32
+    _f32 = np.float32
+    _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7 = (np.float32(c) for c in _P)
+
+    @intrinsic
+    def _as_float32(typingctx, bits):
+        """The float32 whose bits are the int32 ``bits`` (a register move, no conversion)."""
+        sig = types.float32(types.int32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
 
     @numba.njit(inline="always", fastmath=_flags, error_model="numpy")
-    def _log_bits(bits):
-        """log(x) from the int32 bits of a float32 x ≥ 0; finite (≈ -88) at 0.
+    def _log(bits):
+        """log x from the int32 bits of a float32 x ≥ 0; finite (≈ −88) at 0.
 
-        x = 2^e · m with m in [√½, √2); log m = 2·atanh(s), s = (m − 1)/(m + 1), |s| < 0.172,
-        by its odd series to s⁹ (error < 1e-9); e·ln 2 in two parts, so it is exact.
-        Everything is int32/float32 arithmetic and selects: LLVM vectorises it (8 lanes).
+        x = 2^e · m with m in [√½, √2): subtracting the bits of √½ puts e in the high bits
+        and m's mantissa in the low ones. Every operation is int32 or float32 (each int is
+        cast back, or numba would widen it to int64), so the loop vectorises.
         """
-        e = np.float32(np.int32((bits >> 23) & 0xFF) - np.int32(127))
-        m = np.float32(1.0) + np.float32(np.int32(bits & 0x7FFFFF)) * np.float32(
-            1.1920928955078125e-07
-        )
-        big = m > np.float32(_SQRT2)
-        m = np.float32(0.5) * m if big else m
-        e = e + np.float32(1.0) if big else e
-        s = (m - np.float32(1.0)) / (m + np.float32(1.0))
-        z = s * s
-        poly = np.float32(1.0) + z * (
-            np.float32(1 / 3)
-            + z * (np.float32(1 / 5) + z * (np.float32(1 / 7) + z * np.float32(1 / 9)))
-        )
-        return e * np.float32(_LN2_HI) + (np.float32(2.0) * s * poly + e * np.float32(_LN2_LO))
+        t = _i32(bits - _i32(_SQRT_HALF_BITS))
+        e = _f32(_i32(t >> 23))
+        f = _as_float32(_i32(_i32(t & _i32(0x7FFFFF)) + _i32(_SQRT_HALF_BITS))) - _f32(1.0)
+        z = f * f
+        z2 = z * z
+        p = (_P0 + _P1 * f + (_P2 + _P3 * f) * z) + (_P4 + _P5 * f + (_P6 + _P7 * f) * z) * z2
+        r = f + (z * f * p - _f32(0.5) * z)
+        return e * _f32(_LN2_HI) + (r + e * _f32(_LN2_LO))
 
     @numba.njit(inline="always", fastmath=_flags, error_model="numpy")
     def _log_half_up(p):
         """log((1 + p)/2) for p in [0, 1], precise when p ≈ 1 (1 − p is exact there)."""
-        d = np.float32(1.0) - p
-        s = -d / (np.float32(4.0) - d)  # atanh form: (1 + s)/(1 - s) = (1 + p)/2
+        d = _f32(1.0) - p
+        s = -d / (_f32(4.0) - d)  # atanh form: (1 + s)/(1 - s) = (1 + p)/2
         z = s * s
-        poly = np.float32(1.0) + z * (
-            np.float32(1 / 3)
+        poly = _f32(1.0) + z * (
+            _f32(1 / 3)
             + z
             * (
-                np.float32(1 / 5)
-                + z
-                * (
-                    np.float32(1 / 7)
-                    + z * (np.float32(1 / 9) + z * (np.float32(1 / 11) + z * np.float32(1 / 13)))
-                )
+                _f32(1 / 5)
+                + z * (_f32(1 / 7) + z * (_f32(1 / 9) + z * (_f32(1 / 11) + z * _f32(1 / 13))))
             )
         )
-        return np.float32(2.0) * s * poly
+        return _f32(2.0) * s * poly
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _planes(P, Pi, S, H, Q, M, A):
-        """One pass per class plane: Σp, −Σp log p, Σp², max and first argmax.
-
-        Written with selects, not branches, so that the loop over pixels vectorises. A NaN
-        makes Σp NaN and an infinity makes it infinite; both fail the check in ``_pixels``.
-        """
-        C, n = P.shape
-        for i in range(n):
-            x = P[0, i]
+    def _planes(P, Pi, t0, m, S, H, Q, M, A, B):
+        """Loop 1 over pixels t0 … t0+m−1 of a class-major (C, n) array: per pixel Σp,
+        Σp log p, Σp², max, first argmax and the OR of the values' bits (negative when a
+        value has its sign bit set)."""
+        C = P.shape[0]
+        u0 = np.uint64(t0)  # unsigned indices: numba adds no negative-index wraparound
+        for i in range(m):
+            j = u0 + np.uint64(i)
+            x = P[0, j]
             S[i] = x
-            H[i] = -x * _log_bits(Pi[0, i])
+            H[i] = x * _log(Pi[0, j])
             Q[i] = x * x
             M[i] = x
-            A[i] = np.int32(0)
-        for c in range(1, C):
-            for i in range(n):
-                x = P[c, i]
+            A[i] = _i32(0)
+            B[i] = Pi[0, j]
+        for c in range(1, C - 1, 2):  # two planes a pass: half the accumulator traffic
+            for i in range(m):
+                j = u0 + np.uint64(i)
+                x = P[c, j]
+                x2 = P[c + 1, j]
+                S[i] += x + x2
+                H[i] += x * _log(Pi[c, j]) + x2 * _log(Pi[c + 1, j])
+                Q[i] += x * x + x2 * x2
+                mx = M[i]
+                ax = A[i]
+                better = x > mx
+                mx = x if better else mx
+                ax = _i32(c) if better else ax
+                better2 = x2 > mx
+                M[i] = x2 if better2 else mx
+                A[i] = _i32(c + 1) if better2 else ax
+                B[i] = _i32(B[i] | _i32(Pi[c, j] | Pi[c + 1, j]))
+        if C % 2 == 0:
+            c = C - 1
+            for i in range(m):
+                j = u0 + np.uint64(i)
+                x = P[c, j]
                 S[i] += x
-                H[i] -= x * _log_bits(Pi[c, i])
+                H[i] += x * _log(Pi[c, j])
                 Q[i] += x * x
                 better = x > M[i]
                 M[i] = x if better else M[i]
-                A[i] = np.int32(c) if better else A[i]
+                A[i] = _i32(c) if better else A[i]
+                B[i] = _i32(B[i] | Pi[c, j])
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _xlogx(R, Ri, XL):
-        """x·log x over a flat, contiguous array (pixel-major maps): one vectorised pass."""
-        for k in range(R.shape[0]):
-            XL[k] = R[k] * _log_bits(Ri[k])
+    def _pixels(P, y, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI, tol, log_eps, eps,
+                bins):  # fmt: skip
+        """Loop 2: per-pixel KL, JS, Brier and checks of the first m pixels, summed.
 
-    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _pixel_rows(R, XL, C, S, H, Q, M, A):
-        """Σp, −Σp log p, Σp², max and first argmax of each pixel's C contiguous values.
-
-        For HWC maps: reduces each pixel's row in place instead of transposing the chunk,
-        which cost as much as the class-plane pass itself.
+        Ignored pixels (labels outside 0..C−1) are masked, not removed. Several short loops
+        rather than one: LLVM vectorises a loop only after checking at run time that the
+        arrays it writes overlap none it reads, and gives up beyond a few such checks — so
+        each loop writes one or two arrays, and the sums (which write none) come last.
+        Flags are int32 0/1, so that no loop widens to int64.
+        Returns (bad, n_valid, n_clipped, Σkl, Σjs, Σentropy, Σbrier).
         """
-        for i in range(S.shape[0]):
-            base = i * C
-            s = np.float32(0.0)
-            h = np.float32(0.0)
-            q = np.float32(0.0)
-            for c in range(C):
-                x = R[base + c]
-                s += x
-                h -= XL[base + c]
-                q += x * x
-            m = R[base]
-            a = 0
-            for c in range(1, C):
-                x = R[base + c]
-                if x > m:
-                    m = x
-                    a = c
-            S[i] = s
-            H[i] = h
-            Q[i] = q
-            M[i] = m
-            A[i] = a
-
-    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _terms(py, pyi, S, Q, log_eps, eps, KL, JS, BR):
-        """Per-pixel KL (= CE), JS and Brier from the label's probability (vectorised)."""
-        n = py.shape[0]
-        ln2 = np.float32(math.log(2.0))
-        clipped = 0
-        for i in range(n):
-            p = py[i]
-            ly = _log_bits(pyi[i])
-            clipped += 1 if p < eps else 0
+        C = P.shape[0]
+        for i in range(m):  # the label and its probability: a gather
+            lab = np.int64(y[i])
+            v = (lab >= 0) & (lab < C)
+            V[i] = _i32(1) if v else _i32(0)
+            L[i] = _i32(lab) if v else _i32(0)
+            PY[i] = P[np.uint64(L[i]), np.uint64(x0) + np.uint64(i)]
+        PYi = PY.view(np.int32)
+        for i in range(m):
+            ly = _log(PYi[i])
+            LY[i] = ly
             KL[i] = -(ly if ly > log_eps else log_eps)
+        ln2 = _f32(math.log(2.0))
+        for i in range(m):
+            p = PY[i]
             log_m = _log_half_up(p)
-            js = np.float32(0.5) * ((S[i] - p) * ln2 + p * (ly - log_m) - log_m)
-            JS[i] = js if js > np.float32(0.0) else np.float32(0.0)
-            BR[i] = Q[i] - np.float32(2.0) * p + np.float32(1.0)
-        return clipped
+            js = _f32(0.5) * ((S[i] - p) * ln2 + p * (LY[i] - log_m) - log_m)
+            JS[i] = js if js > _f32(0.0) else _f32(0.0)
+        for i in range(m):  # ECE bin and correctness, as 2·bin + [correct]
+            b = _i32(np.ceil(np.float64(M[i]) * bins)) - _i32(1)  # float64 → int32 vectorises
+            b = b if b > _i32(0) else _i32(0)
+            b = b if b < _i32(bins - 1) else _i32(bins - 1)
+            E[i] = _i32(_i32(2) * b + (_i32(1) if A[i] == L[i] else _i32(0)))
+        for i in range(m):  # confusion-matrix cell
+            CI[i] = _i32(L[i] * _i32(C) + A[i])
+        bad = _i32(0)
+        n_valid = _i32(0)
+        clipped = _i32(0)
+        for i in range(m):
+            v = V[i]
+            p = PY[i]
+            good = (abs(S[i] - _f32(1.0)) <= tol) & (M[i] <= _f32(1.0) + tol) & (B[i] >= 0)
+            bad |= v & (_i32(0) if good else _i32(1))
+            clipped += v & (_i32(1) if p < eps else _i32(0))
+            n_valid += v
+        kl_sum = 0.0
+        js_sum = 0.0
+        ent_sum = 0.0
+        br_sum = 0.0
+        for i in range(m):
+            v = V[i] != 0
+            br = Q[i] - _f32(2.0) * PY[i] + _f32(1.0)
+            kl_sum += np.float64(KL[i]) if v else 0.0
+            js_sum += np.float64(JS[i]) if v else 0.0
+            ent_sum -= np.float64(H[i]) if v else 0.0
+            br_sum += np.float64(br) if v else 0.0
+        return bad, n_valid, clipped, kl_sum, js_sum, ent_sum, br_sum
 
     @numba.njit(error_model="numpy", cache=True)
-    def _scatter(y, A, M, KL, bins, cm, class_kl, ece_n, ece_conf, ece_ok):
-        """Confusion matrix, per-class KL and ECE bins: the scattered updates."""
-        for i in range(y.shape[0]):
-            c = y[i]
-            a = A[i]
-            cm[c, a] += 1
-            class_kl[c] += KL[i]
-            b = min(max(int(math.ceil(np.float64(M[i]) * bins)) - 1, 0), bins - 1)  # noqa: RUF046
-            ece_n[b] += 1
-            ece_conf[b] += M[i]
-            ece_ok[b] += 1 if a == c else 0
+    def _scatter(m, V, CI, E, L, KL, M, nc, counts, fsums):
+        """Loop 3: the scattered updates of the first m valid pixels.
+
+        ``counts[k]`` holds the confusion matrix (cell label·C + predicted, from ``CI``)
+        and then the ECE counts (cell C² + 2·bin + [correct], from ``E``); ``fsums[k]`` the
+        per-class KL sums and then the per-bin confidence sums (cell C + bin). Neighbouring
+        pixels mostly share their cells, so adding into one cell makes each pixel wait for
+        the previous one's store; four copies (k = i mod 4) keep four such chains going.
+        """
+        cc = np.uint64(nc * nc)
+        c1 = np.uint64(nc)
+        one = np.uint64(1)
+        for i in range(m):
+            if V[i] == 0:
+                continue
+            k = np.uint64(i & 3)
+            e = np.uint64(E[i])
+            counts[k, np.uint64(CI[i])] += 1
+            counts[k, cc + e] += 1
+            fsums[k, np.uint64(L[i])] += KL[i]
+            fsums[k, c1 + (e >> one)] += M[i]
+
+    @numba.njit(error_model="numpy", cache=True)
+    def _chunk(P, y, pixel_major, tol, log_eps, eps, bins,
+               sums, cm, class_kl, class_ce, ece_n, ece_conf, ece_ok):  # fmt: skip
+        """One chunk, added to the totals only if every check passes; returns (ok, n_clipped).
+
+        ``P`` is (C, n) class-major, or (n, C) with ``pixel_major``; ``y`` the n raw labels.
+        Pixels go by tiles of TILE: an HWC tile is copied class-major into a small buffer
+        first (in cache), a CHW chunk is read in place.
+        """
+        n, C = (P.shape[0], P.shape[1]) if pixel_major else (P.shape[1], P.shape[0])
+        w = min(n, TILE)
+        f = np.empty((8, w), np.float32)  # per-pixel scratch, one row each
+        S, H, Q, M, KL, JS, LY, PY = f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+        g = np.empty((6, w), np.int32)
+        A, B, V, E, L, CI = g[0], g[1], g[2], g[3], g[4], g[5]
+        T = np.empty((C, w if pixel_major else 0), np.float32)
+        counts = np.zeros((4, C * C + 2 * bins), np.int64)
+        fsums = np.zeros((4, C + bins))
+        acc = np.zeros(4)
+        clipped = 0
+        for t0 in range(0, n, w):
+            m = min(w, n - t0)
+            if pixel_major:
+                for k in range(m):
+                    for c in range(C):
+                        T[c, k] = P[t0 + k, c]
+                X, x0 = T, 0
+            else:
+                X, x0 = P, t0
+            yt = y[t0 : t0 + m]
+            _planes(X, X.view(np.int32), x0, m, S, H, Q, M, A, B)
+            bad, _, cl, kl, js, ent, br = _pixels(
+                X, yt, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI,
+                tol, log_eps, eps, bins,
+            )  # fmt: skip
+            if bad:
+                return False, 0
+            clipped += cl
+            acc[0] += kl
+            acc[1] += js
+            acc[2] += ent
+            acc[3] += br
+            _scatter(m, V, CI, E, L, KL, M, C, counts, fsums)
+        sums[0] += acc[0]  # kl
+        sums[2] += acc[1]  # js
+        sums[3] += acc[0]  # ce = kl against a one-hot target
+        sums[4] += acc[2]  # entropy
+        sums[5] += acc[3]  # brier
+        cnt = counts[0] + counts[1] + counts[2] + counts[3]
+        fs = fsums[0] + fsums[1] + fsums[2] + fsums[3]
+        cm += cnt[: C * C].reshape((C, C))
+        ece_n += cnt[C * C :: 2] + cnt[C * C + 1 :: 2]
+        ece_ok += cnt[C * C + 1 :: 2]
+        class_kl += fs[:C]
+        class_ce += fs[:C]  # ce = kl against a one-hot target
+        ece_conf += fs[C:]
+        return True, clipped
 
 
 def supported(settings, dtype) -> bool:
@@ -185,54 +312,23 @@ def supported(settings, dtype) -> bool:
     )
 
 
-def chunk_stats(P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
-                pixel_major: bool = False):  # fmt: skip
-    """Stats of a float32 chunk with labels y, or None when it needs the NumPy path.
+def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
+              pixel_major: bool = False) -> bool:  # fmt: skip
+    """Add a float32 chunk with raw labels ``y`` (ignore values included) to ``total``.
 
     ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it.
+    Returns False, with ``total`` untouched, when the chunk needs the NumPy path (a value
+    NaN, infinite, negative, or a pixel whose probabilities do not sum to 1).
+    ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
-    from .stats import Stats
-
-    n, C = P.shape if pixel_major else P.shape[::-1]
-    out = Stats.zeros(C, settings.ece_bins)
-    out.sums[1] = np.nan  # KL(p‖q) is infinite against one-hot targets: not computed
-    if n == 0:
-        out.sums[1] = 0.0
-        return out
-    P = np.ascontiguousarray(P)
-    lo = float(P.min())  # NaN if any value is NaN
-    if not lo >= 0.0:
-        return None  # NaN or negative: the NumPy path says what is wrong
-    S, H, Q, M, KL, JS, BR = (np.empty(n, np.float32) for _ in range(7))
-    A = np.empty(n, np.int32)
-    flat = P.reshape(-1)
-    if pixel_major:
-        XL = np.empty_like(flat)
-        _xlogx(flat, flat.view(np.int32), XL)
-        _pixel_rows(flat, XL, C, S, H, Q, M, A)
-        index = np.arange(n) * C + y
-    else:
-        _planes(P, P.view(np.int32), S, H, Q, M, A)
-        index = y * n + np.arange(n)
-    if not (float(np.abs(S - 1.0).max()) <= tolerance and float(M.max()) <= 1.0 + tolerance):
-        return None  # not summing to 1, above 1 or infinite
-    y = np.ascontiguousarray(y, dtype=np.intp)
+    P = np.ascontiguousarray(P, dtype=np.float32)
+    y = np.ascontiguousarray(y)
     eps = settings.eps
-    py = flat.take(index)  # the label's probability, gathered by NumPy
-    clipped = _terms(py, py.view(np.int32), S, Q, np.float32(math.log(eps)), np.float32(eps),
-                     KL, JS, BR)  # fmt: skip
-    ece_conf = np.zeros(settings.ece_bins)
-    _scatter(y, A, M, KL, settings.ece_bins, out.confusion, out.class_kl, out.ece_count,
-             ece_conf, out.ece_correct)  # fmt: skip
-    kl = np.sum(KL, dtype=np.float64)
-    out.sums[[0, 2, 3, 4, 5]] = [
-        kl,
-        np.sum(JS, dtype=np.float64),
-        kl,
-        np.sum(H, dtype=np.float64),
-        np.sum(BR, dtype=np.float64),
-    ]
-    out.ece_conf = ece_conf
-    out.class_ce = out.class_kl.copy()
-    out.n_clipped = int(clipped)
-    return out
+    ok, clipped = _chunk(
+        P, y, pixel_major, np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
+        settings.ece_bins, total.sums, total.confusion, total.class_kl, total.class_ce,
+        total.ece_count, total.ece_conf, total.ece_correct,
+    )  # fmt: skip
+    if ok:
+        total.n_clipped += int(clipped)
+    return bool(ok)

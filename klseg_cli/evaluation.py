@@ -127,15 +127,12 @@ def iter_chunks(
     *,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     target_path: Path | None = None,
-    pixel_major: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray]]:
     """The chunks of one image: ``(start, stop, valid, P, target)``.
 
     Pixels [start, stop) in row-major order; ``valid`` masks the non-ignored ones (None when
-    all are); ``P`` (C, n) and ``target`` hold the valid pixels only. With ``pixel_major``
-    (HWC maps and hard labels only) ``P`` is (n, C) as stored, without the transpose. Labels
-    are checked first and soft targets chunk by chunk, so a bad target fails before any
-    metric.
+    all are); ``P`` (C, n) and ``target`` hold the valid pixels only. Labels are checked
+    first and soft targets chunk by chunk, so a bad target fails before any metric.
     """
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     logits = settings.input_kind == "logits"
@@ -155,16 +152,13 @@ def iter_chunks(
     check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
     for start in range(0, n, chunk_pixels):
         stop = min(start + chunk_pixels, n)
-        if pixel_major:
-            P = pred.pixel_rows(start, stop)
-        else:
-            P = pred.block(start, stop, logits=logits)
+        P = pred.block(start, stop, logits=logits)
         y = labels[start:stop].astype(np.intp)
         valid = None
         mask = valid_labels(y, settings.num_classes)
         if not mask.all():
             valid = mask
-            P = P[valid] if pixel_major else P[:, valid]
+            P = P[:, valid]
             y = y[valid]
         yield start, stop, valid, P, y
 
@@ -208,25 +202,46 @@ def image_stats(
     wanted = accelerate if accelerate is not None else (
         pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
     )  # fmt: skip
-    fast = wanted and not isinstance(target, PredictionMap)
-    if fast:
+    if wanted and not isinstance(target, PredictionMap):
         from . import _fast
 
-        fast = _fast.supported(settings, pred.compute_dtype)
-    pixel_major = bool(fast) and pred.layout == "hwc"
+        if _fast.supported(settings, pred.compute_dtype):
+            return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for _, _, _, P, tgt in iter_chunks(
-        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path,
-        pixel_major=pixel_major,
-    ):  # fmt: skip
-        stats = None
-        if fast:
-            stats = _fast.chunk_stats(P, tgt, settings, tolerance, pixel_major=pixel_major)
-        if stats is None:  # out of the kernel's scope, or a chunk to diagnose
-            if pixel_major:
-                P = np.ascontiguousarray(P.T)
-            stats = Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
-        total = total + stats
+        pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
+    ):
+        total = total + Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
+    return total
+
+
+def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance) -> Stats:
+    """``image_stats`` through the compiled kernel: each chunk is added to the totals in
+    place, ignored pixels masked inside the kernel (no compaction copy). A chunk the
+    kernel refuses (bad values, or bad values only under ignored pixels) goes through the
+    NumPy path, which raises the error or computes it."""
+    from . import _fast
+
+    pixel_major = pred.layout == "hwc"
+    labels = target.reshape(-1)
+    check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
+    chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
+    total = Stats.zeros(settings.num_classes, settings.ece_bins)
+    for start in range(0, pred.n_pixels, chunk_pixels):
+        stop = min(start + chunk_pixels, pred.n_pixels)
+        P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
+        y = labels[start:stop]
+        if _fast.add_chunk(total, P, y, settings, tolerance, pixel_major=pixel_major):
+            continue
+        if pixel_major:
+            P = np.ascontiguousarray(P.T)
+        y = y.astype(np.intp)
+        mask = valid_labels(y, settings.num_classes)
+        if not mask.all():
+            P, y = P[:, mask], y[mask]
+        total = total + Stats.from_terms(_terms(pred, P, y, settings, tolerance), settings)
+    # KL(p‖q) against one-hot targets is infinite: undefined, unless no pixel was valid
+    total.sums[1] = np.nan if total.n_valid else 0.0
     return total
 
 

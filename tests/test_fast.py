@@ -47,33 +47,74 @@ def test_kernel_equals_numpy_path(rng, layout, C):
     assert_equivalent(ref, fast)
 
 
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+@pytest.mark.parametrize("chunk", [1, 97, 300, 1 << 15])
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.uint16, np.int32, np.int64])
+def test_any_chunk_tile_and_label_dtype(rng, layout, chunk, label_dtype):
+    """Chunks that end inside a tile, single pixels, every label dtype, signed ignore values."""
+    h, w, C = 23, 29, 7
+    p = random_probs(rng, h * w, C, saturate=0.2).reshape(h, w, C)
+    labels = rng.integers(0, C, size=(h, w)).astype(label_dtype)
+    labels[5, 3:20] = 200  # ignored
+    ignore = (200,)
+    if np.dtype(label_dtype).kind == "i":
+        labels[7, :11] = -1
+        ignore = (-1, 200)
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    s = MetricSettings(num_classes=C, ignore_index=ignore)
+    ref, fast = both(PredictionMap("mem", arr, layout), labels, s, chunk=chunk)
+    assert fast.n_valid == ref.n_valid == h * w - 17 - (11 if ignore[0] == -1 else 0)
+    assert_equivalent(ref, fast)
+
+
 def test_log_is_accurate():
-    x = np.concatenate([np.geomspace(1e-30, 1, 20001), [0.0, 1.0, 0.5, 0.999999]]).astype(
-        np.float32
-    )
-    got = np.array([_fast._log_bits(np.int32(b)) for b in x.view(np.int32)], dtype=np.float64)
-    pos = x > 0
-    np.testing.assert_allclose(got[pos], np.log(x[pos].astype(np.float64)), rtol=2e-7, atol=2e-7)
-    assert np.isfinite(got[~pos]).all() and (got[~pos] < -80).all()
+    """The kernel's log is within ~1 float32 ulp of log x; finite at 0, as is 0·log 0 = 0."""
+    x = np.concatenate(
+        [np.geomspace(np.finfo(np.float32).tiny, 1, 200001), np.linspace(0.5, 2.0, 100001),
+         [1.0, 0.5, 0.999999, 1.0000001, 1e-7, 3.4e38]]
+    ).astype(np.float32)  # fmt: skip
+    bits = x.view(np.int32)
+    got = np.array([_fast._log(b) for b in bits[::37]] + [_fast._log(b) for b in bits[-6:]])
+    xs = np.concatenate([x[::37], x[-6:]]).astype(np.float64)
+    exact = np.log(xs)
+    ulps = np.abs(got - exact) / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert ulps[exact != 0].max() < 2.0
+    assert got[xs == 1.0].max() == 0.0
+    zero = _fast._log(np.int32(0))
+    assert np.isfinite(zero) and zero < -80
 
 
 def test_bad_chunks_fall_back_to_the_numpy_diagnosis(rng):
     from klseg_cli.errors import ProbabilityError
+    from klseg_cli.stats import Stats
 
     p = random_probs(rng, 100, 3).reshape(10, 10, 3)
     labels = np.zeros((10, 10), np.uint8)
     s = MetricSettings(num_classes=3)
-    for bad, match in ((np.nan, "NaN"), (-0.5, "logits"), (1.5, "logits")):
+    for bad, match in ((np.nan, "NaN"), (-0.5, "logits"), (1.5, "logits"), (np.inf, "NaN")):
         q = p.copy()
         q[3, 3, 1] = bad
         with pytest.raises(ProbabilityError, match=match):
-            image_stats(PredictionMap("mem", q, "hwc"), labels, s)
-    assert (
-        _fast.chunk_stats(
-            np.ascontiguousarray(p.reshape(-1, 3).T * 0.5), labels.reshape(-1), s, 1e-3
-        )
-        is None
-    )
+            image_stats(PredictionMap("mem", q, "hwc"), labels, s, accelerate=True)
+    # a refused chunk leaves the totals untouched
+    total = Stats.zeros(3, s.ece_bins)
+    half = np.ascontiguousarray(p.reshape(-1, 3).T * 0.5)
+    assert not _fast.add_chunk(total, half, labels.reshape(-1), s, 1e-3)
+    assert total.n_valid == 0 and not total.sums.any() and not total.ece_conf.any()
+    assert _fast.add_chunk(total, half * 2, labels.reshape(-1), s, 1e-3)
+    assert total.n_valid == 100
+
+
+def test_bad_values_under_ignored_pixels_do_not_matter(rng):
+    """NumPy drops ignored pixels before checking; the kernel masks them: same results."""
+    p = random_probs(rng, 64 * 50, 4).reshape(64, 50, 4)
+    labels = rng.integers(0, 4, size=(64, 50)).astype(np.uint8)
+    labels[10:12] = 255
+    p[10, :, 0] = np.nan
+    p[11, :, 1] = -3.0
+    s = MetricSettings(num_classes=4)
+    ref, fast = both(PredictionMap("mem", p, "hwc"), labels, s, chunk=256)
+    assert_equivalent(ref, fast)
 
 
 def test_out_of_scope_settings_use_numpy():
