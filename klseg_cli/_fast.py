@@ -48,18 +48,18 @@ TILE = 256
 _LN2_HI = 0.693145751953125  # ln 2 split so that e·LN2_HI is exact in float32
 _LN2_LO = 1.428606765330187e-06
 _SQRT_HALF_BITS = 0x3F3504F3  # the float32 bits of √½
-# log(1 + f) ≈ f − f²/2 + f³·P(f) on f ∈ [√½ − 1, √2 − 1]: P fitted by weighted least
-# squares on the relative error of log(1 + f) (Chebyshev nodes, degree 7); with float32
-# arithmetic the result is within 1.2 ulp of log x (tests/test_fast.py).
+# log(1 + f) ≈ f − f²/2 + f³·P(f) on f ∈ [√½ − 1, √2 − 1]: P of degree 6 fitted to the
+# relative error of log(1 + f) by iteratively reweighted least squares on Chebyshev nodes
+# (scripts/fit_log.py); in float32 arithmetic the result is within 1.2 ulp of log x
+# (tests/test_fast.py).
 _P = (
-    0.33333354047279157,
-    -0.2500085194354304,
-    0.19999826572956864,
-    -0.1662136991023862,
-    0.14227114035875707,
-    -0.13202104208933577,
-    0.12620327488865338,
-    -0.07362867871242536,
+    0.3333394307094386,
+    -0.25001222843291615,
+    0.19961899521171317,
+    -0.1658046246539029,
+    0.14929038781285692,
+    -0.14249981951514365,
+    0.08639069805362529,
 )
 
 
@@ -67,7 +67,7 @@ if AVAILABLE:
     _flags = {"reassoc", "contract", "arcp", "afn"}  # no 'nnan'/'ninf': the checks see them
     _i32 = np.int32
     _f32 = np.float32
-    _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7 = (np.float32(c) for c in _P)
+    _P0, _P1, _P2, _P3, _P4, _P5, _P6 = (np.float32(c) for c in _P)
 
     @intrinsic
     def _as_float32(typingctx, bits):
@@ -92,7 +92,7 @@ if AVAILABLE:
         f = _as_float32(_i32(_i32(t & _i32(0x7FFFFF)) + _i32(_SQRT_HALF_BITS))) - _f32(1.0)
         z = f * f
         z2 = z * z
-        p = (_P0 + _P1 * f + (_P2 + _P3 * f) * z) + (_P4 + _P5 * f + (_P6 + _P7 * f) * z) * z2
+        p = (_P0 + _P1 * f + (_P2 + _P3 * f) * z) + (_P4 + _P5 * f + _P6 * z) * z2
         r = f + (z * f * p - _f32(0.5) * z)
         return e * _f32(_LN2_HI) + (r + e * _f32(_LN2_LO))
 
@@ -113,50 +113,54 @@ if AVAILABLE:
         return _f32(2.0) * s * poly
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _planes(P, Pi, t0, m, S, H, Q, M, A, B):
-        """Loop 1 over pixels t0 … t0+m−1 of a class-major (C, n) array: per pixel Σp,
-        Σp log p, Σp², max, first argmax and the OR of the values' bits (negative when a
-        value has its sign bit set)."""
-        C = P.shape[0]
+    def _planes(Pi, t0, m, S, H, Q, M, A, B):
+        """Loop 1 over pixels t0 … t0+m−1 of class-major (C, n) float32 values, given as
+        their int32 bits ``Pi``: per pixel Σp, Σp log p, Σp², max, first argmax and the OR
+        of the values' bits (negative when a value has its sign bit set)."""
+        C = Pi.shape[0]
         u0 = np.uint64(t0)  # unsigned indices: numba adds no negative-index wraparound
         for i in range(m):
             j = u0 + np.uint64(i)
-            x = P[0, j]
+            b = Pi[0, j]
+            x = _as_float32(b)
             S[i] = x
-            H[i] = x * _log(Pi[0, j])
+            H[i] = x * _log(b)
             Q[i] = x * x
             M[i] = x
             A[i] = _i32(0)
-            B[i] = Pi[0, j]
+            B[i] = b
         for c in range(1, C - 1, 2):  # two planes a pass: half the accumulator traffic
             for i in range(m):
                 j = u0 + np.uint64(i)
-                x = P[c, j]
-                x2 = P[c + 1, j]
+                b = Pi[c, j]
+                b2 = Pi[c + 1, j]
+                x = _as_float32(b)
+                x2 = _as_float32(b2)
                 S[i] += x + x2
-                H[i] += x * _log(Pi[c, j]) + x2 * _log(Pi[c + 1, j])
+                H[i] += x * _log(b) + x2 * _log(b2)
                 Q[i] += x * x + x2 * x2
                 mx = M[i]
                 ax = A[i]
                 better = x > mx
                 mx = x if better else mx
                 ax = _i32(c) if better else ax
-                better2 = x2 > mx
-                M[i] = x2 if better2 else mx
-                A[i] = _i32(c + 1) if better2 else ax
-                B[i] = _i32(B[i] | _i32(Pi[c, j] | Pi[c + 1, j]))
+                better = x2 > mx
+                M[i] = x2 if better else mx
+                A[i] = _i32(c + 1) if better else ax
+                B[i] = _i32(B[i] | _i32(b | b2))
         if C % 2 == 0:
             c = C - 1
             for i in range(m):
                 j = u0 + np.uint64(i)
-                x = P[c, j]
+                b = Pi[c, j]
+                x = _as_float32(b)
                 S[i] += x
-                H[i] += x * _log(Pi[c, j])
+                H[i] += x * _log(b)
                 Q[i] += x * x
                 better = x > M[i]
                 M[i] = x if better else M[i]
                 A[i] = _i32(c) if better else A[i]
-                B[i] = _i32(B[i] | Pi[c, j])
+                B[i] = _i32(B[i] | b)
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
     def _pixels(P, y, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI, tol, log_eps, eps,
@@ -171,7 +175,7 @@ if AVAILABLE:
         Returns (bad, n_valid, n_clipped, Σkl, Σjs, Σentropy, Σbrier).
         """
         C = P.shape[0]
-        for i in range(m):  # the label and its probability: a gather
+        for i in range(m):  # the label and its probability (a gather)
             lab = np.int64(y[i])
             v = (lab >= 0) & (lab < C)
             V[i] = _i32(1) if v else _i32(0)
@@ -188,12 +192,11 @@ if AVAILABLE:
             log_m = _log_half_up(p)
             js = _f32(0.5) * ((S[i] - p) * ln2 + p * (LY[i] - log_m) - log_m)
             JS[i] = js if js > _f32(0.0) else _f32(0.0)
-        for i in range(m):  # ECE bin and correctness, as 2·bin + [correct]
+        for i in range(m):  # ECE bin and correctness as 2·bin + [correct]; confusion cell
             b = _i32(np.ceil(np.float64(M[i]) * bins)) - _i32(1)  # float64 → int32 vectorises
             b = b if b > _i32(0) else _i32(0)
             b = b if b < _i32(bins - 1) else _i32(bins - 1)
             E[i] = _i32(_i32(2) * b + (_i32(1) if A[i] == L[i] else _i32(0)))
-        for i in range(m):  # confusion-matrix cell
             CI[i] = _i32(L[i] * _i32(C) + A[i])
         bad = _i32(0)
         n_valid = _i32(0)
@@ -242,15 +245,17 @@ if AVAILABLE:
             fsums[k, c1 + (e >> one)] += M[i]
 
     @numba.njit(error_model="numpy", cache=True)
-    def _chunk(P, y, pixel_major, tol, log_eps, eps, bins,
+    def _chunk(P, start, y, pixel_major, tol, log_eps, eps, bins,
                sums, cm, class_kl, class_ce, ece_n, ece_conf, ece_ok):  # fmt: skip
         """One chunk, added to the totals only if every check passes; returns (ok, n_clipped).
 
-        ``P`` is (C, n) class-major, or (n, C) with ``pixel_major``; ``y`` the n raw labels.
-        Pixels go by tiles of TILE: an HWC tile is copied class-major into a small buffer
-        first (in cache), a CHW chunk is read in place.
+        The chunk is pixels start … start + len(y) − 1 of ``P``, which is class-major
+        (C, ≥ start + n), or pixel-major (n, C) with ``pixel_major`` (then start is 0);
+        ``y`` holds the chunk's raw labels. Pixels go by tiles of TILE: an HWC tile is
+        copied class-major into a small buffer first (in cache), CHW planes are read in place.
         """
-        n, C = (P.shape[0], P.shape[1]) if pixel_major else (P.shape[1], P.shape[0])
+        n = y.shape[0]
+        C = P.shape[1] if pixel_major else P.shape[0]
         w = min(n, TILE)
         f = np.empty((8, w), np.float32)  # per-pixel scratch, one row each
         S, H, Q, M, KL, JS, LY, PY = f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
@@ -269,9 +274,9 @@ if AVAILABLE:
                         T[c, k] = P[t0 + k, c]
                 X, x0 = T, 0
             else:
-                X, x0 = P, t0
+                X, x0 = P, start + t0
             yt = y[t0 : t0 + m]
-            _planes(X, X.view(np.int32), x0, m, S, H, Q, M, A, B)
+            _planes(X.view(np.int32), x0, m, S, H, Q, M, A, B)
             bad, _, cl, kl, js, ent, br = _pixels(
                 X, yt, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI,
                 tol, log_eps, eps, bins,
@@ -313,19 +318,26 @@ def supported(settings, dtype) -> bool:
 
 
 def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
-              pixel_major: bool = False) -> bool:  # fmt: skip
+              pixel_major: bool = False, start: int = 0) -> bool:  # fmt: skip
     """Add a float32 chunk with raw labels ``y`` (ignore values included) to ``total``.
 
-    ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it.
+    ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it. A
+    class-major ``P`` may also be a whole map's (C, H·W) planes, the chunk being pixels
+    ``start`` … ``start + len(y) − 1``: read in place, not copied.
     Returns False, with ``total`` untouched, when the chunk needs the NumPy path (a value
     NaN, infinite, negative, or a pixel whose probabilities do not sum to 1).
     ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
     y = np.ascontiguousarray(y)
+    n = P.shape[0] if pixel_major else P.shape[1] - start
+    if pixel_major and start:
+        raise ValueError("a pixel-major chunk starts at 0")
+    if y.shape[0] > n:
+        raise ValueError(f"{y.shape[0]} labels for {n} pixels")
     eps = settings.eps
     ok, clipped = _chunk(
-        P, y, pixel_major, np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
+        P, start, y, pixel_major, np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
         settings.ece_bins, total.sums, total.confusion, total.class_kl, total.class_ce,
         total.ece_count, total.ece_conf, total.ece_correct,
     )  # fmt: skip

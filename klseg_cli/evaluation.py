@@ -226,12 +226,18 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     labels = target.reshape(-1)
     check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
+    planes = pred.planes_in_memory()  # read in place when the map is in memory already
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
-        P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
         y = labels[start:stop]
-        if _fast.add_chunk(total, P, y, settings, tolerance, pixel_major=pixel_major):
+        if planes is not None and _fast.add_chunk(total, planes, y, settings, tolerance,
+                                                  start=start):  # fmt: skip
+            continue
+        P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
+        if planes is None and _fast.add_chunk(
+            total, P, y, settings, tolerance, pixel_major=pixel_major
+        ):
             continue
         if pixel_major:
             P = np.ascontiguousarray(P.T)

@@ -449,6 +449,22 @@ class PredictionMap:
         finally:
             os.close(fd)
 
+    def planes_in_memory(self) -> np.ndarray | None:
+        """A CHW map held in memory as float32, as (C, H·W) planes (a view), else None.
+
+        The compiled kernel reads such planes in place instead of copying chunks. Memory
+        maps of files are left out: their reads go through ``os.pread`` (see ``_raw``).
+        """
+        a = self.array
+        if (
+            self.layout == "chw"
+            and type(a) is np.ndarray
+            and a.dtype == np.float32
+            and a.flags.c_contiguous
+        ):
+            return a.reshape(a.shape[0], -1)
+        return None
+
     def pixel_rows(self, start: int, stop: int) -> np.ndarray:
         """HWC only: pixels [start, stop) as stored, (n, C) contiguous, in the compute dtype."""
         if self.layout != "hwc":
