@@ -41,9 +41,11 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 AVAILABLE = numba is not None
 
-TILE = 256
-"""Pixels per tile when an HWC chunk is turned class-major: 19 classes × 256 × 4 bytes is
-19 KB, so the tile and its accumulators stay in the L1 cache."""
+TILE_HWC = 256
+"""Pixels per tile of an HWC chunk, which is copied class-major first: 19 classes × 256 ×
+4 bytes is 19 KB, so the tile and its accumulators stay in the L1 cache."""
+TILE_CHW = 1024
+"""Pixels per tile of a CHW chunk, read in place: the accumulators (a few KB) stay in L1."""
 
 _LN2_HI = 0.693145751953125  # ln 2 split so that e·LN2_HI is exact in float32
 _LN2_LO = 1.428606765330187e-06
@@ -244,19 +246,19 @@ if AVAILABLE:
             fsums[k, np.uint64(L[i])] += KL[i]
             fsums[k, c1 + (e >> one)] += M[i]
 
-    @numba.njit(error_model="numpy", cache=True)
-    def _chunk(P, start, y, pixel_major, tol, log_eps, eps, bins,
+    @numba.njit(error_model="numpy", cache=True, nogil=True)  # threads run chunks in parallel
+    def _chunk(P, start, y, pixel_major, tile, tol, log_eps, eps, bins,
                sums, cm, class_kl, class_ce, ece_n, ece_conf, ece_ok):  # fmt: skip
         """One chunk, added to the totals only if every check passes; returns (ok, n_clipped).
 
         The chunk is pixels start … start + len(y) − 1 of ``P``, which is class-major
         (C, ≥ start + n), or pixel-major (n, C) with ``pixel_major`` (then start is 0);
-        ``y`` holds the chunk's raw labels. Pixels go by tiles of TILE: an HWC tile is
+        ``y`` holds the chunk's raw labels. Pixels go by tiles of ``tile``: an HWC tile is
         copied class-major into a small buffer first (in cache), CHW planes are read in place.
         """
         n = y.shape[0]
         C = P.shape[1] if pixel_major else P.shape[0]
-        w = min(n, TILE)
+        w = min(n, tile)
         f = np.empty((8, w), np.float32)  # per-pixel scratch, one row each
         S, H, Q, M, KL, JS, LY, PY = f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
         g = np.empty((6, w), np.int32)
@@ -337,7 +339,8 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
         raise ValueError(f"{y.shape[0]} labels for {n} pixels")
     eps = settings.eps
     ok, clipped = _chunk(
-        P, start, y, pixel_major, np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
+        P, start, y, pixel_major, TILE_HWC if pixel_major else TILE_CHW,
+        np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
         settings.ece_bins, total.sums, total.confusion, total.class_kl, total.class_ce,
         total.ece_count, total.ece_conf, total.ece_correct,
     )  # fmt: skip

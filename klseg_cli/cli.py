@@ -282,7 +282,13 @@ def evaluate(
         typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
     ] = False,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", help="Images evaluated in parallel (processes).")
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Images evaluated in parallel (threads with the klseg[fast] kernel, else "
+            "processes); results are identical for any value.",
+        ),
     ] = 1,
     pred_suffix: PredSuffixOpt = "",
     gt_suffix: GtSuffixOpt = "",

@@ -199,20 +199,29 @@ def image_stats(
     loading its compiled code costs about a second, more than small maps take in NumPy.
     """
     tolerance = _tolerance(pred, settings)
-    wanted = accelerate if accelerate is not None else (
-        pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
-    )  # fmt: skip
-    if wanted and not isinstance(target, PredictionMap):
-        from . import _fast
-
-        if _fast.supported(settings, pred.compute_dtype):
-            return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
+    if not isinstance(target, PredictionMap) and uses_kernel(pred, settings, accelerate):
+        return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for _, _, _, P, tgt in iter_chunks(
         pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
         total = total + Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
     return total
+
+
+def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool | None) -> bool:
+    """Whether ``image_stats`` computes this map (against hard labels) with the compiled
+    kernel: it must be installed and cover the settings, and ``accelerate`` is True, or
+    None and the map has at least FAST_MIN_VALUES values."""
+    if accelerate is False:
+        return False
+    if accelerate is None and pred.n_pixels * pred.num_classes < FAST_MIN_VALUES:
+        return False
+    if settings.soft_gt:
+        return False
+    from . import _fast
+
+    return _fast.supported(settings, pred.compute_dtype)
 
 
 def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance) -> Stats:
@@ -427,26 +436,52 @@ def _evaluate_one(pair: Pair, settings: MetricSettings, read: ReadOptions):
         return err
 
 
+def parallel_backend(job: Job) -> str:
+    """How ``--jobs`` runs images in parallel: ``"threads"`` or ``"processes"``.
+
+    Measured on a 2-core machine with Cityscapes-sized maps. When the compiled kernel
+    evaluates the maps, each chunk is one call that releases the GIL (``nogil``), so
+    threads over images run on both cores at once, share the loaded kernel and pay no
+    start-up: threads. The NumPy path is many short NumPy calls per chunk that queue on the
+    GIL (2 threads ran at 0.84-1.0x the speed of one), so it uses processes: each imports
+    klseg, keeps its own bounded chunk buffers and returns a Stats of a few arrays, cheap to
+    pickle. The first prediction decides (folders hold maps of one kind); its header is
+    all that is read here.
+    """
+    try:
+        pred = open_prediction(
+            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
+            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
+            max_pixels=job.read.max_pixels,
+        )  # fmt: skip
+    except InputError:
+        return "processes"  # the error is reported when the pair is evaluated
+    return "threads" if uses_kernel(pred, job.settings, job.read.accelerate) else "processes"
+
+
 def _results(job: Job, jobs: int):
     """(pair, ImageResult or InputError) for every pair, in pair order, for any ``jobs``.
 
-    Parallelism is over images, in processes. Threads over the chunks of one image were
-    measured first (Cityscapes-sized map, 2 cores): 2 threads ran at 0.84-1.0x the speed of
-    one, as the per-chunk work is many short NumPy calls that queue on the GIL. Processes
-    scale with the cores, each keeps its own bounded chunk buffers, and what comes back is a
-    Stats of a few arrays, cheap to pickle. Results are merged in pair order, so any
-    ``jobs`` gives the same numbers.
+    Parallelism is over images (see ``parallel_backend`` for threads or processes).
+    Results are merged in pair order, so any ``jobs`` gives the same numbers.
     """
     pairs = job.pairing.pairs
     if jobs <= 1 or len(pairs) < 2:
         for pair in pairs:
             yield pair, _evaluate_one(pair, job.settings, job.read)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    workers = min(jobs, len(pairs))
+    if parallel_backend(job) == "threads":
+        from concurrent.futures import ThreadPoolExecutor
 
-    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=ctx) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="klseg")
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    with pool:
         futures = [pool.submit(_evaluate_one, pair, job.settings, job.read) for pair in pairs]
         try:
             for pair, future in zip(pairs, futures):

@@ -122,3 +122,43 @@ def test_out_of_scope_settings_use_numpy():
     assert not _fast.supported(MetricSettings(num_classes=3, smoothing=0.1), np.float32)
     assert not _fast.supported(MetricSettings(num_classes=3, input_kind="logits"), np.float32)
     assert not _fast.supported(MetricSettings(num_classes=3), np.float64)
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_files_read_by_blocks_equal_maps_in_memory(tmp_path, rng, layout):
+    """Memory-mapped .npy maps go through pread'd chunks, arrays in memory are read in
+    place (CHW): both give the NumPy path's numbers."""
+    from klseg_cli.readers import open_prediction
+
+    h, w, C = 40, 70, 6
+    p = random_probs(rng, h * w, C, saturate=0.1).reshape(h, w, C)
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    np.save(tmp_path / "p.npy", arr)
+    labels = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    labels[::7] = 255
+    s = MetricSettings(num_classes=C)
+    on_disk = open_prediction(tmp_path / "p.npy", hw=(h, w))
+    assert isinstance(on_disk.array, np.memmap)
+    in_memory = PredictionMap("mem", arr, layout)
+    assert (in_memory.planes_in_memory() is not None) == (layout == "chw")
+    ref = image_stats(in_memory, labels, s, chunk_pixels=500, accelerate=False)
+    for pm in (on_disk, in_memory):
+        assert_equivalent(ref, image_stats(pm, labels, s, chunk_pixels=500, accelerate=True))
+
+
+def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
+    """Maps the kernel takes run in threads (it releases the GIL); the rest in processes.
+    Either way any --jobs gives the same numbers to the last bit."""
+    from pathlib import Path
+
+    from klseg_cli import evaluate, evaluation
+    from klseg_cli.report import summary_json
+
+    sample = Path(__file__).resolve().parent.parent / "sample_data"
+    args = (sample / "predictions", sample / "ground_truth")
+    job = evaluation.plan(*args)
+    assert evaluation.parallel_backend(job) == "processes"  # small maps: the NumPy path
+    monkeypatch.setattr(evaluation, "FAST_MIN_VALUES", 0)  # now every map takes the kernel
+    assert evaluation.parallel_backend(job) == "threads"
+    one, two, three = (summary_json(evaluate(*args, jobs=j).summary()) for j in (1, 2, 3))
+    assert one == two == three
