@@ -227,11 +227,11 @@ if AVAILABLE:
     def _scatter(m, V, CI, E, L, KL, M, nc, counts, fsums):
         """Loop 3: the scattered updates of the first m valid pixels.
 
-        ``counts[k]`` holds the confusion matrix (cell label·C + predicted, from ``CI``)
-        and then the ECE counts (cell C² + 2·bin + [correct], from ``E``); ``fsums[k]`` the
-        per-class KL sums and then the per-bin confidence sums (cell C + bin). Neighbouring
-        pixels mostly share their cells, so adding into one cell makes each pixel wait for
-        the previous one's store; four copies (k = i mod 4) keep four such chains going.
+        ``counts`` holds the confusion matrix (cell label·C + predicted, from ``CI``) and
+        then the ECE counts (cell C² + 2·bin + [correct], from ``E``); ``fsums`` the
+        per-class KL sums and then the per-bin confidence sums (cell C + bin). One array of
+        each kind keeps the loop's pointers in registers. (Four copies taken in turn, to
+        break the chains of updates to one cell, measured 1.5x slower.)
         """
         cc = np.uint64(nc * nc)
         c1 = np.uint64(nc)
@@ -239,12 +239,11 @@ if AVAILABLE:
         for i in range(m):
             if V[i] == 0:
                 continue
-            k = np.uint64(i & 3)
             e = np.uint64(E[i])
-            counts[k, np.uint64(CI[i])] += 1
-            counts[k, cc + e] += 1
-            fsums[k, np.uint64(L[i])] += KL[i]
-            fsums[k, c1 + (e >> one)] += M[i]
+            counts[np.uint64(CI[i])] += 1
+            counts[cc + e] += 1
+            fsums[np.uint64(L[i])] += KL[i]
+            fsums[c1 + (e >> one)] += M[i]
 
     @numba.njit(error_model="numpy", cache=True, nogil=True)  # threads run chunks in parallel
     def _chunk(P, start, y, pixel_major, tile, tol, log_eps, eps, bins,
@@ -264,8 +263,8 @@ if AVAILABLE:
         g = np.empty((6, w), np.int32)
         A, B, V, E, L, CI = g[0], g[1], g[2], g[3], g[4], g[5]
         T = np.empty((C, w if pixel_major else 0), np.float32)
-        counts = np.zeros((4, C * C + 2 * bins), np.int64)
-        fsums = np.zeros((4, C + bins))
+        counts = np.zeros(C * C + 2 * bins, np.int64)
+        fsums = np.zeros(C + bins)
         acc = np.zeros(4)
         clipped = 0
         for t0 in range(0, n, w):
@@ -296,14 +295,12 @@ if AVAILABLE:
         sums[3] += acc[0]  # ce = kl against a one-hot target
         sums[4] += acc[2]  # entropy
         sums[5] += acc[3]  # brier
-        cnt = counts[0] + counts[1] + counts[2] + counts[3]
-        fs = fsums[0] + fsums[1] + fsums[2] + fsums[3]
-        cm += cnt[: C * C].reshape((C, C))
-        ece_n += cnt[C * C :: 2] + cnt[C * C + 1 :: 2]
-        ece_ok += cnt[C * C + 1 :: 2]
-        class_kl += fs[:C]
-        class_ce += fs[:C]  # ce = kl against a one-hot target
-        ece_conf += fs[C:]
+        cm += counts[: C * C].reshape((C, C))
+        ece_n += counts[C * C :: 2] + counts[C * C + 1 :: 2]
+        ece_ok += counts[C * C + 1 :: 2]
+        class_kl += fsums[:C]
+        class_ce += fsums[:C]  # ce = kl against a one-hot target
+        ece_conf += fsums[C:]
         return True, clipped
 
 
