@@ -203,20 +203,18 @@ if AVAILABLE:
         bad = _i32(0)
         n_valid = _i32(0)
         clipped = _i32(0)
-        for i in range(m):
+        kl_sum = 0.0
+        js_sum = 0.0
+        ent_sum = 0.0
+        br_sum = 0.0
+        for i in range(m):  # checks and sums (this loop writes no array)
             v = V[i]
             p = PY[i]
             good = (abs(S[i] - _f32(1.0)) <= tol) & (M[i] <= _f32(1.0) + tol) & (B[i] >= 0)
             bad |= v & (_i32(0) if good else _i32(1))
             clipped += v & (_i32(1) if p < eps else _i32(0))
             n_valid += v
-        kl_sum = 0.0
-        js_sum = 0.0
-        ent_sum = 0.0
-        br_sum = 0.0
-        for i in range(m):
-            v = V[i] != 0
-            br = Q[i] - _f32(2.0) * PY[i] + _f32(1.0)
+            br = Q[i] - _f32(2.0) * p + _f32(1.0)
             kl_sum += np.float64(KL[i]) if v else 0.0
             js_sum += np.float64(JS[i]) if v else 0.0
             ent_sum -= np.float64(H[i]) if v else 0.0
