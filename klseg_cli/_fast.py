@@ -1,25 +1,29 @@
 """Optional compiled kernel (``pip install 'klseg[fast]'``, numba) for the common case.
 
-Scope: probabilities (not logits), hard labels, no label smoothing, float32 maps. There the
-NumPy path spends most of its time in ``np.log`` (about 2.5 ns a value here, ten sum passes
-for a Cityscapes map) and in a dozen further passes over each chunk. This kernel does one
-chunk in one call, in three loops over it:
+Scope: probabilities (not logits), hard labels, no label smoothing, float32 (and float16)
+maps. There the NumPy path spends most of its time in ``np.log`` (about 2.5 ns a value
+here, ten sum passes for a Cityscapes map) and in a dozen further passes over each chunk.
+This kernel does a chunk in one call that releases the GIL, tile by tile (so that the
+per-pixel scratch stays in the L1 cache), in three steps:
 
-1. one pass per class plane that accumulates, per pixel, Σp, Σp·log p, Σp², the maximum and
-   its class (HWC chunks are first turned class-major one small tile at a time, in cache);
-2. a per-pixel loop for KL (= CE against a one-hot target), JS, Brier and the checks, which
-   adds the sums in float64;
-3. the scattered updates: confusion matrix, per-class KL, ECE bins.
+1. ``_planes``: one pass over each pair of class planes accumulating, per pixel, Σp,
+   Σp·log p, Σp², the maximum, its class and the OR of the values' sign bits (an HWC tile
+   is first copied class-major into a small buffer; CHW planes are read in place);
+2. ``_pixels``: the label's probability, KL (= CE against a one-hot target), JS, Brier,
+   the checks and the float64 sums, in short loops;
+3. ``_scatter``: confusion matrix, per-class KL and the ECE bins.
 
-Loops 1 and 2 are written with selects, not branches, and with int32 bit arithmetic, so
-that LLVM vectorises them (8 float32 lanes with AVX2). The logarithm is a polynomial on the
-float's mantissa (``_log``), within about one float32 ulp of the true value.
+Steps 1 and 2 use selects rather than branches and int32 bit arithmetic, so that LLVM
+vectorises them (8 float32 lanes with AVX2); indices are unsigned, or numba would add a
+negative-index check that stops it; and each loop writes few arrays, because LLVM gives up
+vectorising when it would have to check too many pairs of arrays for overlap at run time.
+The logarithm (``_log``) is a polynomial on the float's mantissa, within 1.2 float32 ulp.
 
 It computes the formulas of ``metrics.pixel_terms`` (DESIGN §2); per-pixel values agree with
 the NumPy path to a few float32 ulps and the sums to ~1e-7 relative, which
-``tests/test_fast.py`` checks. A chunk that fails a check (NaN, negative values, pixels not
-summing to 1) leaves no trace in the totals: it goes to the NumPy path, which also produces
-the error message.
+``tests/test_fast.py`` checks. Ignored pixels are masked, not removed. A chunk that fails a
+check (NaN, negative values, pixels not summing to 1) leaves no trace in the totals: it goes
+to the NumPy path, which also produces the error message.
 """
 
 from __future__ import annotations
@@ -326,7 +330,7 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
-    y = np.ascontiguousarray(y)
+    y = np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("="))  # numba: native order only
     n = P.shape[0] if pixel_major else P.shape[1] - start
     if pixel_major and start:
         raise ValueError("a pixel-major chunk starts at 0")

@@ -49,7 +49,7 @@ def test_kernel_equals_numpy_path(rng, layout, C):
 
 @pytest.mark.parametrize("layout", ["hwc", "chw"])
 @pytest.mark.parametrize("chunk", [1, 97, 300, 1 << 15])
-@pytest.mark.parametrize("label_dtype", [np.uint8, np.uint16, np.int32, np.int64])
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.uint16, np.int32, np.int64, ">u2", ">i4"])
 def test_any_chunk_tile_and_label_dtype(rng, layout, chunk, label_dtype):
     """Chunks that end inside a tile, single pixels, every label dtype, signed ignore values."""
     h, w, C = 23, 29, 7
@@ -162,3 +162,16 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     assert evaluation.parallel_backend(job) == "threads"
     one, two, three = (summary_json(evaluate(*args, jobs=j).summary()) for j in (1, 2, 3))
     assert one == two == three
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_big_endian_maps_and_labels(rng, layout):
+    """numba takes native byte order only: other orders are converted, not refused."""
+    h, w, C = 30, 40, 4
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    labels = rng.integers(0, C, size=(h, w)).astype(">u2")
+    s = MetricSettings(num_classes=C)
+    ref = image_stats(PredictionMap("mem", arr, layout), labels, s, accelerate=False)
+    fast = image_stats(PredictionMap("mem", arr.astype(">f4"), layout), labels, s, accelerate=True)
+    assert_equivalent(ref, fast)
