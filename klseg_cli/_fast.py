@@ -169,8 +169,7 @@ if AVAILABLE:
                 B[i] = _i32(B[i] | b)
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _pixels(P, y, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI, tol, log_eps, eps,
-                bins):  # fmt: skip
+    def _pixels(P, y, x0, m, S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, tol, log_eps, eps, bins):
         """Loop 2: per-pixel KL, JS, Brier and checks of the first m pixels, summed.
 
         Ignored pixels (labels outside 0..C−1) are masked, not removed. Several short loops
@@ -188,15 +187,13 @@ if AVAILABLE:
             L[i] = _i32(lab) if v else _i32(0)
             PY[i] = P[np.uint64(L[i]), np.uint64(x0) + np.uint64(i)]
         PYi = PY.view(np.int32)
-        for i in range(m):
-            ly = _log(PYi[i])
-            LY[i] = ly
-            KL[i] = -(ly if ly > log_eps else log_eps)
         ln2 = _f32(math.log(2.0))
         for i in range(m):
             p = PY[i]
+            ly = _log(PYi[i])
+            KL[i] = -(ly if ly > log_eps else log_eps)
             log_m = _log_half_up(p)
-            js = _f32(0.5) * ((S[i] - p) * ln2 + p * (LY[i] - log_m) - log_m)
+            js = _f32(0.5) * ((S[i] - p) * ln2 + p * (ly - log_m) - log_m)
             JS[i] = js if js > _f32(0.0) else _f32(0.0)
         for i in range(m):  # ECE bin and correctness as 2·bin + [correct]; confusion cell
             b = _i32(np.ceil(np.float64(M[i]) * bins)) - _i32(1)  # float64 → int32 vectorises
@@ -260,8 +257,8 @@ if AVAILABLE:
         n = y.shape[0]
         C = P.shape[1] if pixel_major else P.shape[0]
         w = min(n, tile)
-        f = np.empty((8, w), np.float32)  # per-pixel scratch, one row each
-        S, H, Q, M, KL, JS, LY, PY = f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+        f = np.empty((7, w), np.float32)  # per-pixel scratch, one row each
+        S, H, Q, M, KL, JS, PY = f[0], f[1], f[2], f[3], f[4], f[5], f[6]
         g = np.empty((6, w), np.int32)
         A, B, V, E, L, CI = g[0], g[1], g[2], g[3], g[4], g[5]
         T = np.empty((C, w if pixel_major else 0), np.float32)
@@ -281,7 +278,7 @@ if AVAILABLE:
             yt = y[t0 : t0 + m]
             _planes(X.view(np.int32), x0, m, S, H, Q, M, A, B)
             bad, _, cl, kl, js, ent, br = _pixels(
-                X, yt, x0, m, S, H, Q, M, A, B, V, L, PY, LY, KL, JS, E, CI,
+                X, yt, x0, m, S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI,
                 tol, log_eps, eps, bins,
             )  # fmt: skip
             if bad:
