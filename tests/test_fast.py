@@ -13,9 +13,25 @@ from .conftest import random_probs
 pytestmark = pytest.mark.skipif(not _fast.AVAILABLE, reason="numba is not installed")
 
 
-def both(pm, labels, s, chunk=4096):
+def both(pm, labels, s, chunk=4096, *, kernel_takes_all=True):
+    """The NumPy path's Stats and the kernel's; by default also checks that the kernel
+    took every chunk (none went back to the NumPy path)."""
     ref = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=False)
-    fast = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=True)
+    taken = []
+    add_chunk = _fast.add_chunk
+
+    def counting(*args, **kwargs):
+        taken.append(add_chunk(*args, **kwargs))
+        return taken[-1]
+
+    _fast.add_chunk = counting
+    try:
+        fast = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=True)
+    finally:
+        _fast.add_chunk = add_chunk
+    assert taken, "the kernel was not used"
+    if kernel_takes_all:
+        assert all(taken)
     return ref, fast
 
 
@@ -32,9 +48,10 @@ def assert_equivalent(ref, fast):
 
 @pytest.mark.parametrize("layout", ["hwc", "chw"])
 @pytest.mark.parametrize("C", [2, 5, 19])
-def test_kernel_equals_numpy_path(rng, layout, C):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernel_equals_numpy_path(rng, layout, C, dtype):
     h, w = 37, 61
-    p = random_probs(rng, h * w, C, saturate=0.3).reshape(h, w, C)
+    p = random_probs(rng, h * w, C, saturate=0.3).reshape(h, w, C).astype(dtype)
     p[0, :5] = 0.0
     p[0, :5, :2] = 0.5  # ties go to the lower class
     p[1, :3] = 0.0
@@ -113,7 +130,7 @@ def test_bad_values_under_ignored_pixels_do_not_matter(rng):
     p[10, :, 0] = np.nan
     p[11, :, 1] = -3.0
     s = MetricSettings(num_classes=4)
-    ref, fast = both(PredictionMap("mem", p, "hwc"), labels, s, chunk=256)
+    ref, fast = both(PredictionMap("mem", p, "hwc"), labels, s, chunk=256, kernel_takes_all=False)
     assert_equivalent(ref, fast)
 
 
