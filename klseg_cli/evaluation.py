@@ -153,14 +153,18 @@ def iter_chunks(
     for start in range(0, n, chunk_pixels):
         stop = min(start + chunk_pixels, n)
         P = pred.block(start, stop, logits=logits)
-        y = labels[start:stop].astype(np.intp)
-        valid = None
-        mask = valid_labels(y, settings.num_classes)
-        if not mask.all():
-            valid = mask
-            P = P[:, valid]
-            y = y[valid]
+        valid, P, y = _valid_pixels(P, labels[start:stop], settings.num_classes)
         yield start, stop, valid, P, y
+
+
+def _valid_pixels(P: np.ndarray, y: np.ndarray, num_classes: int):
+    """``(valid, P, y)``: a (C, n) chunk and its labels cut to the non-ignored pixels, and
+    the mask that did it (None when every pixel is valid; labels are checked already)."""
+    y = y.astype(np.intp)
+    mask = valid_labels(y, num_classes)
+    if mask.all():
+        return None, P, y
+    return mask, P[:, mask], y[mask]
 
 
 def iter_terms(
@@ -217,8 +221,6 @@ def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool 
         return False
     if accelerate is None and pred.n_pixels * pred.num_classes < FAST_MIN_VALUES:
         return False
-    if settings.soft_gt:
-        return False
     from . import _fast
 
     return _fast.supported(settings, pred.compute_dtype)
@@ -240,20 +242,17 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
         y = labels[start:stop]
-        if planes is not None and _fast.add_chunk(total, planes, y, settings, tolerance,
-                                                  start=start):  # fmt: skip
-            continue
-        P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
-        if planes is None and _fast.add_chunk(
-            total, P, y, settings, tolerance, pixel_major=pixel_major
-        ):
-            continue
-        if pixel_major:
-            P = np.ascontiguousarray(P.T)
-        y = y.astype(np.intp)
-        mask = valid_labels(y, settings.num_classes)
-        if not mask.all():
-            P, y = P[:, mask], y[mask]
+        if planes is not None:
+            if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
+                continue
+            P = pred.block(start, stop)
+        else:
+            P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
+            if _fast.add_chunk(total, P, y, settings, tolerance, pixel_major=pixel_major):
+                continue
+            if pixel_major:
+                P = np.ascontiguousarray(P.T)
+        _, P, y = _valid_pixels(P, y, settings.num_classes)
         total = total + Stats.from_terms(_terms(pred, P, y, settings, tolerance), settings)
     # KL(p‖q) against one-hot targets is infinite: undefined, unless no pixel was valid
     total.sums[1] = np.nan if total.n_valid else 0.0
