@@ -6,11 +6,13 @@ here, ten sum passes for a Cityscapes map) and in a dozen further passes over ea
 This kernel does a chunk in one call that releases the GIL, tile by tile (so that the
 per-pixel scratch stays in the L1 cache), in three steps:
 
-1. ``_planes``: one pass over each pair of class planes accumulating, per pixel, Σp,
-   Σp·log p, Σp², the maximum, its class and the OR of the values' sign bits (an HWC tile
-   is first copied class-major into a small buffer; CHW planes are read in place);
-2. ``_pixels``: the label's probability, KL (= CE against a one-hot target), JS, Brier,
-   the checks and the float64 sums, in short loops;
+1. ``_labels`` and ``_planes``: the labels and their probabilities, then one pass over
+   each pair of class planes accumulating, per pixel, Σp and Σp² over the classes other
+   than the label (so Brier and JS never subtract numbers near 1), Σp·log p, the maximum,
+   its class and the OR of the values' sign bits (an HWC tile is first copied class-major
+   into a small buffer; CHW planes are read in place);
+2. ``_pixels``: KL (= CE against a one-hot target, clamped at 0), JS, Brier, the checks
+   and the float64 sums, in short loops;
 3. ``_scatter``: confusion matrix, per-class KL and the ECE bins.
 
 Steps 1 and 2 use selects rather than branches and int32 bit arithmetic, so that LLVM
@@ -119,19 +121,34 @@ if AVAILABLE:
         return _f32(2.0) * s * poly
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _planes(Pi, t0, m, S, H, Q, M, A, B):
+    def _labels(P, y, x0, m, V, L, PY):
+        """The first m pixels' validity, class (0 where ignored) and label probability."""
+        C = P.shape[0]
+        for i in range(m):  # a gather
+            lab = y[i]
+            v = (lab >= _i32(0)) & (lab < _i32(C))
+            V[i] = _i32(1) if v else _i32(0)
+            L[i] = lab if v else _i32(0)
+            PY[i] = P[np.uint64(L[i]), np.uint64(x0) + np.uint64(i)]
+
+    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
+    def _planes(Pi, t0, m, L, S, H, Q, M, A, B):
         """Loop 1 over pixels t0 … t0+m−1 of class-major (C, n) float32 values, given as
-        their int32 bits ``Pi``: per pixel Σp, Σp log p, Σp², max, first argmax and the OR
-        of the values' bits (negative when a value has its sign bit set)."""
+        their int32 bits ``Pi``: per pixel Σp and Σp² over the classes other than the label
+        ``L`` (so that Brier and JS need no difference of numbers near 1), Σp log p, max,
+        first argmax and the OR of the values' bits (negative when a value has its sign
+        bit set)."""
         C = Pi.shape[0]
         u0 = np.uint64(t0)  # unsigned indices: numba adds no negative-index wraparound
+        zero = _f32(0.0)
         for i in range(m):
             j = u0 + np.uint64(i)
             b = Pi[0, j]
             x = _as_float32(b)
-            S[i] = x
+            xo = zero if L[i] == _i32(0) else x
+            S[i] = xo
             H[i] = x * _log(b)
-            Q[i] = x * x
+            Q[i] = xo * xo
             M[i] = x
             A[i] = _i32(0)
             B[i] = b
@@ -142,9 +159,12 @@ if AVAILABLE:
                 b2 = Pi[c + 1, j]
                 x = _as_float32(b)
                 x2 = _as_float32(b2)
-                S[i] += x + x2
+                lab = L[i]
+                xo = zero if lab == _i32(c) else x
+                xo2 = zero if lab == _i32(c + 1) else x2
+                S[i] += xo + xo2
                 H[i] += x * _log(b) + x2 * _log(b2)
-                Q[i] += x * x + x2 * x2
+                Q[i] += xo * xo + xo2 * xo2
                 mx = M[i]
                 ax = A[i]
                 better = x > mx
@@ -160,41 +180,38 @@ if AVAILABLE:
                 j = u0 + np.uint64(i)
                 b = Pi[c, j]
                 x = _as_float32(b)
-                S[i] += x
+                xo = zero if L[i] == _i32(c) else x
+                S[i] += xo
                 H[i] += x * _log(b)
-                Q[i] += x * x
+                Q[i] += xo * xo
                 better = x > M[i]
                 M[i] = x if better else M[i]
                 A[i] = _i32(c) if better else A[i]
                 B[i] = _i32(B[i] | b)
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _pixels(P, y, x0, m, S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, tol, log_eps, eps, bins):
+    def _pixels(S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, m, tol, log_eps, eps, bins, C):
         """Loop 2: per-pixel KL, JS, Brier and checks of the first m pixels, summed.
 
-        Ignored pixels (labels outside 0..C−1) are masked, not removed. Several short loops
-        rather than one: LLVM vectorises a loop only after checking at run time that the
-        arrays it writes overlap none it reads, and gives up beyond a few such checks — so
-        each loop writes one or two arrays, and the sums (which write none) come last.
-        Flags are int32 0/1, so that no loop widens to int64.
+        ``S`` and ``Q`` hold Σp and Σp² over the classes other than the label. Ignored
+        pixels (``V`` = 0) are masked, not removed. Several short loops rather than one:
+        LLVM vectorises a loop only after checking at run time that the arrays it writes
+        overlap none it reads, and gives up beyond a few such checks — so each loop writes
+        one or two arrays, and the sums (which write none) come last. Flags are int32 0/1,
+        so that no loop widens to int64.
         Returns (bad, n_valid, n_clipped, Σkl, Σjs, Σentropy, Σbrier).
         """
-        C = P.shape[0]
-        for i in range(m):  # the label and its probability (a gather)
-            lab = np.int64(y[i])
-            v = (lab >= 0) & (lab < C)
-            V[i] = _i32(1) if v else _i32(0)
-            L[i] = _i32(lab) if v else _i32(0)
-            PY[i] = P[np.uint64(L[i]), np.uint64(x0) + np.uint64(i)]
         PYi = PY.view(np.int32)
         ln2 = _f32(math.log(2.0))
+        zero = _f32(0.0)
         for i in range(m):
             p = PY[i]
             ly = _log(PYi[i])
-            KL[i] = -(ly if ly > log_eps else log_eps)
+            kl = -(ly if ly > log_eps else log_eps)
+            KL[i] = kl if kl > zero else zero  # p_y a little above 1 (within tolerance)
             log_m = _log_half_up(p)
-            js = _f32(0.5) * ((S[i] - p) * ln2 + p * (ly - log_m) - log_m)
-            JS[i] = js if js > _f32(0.0) else _f32(0.0)
+            js = _f32(0.5) * (S[i] * ln2 + p * (ly - log_m) - log_m)
+            JS[i] = js if js > zero else zero
         for i in range(m):  # ECE bin and correctness as 2·bin + [correct]; confusion cell
             b = _i32(np.ceil(np.float64(M[i]) * bins)) - _i32(1)  # float64 → int32 vectorises
             b = b if b > _i32(0) else _i32(0)
@@ -211,11 +228,12 @@ if AVAILABLE:
         for i in range(m):  # checks and sums (this loop writes no array)
             v = V[i]
             p = PY[i]
-            good = (abs(S[i] - _f32(1.0)) <= tol) & (M[i] <= _f32(1.0) + tol) & (B[i] >= 0)
+            good = (abs(S[i] + p - _f32(1.0)) <= tol) & (M[i] <= _f32(1.0) + tol) & (B[i] >= 0)
             bad |= v & (_i32(0) if good else _i32(1))
             clipped += v & (_i32(1) if p < eps else _i32(0))
             n_valid += v
-            br = Q[i] - _f32(2.0) * p + _f32(1.0)
+            d = _f32(1.0) - p
+            br = Q[i] + d * d
             kl_sum += np.float64(KL[i]) if v else 0.0
             js_sum += np.float64(JS[i]) if v else 0.0
             ent_sum -= np.float64(H[i]) if v else 0.0
@@ -251,8 +269,9 @@ if AVAILABLE:
 
         The chunk is pixels start … start + len(y) − 1 of ``P``, which is class-major
         (C, ≥ start + n), or pixel-major (n, C) with ``pixel_major`` (then start is 0);
-        ``y`` holds the chunk's raw labels. Pixels go by tiles of ``tile``: an HWC tile is
-        copied class-major into a small buffer first (in cache), CHW planes are read in place.
+        ``y`` holds the chunk's class codes (int32; negative or ≥ C: masked). Pixels go by
+        tiles of ``tile``: an HWC tile is copied class-major into a small buffer first (in
+        cache), CHW planes are read in place.
         """
         n = y.shape[0]
         C = P.shape[1] if pixel_major else P.shape[0]
@@ -275,12 +294,11 @@ if AVAILABLE:
                 X, x0 = T, 0
             else:
                 X, x0 = P, start + t0
-            yt = y[t0 : t0 + m]
-            _planes(X.view(np.int32), x0, m, S, H, Q, M, A, B)
+            _labels(X, y[t0 : t0 + m], x0, m, V, L, PY)
+            _planes(X.view(np.int32), x0, m, L, S, H, Q, M, A, B)
             bad, _, cl, kl, js, ent, br = _pixels(
-                X, yt, x0, m, S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI,
-                tol, log_eps, eps, bins,
-            )  # fmt: skip
+                S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, m, tol, log_eps, eps, bins, C
+            )
             if bad:
                 return False, 0
             clipped += cl
@@ -317,7 +335,8 @@ def supported(settings, dtype) -> bool:
 
 def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
               pixel_major: bool = False, start: int = 0) -> bool:  # fmt: skip
-    """Add a float32 chunk with raw labels ``y`` (ignore values included) to ``total``.
+    """Add a float32 chunk with class codes ``y`` (``LabelSpec.codes``: negative where a
+    pixel is ignored) to ``total``.
 
     ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it. A
     class-major ``P`` may also be a whole map's (C, H·W) planes, the chunk being pixels
@@ -327,7 +346,7 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("="))  # numba: native order only
+    y = np.ascontiguousarray(y, dtype=np.int32)  # class codes (labels.LabelSpec.codes)
     n = P.shape[0] if pixel_major else P.shape[1] - start
     if pixel_major and start:
         raise ValueError("a pixel-major chunk starts at 0")

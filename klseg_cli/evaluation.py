@@ -11,22 +11,23 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, KlsegError, ShapeError, UsageError
+from .labels import LabelMap, load_label_map
 from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
 from .pairing import Pair, Pairing, pair_files
 from .readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
-    check_labels,
     open_prediction,
     read_target,
     sum_tolerance,
-    valid_labels,
 )
 from .stats import (
     IMAGE_COLUMNS,
     Stats,
+    class_means_cover,
     class_metrics,
     dataset_metrics,
+    image_class_rows,
     pixel_metrics,
 )
 
@@ -101,6 +102,14 @@ class EvaluationResult:
     def class_rows(self) -> list[dict]:
         return class_metrics(self.total, self.settings)
 
+    def image_class_rows(self) -> list[dict]:
+        """Rows of ``per_image_class.csv``: every class of every image, in stem order."""
+        return [
+            row
+            for image in sorted(self.images, key=lambda i: i.stem)
+            for row in image_class_rows(image.stem, image.stats, self.settings)
+        ]
+
     def summary(self) -> dict:
         """The ``summary.json`` object (DESIGN §5); NaN stays NaN until it is written."""
         total = self.total
@@ -111,6 +120,8 @@ class EvaluationResult:
             "n_images": len(self.images),
             "n_valid": total.n_valid,
             "n_clipped": total.n_clipped,
+            "unit": self.settings.unit,
+            "class_means": class_means_cover(self.settings),
             "dataset": dataset_metrics(images, total, self.settings),
             "classes": class_metrics(total, self.settings),
             "images": images,
@@ -149,22 +160,22 @@ def iter_chunks(
             yield start, stop, None, pred.block(start, stop, logits=logits), Q
         return
     labels = target.reshape(-1)
-    check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
+    settings.labels.check(labels, target_path)
     for start in range(0, n, chunk_pixels):
         stop = min(start + chunk_pixels, n)
         P = pred.block(start, stop, logits=logits)
-        valid, P, y = _valid_pixels(P, labels[start:stop], settings.num_classes)
+        valid, P, y = _valid_pixels(P, settings.labels.codes(labels[start:stop]))
         yield start, stop, valid, P, y
 
 
-def _valid_pixels(P: np.ndarray, y: np.ndarray, num_classes: int):
-    """``(valid, P, y)``: a (C, n) chunk and its labels cut to the non-ignored pixels, and
-    the mask that did it (None when every pixel is valid; labels are checked already)."""
-    y = y.astype(np.intp)
-    mask = valid_labels(y, num_classes)
+def _valid_pixels(P: np.ndarray, codes: np.ndarray):
+    """``(valid, P, y)``: a (C, n) chunk and its class codes cut to the non-ignored pixels,
+    and the mask that did it (None when every pixel is valid; labels are checked already)."""
+    mask = codes >= 0
+    y = codes.astype(np.intp)
     if mask.all():
         return None, P, y
-    return mask, P[:, mask], y[mask]
+    return mask, P.compress(mask, axis=1), y[mask]  # C order (P[:, mask] is Fortran's)
 
 
 def iter_terms(
@@ -235,13 +246,13 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
 
     pixel_major = pred.layout == "hwc"
     labels = target.reshape(-1)
-    check_labels(labels, settings.num_classes, settings.ignore_index, target_path)
+    settings.labels.check(labels, target_path)
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     planes = pred.planes_in_memory()  # read in place when the map is in memory already
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
-        y = labels[start:stop]
+        y = settings.labels.codes(labels[start:stop])  # int32; ignored pixels are negative
         if planes is not None:
             if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
                 continue
@@ -252,7 +263,7 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
                 continue
             if pixel_major:
                 P = np.ascontiguousarray(P.T)
-        _, P, y = _valid_pixels(P, y, settings.num_classes)
+        _, P, y = _valid_pixels(P, y)
         total = total + Stats.from_terms(_terms(pred, P, y, settings, tolerance), settings)
     # KL(p‖q) against one-hot targets is infinite: undefined, unless no pixel was valid
     total.sums[1] = np.nan if total.n_valid else 0.0
@@ -377,12 +388,19 @@ def plan(
     npz_key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    label_map: str | Path | LabelMap | None = None,
+    reduce_zero_label: bool = False,
+    exclude_class: Sequence[str | int] = (),
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
     if isinstance(classes, str) or classes is None:
         names = parse_classes(classes)
     else:
         names = tuple(classes)
+    if label_map is not None and not isinstance(label_map, LabelMap):
+        label_map = load_label_map(label_map)
+    if not names and label_map is not None:
+        names = label_map.class_names  # a built-in map knows its classes
     pairing = pair_files(
         Path(pred),
         Path(target) if target is not None else None,
@@ -423,8 +441,28 @@ def plan(
         soft_gt=soft_gt,
         class_names=names,
         renormalize=renormalize,
+        label_map=label_map,
+        reduce_zero_label=reduce_zero_label,
+        exclude_classes=resolve_classes(exclude_class, names, num_classes, "--exclude-class"),
     )
     return Job(pairing, settings, read)
+
+
+def resolve_classes(
+    specs: Sequence[str | int], names: Sequence[str], num_classes: int, option: str
+) -> tuple[int, ...]:
+    """Class ids from names or ids (a name wins over an id that looks like it)."""
+    ids = []
+    for spec in specs:
+        text = str(spec).strip()
+        if text in names:
+            ids.append(list(names).index(text))
+        elif text.lstrip("-").isdigit() and 0 <= int(text) < num_classes:
+            ids.append(int(text))
+        else:
+            known = ", ".join(names) if names else f"ids 0..{num_classes - 1}"
+            raise UsageError(f"{option} {text!r} is not a class (classes: {known})")
+    return tuple(sorted(set(ids)))
 
 
 def _evaluate_one(pair: Pair, settings: MetricSettings, read: ReadOptions):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ProbabilityError, UsageError
+from .labels import LabelMap, LabelSpec
 
 PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
 """Per-pixel quantities that are summed and reported as means (in this order)."""
@@ -43,6 +44,10 @@ class MetricSettings:
     ece_bins: int = DEFAULT_ECE_BINS
     class_names: tuple[str, ...] = field(default=())
     renormalize: bool = False
+    label_map: LabelMap | None = None
+    reduce_zero_label: bool = False
+    exclude_classes: tuple[int, ...] = ()  # left out of the class means (--exclude-class)
+    labels: LabelSpec = field(init=False, compare=False, repr=False)  # raw label → class
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -53,14 +58,46 @@ class MetricSettings:
             raise UsageError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         if self.input_kind not in ("probs", "logits"):
             raise UsageError(f"--input must be 'probs' or 'logits', got {self.input_kind!r}")
-        if not (self.log_base > 0 and self.log_base != 1):
-            raise UsageError(f"--log-base must be positive and not 1, got {self.log_base}")
+        if not (self.log_base > 1 and math.isfinite(self.log_base)):
+            raise UsageError(
+                f"--log-base must be a finite number above 1 (e, 2, 10), got {self.log_base}"
+            )
         if self.ece_bins < 1:
             raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UsageError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
             )
+        bad = [c for c in self.exclude_classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise UsageError(
+                f"--exclude-class {bad[0]} is not a class id 0..{self.num_classes - 1}"
+            )
+        huge = [v for v in self.ignore_index if not -(2**63) <= v < 2**63]
+        if huge:
+            raise UsageError(f"--ignore-index {huge[0]} is out of range for a label value")
+        object.__setattr__(
+            self,
+            "labels",
+            LabelSpec(
+                self.num_classes,
+                tuple(self.ignore_index),
+                label_map=self.label_map,
+                reduce_zero_label=self.reduce_zero_label,
+            ),
+        )
+
+    @property
+    def mean_classes(self) -> tuple[int, ...]:
+        """Class ids that the class means (miou, mdice, macc, fwiou) cover: every class but
+        the ignore values inside 0..C−1 (they have no target pixels) and --exclude-class."""
+        left_out = set(self.labels.ignored_classes) | set(self.exclude_classes)
+        return tuple(c for c in range(self.num_classes) if c not in left_out)
+
+    @property
+    def unit(self) -> str:
+        """What information quantities are measured in: nats, bits, or log base b."""
+        return unit_label(self.log_base)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -89,7 +126,19 @@ class MetricSettings:
             "soft_gt": self.soft_gt,
             "ece_bins": self.ece_bins,
             "renormalize": self.renormalize,
+            "label_map": self.label_map.as_dict() if self.label_map is not None else None,
+            "reduce_zero_label": self.reduce_zero_label,
+            "exclude_classes": [self.names[c] for c in sorted(self.exclude_classes)],
         }
+
+
+def unit_label(log_base: float) -> str:
+    """The unit of KL, CE, JS and entropy for a log base: nats, bits, or "log base b"."""
+    if log_base == math.e:
+        return "nats"
+    if log_base == 2:
+        return "bits"
+    return f"log base {log_base:g}"
 
 
 @dataclass
@@ -280,10 +329,17 @@ def pixel_terms(
 
     ``target`` is (n,) integer labels, or a (C, n) soft target when ``settings.soft_gt``.
     With ``tolerance`` set (probabilities only), the chunk is validated first.
+
+    log p̃ = max(log p, log eps) for probabilities and logits alike (DESIGN §2), and
+    ``n_clipped`` counts every clipped value that enters a sum (a value enters when its
+    target probability is not 0). Brier and JS are summed from terms that are each small
+    when the prediction is confident and right (1 − p_y, and the other classes' p_c), never
+    as a difference of numbers near 1, so they keep their relative accuracy there.
     """
     C, n = P.shape
     if C != settings.num_classes:
         raise ProbabilityError(f"prediction has {C} classes, expected {settings.num_classes}")
+    P = np.ascontiguousarray(P)  # class rows contiguous: every pass below walks them
     dtype = P.dtype
     log_eps = dtype.type(math.log(settings.eps))
     pt = prediction_terms(P, settings, tolerance=tolerance)
@@ -295,58 +351,58 @@ def pixel_terms(
         pt.pred,
         pt.entropy,
     )
-    Lt = L if settings.input_kind == "logits" else None  # log-softmax needs no clipping
-    sum_sq = class_dot(p, p)
-
     if settings.soft_gt:
-        return _soft_terms(p, L, Lt, target, settings, confidence, pred, entropy, sums, log_eps)
+        return _soft_terms(p, L, target, settings, confidence, pred, entropy, sums, log_eps)
 
     y = target
     cols = np.arange(n)
-    p_y = p.reshape(-1).take(y * n + cols)  # p[y, cols], without 2-D fancy indexing
-    L_y = L[y, cols] if settings.input_kind == "logits" else _safe_log(p_y)
-    if settings.input_kind == "probs":
-        n_clipped = int(np.count_nonzero(p_y < settings.eps))
-        Lt_y = np.maximum(L_y, log_eps)
-    else:
-        n_clipped = 0
-        Lt_y = L_y
-
+    at_label = y * n + cols  # flat index of (y, col): no 2-D fancy indexing
+    p_y = p.reshape(-1).take(at_label)
+    L_y = L.reshape(-1).take(at_label) if settings.input_kind == "logits" else _safe_log(p_y)
     log2 = dtype.type(math.log(2.0))
     q_lo, q_hi = settings.q_lo, settings.q_hi
+    work = np.empty(p.shape, dtype)  # one chunk-sized C-order scratch array, reused
     if q_lo == 0.0:
-        ce = -Lt_y
+        n_clipped = int(np.count_nonzero(L_y < log_eps))
+        ce = -np.maximum(L_y, log_eps)
         kl = ce.copy()
         kl_reverse = None
-        # JS against a one-hot target depends only on p_y and the row sum S:
-        # ½[(S − p_y)·log 2 + p_y·(log p_y − log m_y) − log m_y],  m_y = (1 + p_y)/2
-        # log m_y in float64, where 1 + p_y is exact: precise even when p_y ≈ 1 and m_y ≈ 1,
-        # and three times cheaper than np.log1p in float32
+        # Σ_{c≠y} p_c and Σ_{c≠y} p_c², summed without the label's term (not S − p_y)
+        np.multiply(p, p, out=work)
+        work.reshape(-1)[at_label] = 0.0
+        others_sq = class_sum(work)
+        np.copyto(work, p)
+        work.reshape(-1)[at_label] = 0.0
+        rest = class_sum(work)
+        one_minus = dtype.type(1.0) - p_y  # exact for p_y ≥ ½
+        brier = others_sq + one_minus * one_minus
+        # JS against a one-hot target: ½[rest·log 2 + p_y·(log p_y − log m_y) − log m_y],
+        # m_y = (1 + p_y)/2; log m_y in float64, where 1 + p_y is exact
         log_m_y = np.log((p_y.astype(np.float64) + 1.0) * 0.5).astype(dtype)
-        js = (sums - p_y) * log2
+        js = rest * log2
         js += p_y * (L_y - log_m_y)
         js -= log_m_y
         js *= 0.5
-        brier = sum_sq - 2.0 * p_y + 1.0
     else:
-        if Lt is None:
-            Lt = np.maximum(L, log_eps)
+        n_clipped = int(np.count_nonzero(L < log_eps))  # every class has q ≥ q_lo > 0
+        Lt = np.maximum(L, log_eps)
+        Lt_y = np.maximum(L_y, log_eps)
         lq_lo, lq_hi = math.log(q_lo), math.log(q_hi)
         ce = -(q_hi - q_lo) * Lt_y - q_lo * class_sum(Lt)
         neg_hq = q_hi * lq_hi + (C - 1) * q_lo * lq_lo  # Σ q log q, the same for every pixel
         kl = ce + dtype.type(neg_hq)
         kl_reverse = -entropy - lq_lo * sums - (lq_hi - lq_lo) * p_y
         np.maximum(kl_reverse, 0.0, out=kl_reverse)
-        # Σ_c over all classes at q_lo, then swap the label's term from q_lo to q_hi.
-        js = class_sum(_js_terms(p, L, q_lo, lq_lo))
-        js -= _js_terms(p_y, L_y, q_lo, lq_lo)
-        js += _js_terms(p_y, L_y, q_hi, lq_hi)
+        # every class's term at q_lo, the label's replaced by its term at q_hi
+        work[...] = _js_terms(p, L, q_lo, lq_lo)
+        work.reshape(-1)[at_label] = _js_terms(p_y, L_y, q_hi, lq_hi)
+        js = class_sum(work)
         js *= 0.5
-        brier = (
-            sum_sq
-            - 2.0 * (q_lo * sums + (q_hi - q_lo) * p_y)
-            + dtype.type((C - 1) * q_lo * q_lo + q_hi * q_hi)
-        )
+        np.subtract(p, dtype.type(q_lo), out=work)
+        np.multiply(work, work, out=work)
+        d_y = p_y - dtype.type(q_hi)
+        work.reshape(-1)[at_label] = d_y * d_y
+        brier = class_sum(work)
     np.maximum(kl, 0.0, out=kl)
     np.maximum(js, 0.0, out=js)
     return PixelTerms(
@@ -375,17 +431,12 @@ def _js_terms(p: np.ndarray, logp: np.ndarray, q, logq) -> np.ndarray:
     return p * (log2 + logp - log_m) + q * (log2 + logq - log_m)
 
 
-def _soft_terms(p, L, Lt, Q, settings, confidence, pred, entropy, sums, log_eps) -> PixelTerms:
+def _soft_terms(p, L, Q, settings, confidence, pred, entropy, sums, log_eps) -> PixelTerms:
     """Per-pixel terms against a soft (C, n) target distribution."""
-    n = p.shape[1]
-    if Lt is None:
-        Lt = np.maximum(L, log_eps)
+    Lt = np.maximum(L, log_eps)
     logQ = _safe_log(Q)
     _, y = argmax_classes(Q)
-    cols = np.arange(n)
-    n_clipped = (
-        int(np.count_nonzero(p[y, cols] < settings.eps)) if settings.input_kind == "probs" else 0
-    )
+    n_clipped = int(np.count_nonzero((L < log_eps) & (Q > 0)))
     ce = -class_dot(Q, Lt)
     kl = class_dot(Q, logQ) + ce
     np.maximum(kl, 0.0, out=kl)

@@ -26,8 +26,10 @@ OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operat
 CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
-    "soft_gt", "ece_bins", "renormalize",
+    "soft_gt", "ece_bins", "renormalize", "label_map", "reduce_zero_label", "exclude_classes",
 )  # fmt: skip
+_SETTING_DEFAULTS = {"label_map": None, "reduce_zero_label": False, "exclude_classes": []}
+"""Values of settings that summaries written before they existed lack."""
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -130,9 +132,9 @@ def parse_requirement(text: str) -> Requirement:
 
 def dataset_keys() -> list[str]:
     """The names in ``summary.json``'s ``dataset`` object (known before any computing)."""
-    from .stats import IMAGE_MEAN_METRICS
+    from .stats import dataset_metric_names
 
-    return [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
+    return dataset_metric_names()
 
 
 def check_names(texts: Sequence[str]) -> list[Requirement]:
@@ -190,7 +192,8 @@ def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
     """Human-readable differences in the settings that change numbers."""
     diffs = []
     for key in SETTINGS_THAT_CHANGE_NUMBERS:
-        a, b = current.get(key), baseline.get(key)
+        default = _SETTING_DEFAULTS.get(key)
+        a, b = current.get(key, default), baseline.get(key, default)
         if a != b:
             diffs.append(f"{key}: {b!r} in the baseline, {a!r} now")
     return diffs

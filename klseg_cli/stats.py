@@ -189,7 +189,10 @@ def ece(stats: Stats) -> float:
 
 
 def pixel_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
-    """Pixel means (``kl`` … ``brier``), accuracy, mIoU, mDice and ECE of a set of pixels."""
+    """Pixel means (``kl`` … ``brier``), accuracy, ECE and the class means of a set of pixels.
+
+    The class means (mIoU, mDice, mAcc, fwIoU) cover ``settings.mean_classes``.
+    """
     n = stats.n_valid
     scale = _info_scale(settings)
     out: dict[str, float] = {}
@@ -199,10 +202,19 @@ def pixel_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
             value /= scale
         out[name] = float(value) if math.isfinite(value) else math.nan
     classes = class_metrics(stats, settings)
+    means = [classes[c] for c in settings.mean_classes]
     out["accuracy"] = float(np.trace(stats.confusion) / n) if n else math.nan
-    out["miou"] = nanmean([c["iou"] for c in classes])
-    out["mdice"] = nanmean([c["dice"] for c in classes])
+    out["miou"] = nanmean([c["iou"] for c in means])
+    out["mdice"] = nanmean([c["dice"] for c in means])
     out["ece"] = ece(stats)
+    out["macc"] = nanmean([c["recall"] for c in means])
+    weights = np.array([c["n_target"] for c in means], dtype=np.float64)
+    ious = np.array([c["iou"] for c in means], dtype=np.float64)
+    defined = weights > 0  # a class with target pixels always has a defined IoU
+    total_w = weights[defined].sum()
+    out["fwiou"] = (
+        float((weights[defined] * ious[defined]).sum() / total_w) if total_w else math.nan
+    )
     return out
 
 
@@ -215,6 +227,13 @@ CLASS_COLUMNS = (
     "iou", "dice", "precision", "recall", "kl", "ce",
 )  # fmt: skip
 IMAGE_MEAN_METRICS = IMAGE_COLUMNS[4:]
+POOLED_ONLY_METRICS = ("macc", "fwiou")
+"""Class means reported over the pooled confusion matrix only (mmsegmentation's mAcc, the
+FCN paper's frequency-weighted IoU)."""
+IMAGE_CLASS_COLUMNS = (
+    "image", "class_id", "class_name", "n_target", "n_pred", "tp", "fp", "fn",
+    "iou", "dice", "kl", "ce",
+)  # fmt: skip
 
 
 def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettings) -> dict:
@@ -228,4 +247,34 @@ def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettin
     for name in IMAGE_MEAN_METRICS:
         out[f"{name}_pooled"] = pooled[name]
         out[f"{name}_image_mean"] = nanmean([row[name] for row in image_rows])
+    for name in POOLED_ONLY_METRICS:
+        out[f"{name}_pooled"] = pooled[name]
     return out
+
+
+def dataset_metric_names() -> list[str]:
+    """Every key of summary.json's ``dataset`` object, in its order."""
+    names = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
+    return names + [f"{m}_pooled" for m in POOLED_ONLY_METRICS]
+
+
+def class_means_cover(settings: MetricSettings) -> dict:
+    """What summary.json says about the classes that each mean covers."""
+    names = settings.names
+    left_out = {names[c]: "ignore value" for c in settings.labels.ignored_classes}
+    left_out.update({names[c]: "--exclude-class" for c in settings.exclude_classes})
+    return {
+        "metrics": ["miou", "mdice", "macc", "fwiou"],
+        "classes": [names[c] for c in settings.mean_classes],
+        "left_out": left_out,
+        "note": "pixel means (kl, ce, js, entropy, brier, accuracy, ece) cover every valid "
+        "pixel; classes absent from both target and prediction are left out of a mean",
+    }
+
+
+def image_class_rows(stem: str, stats: Stats, settings: MetricSettings) -> list[dict]:
+    """One image's rows of ``per_image_class.csv``: counts, IoU, Dice, KL, CE per class."""
+    return [
+        {"image": stem, **{k: row[k] for k in IMAGE_CLASS_COLUMNS[1:]}}
+        for row in class_metrics(stats, settings)
+    ]

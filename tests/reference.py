@@ -27,10 +27,10 @@ def pixel_values(p, q, *, eps=1e-7, logits=False):
     """Per-pixel metrics for (N, C) predictions p and targets q (float64)."""
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
-    if logits:
+    if logits:  # DESIGN §2: log-softmax, then clipped at log eps like probabilities
         logp = p - logsumexp(p, axis=1, keepdims=True)
         p = np.exp(logp)
-        logpt = logp
+        logpt = np.maximum(logp, math.log(eps))
     else:
         logpt = np.log(np.maximum(p, eps))
     ce = -(q * logpt).sum(axis=1)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from scipy.special import rel_entr
+from scipy.special import logsumexp, rel_entr
 from scipy.stats import entropy as scipy_entropy
 
 from klseg_cli.errors import ProbabilityError
@@ -87,8 +87,24 @@ def test_logits_use_stable_log_softmax(rng, smoothing):
     ref = pixel_values(z, hard_targets(y, 5, smoothing), logits=True)
     for name in ("kl", "ce", "entropy", "brier", "js"):
         assert_close(getattr(terms, name), ref[name], atol=1e-4)
-    assert terms.n_clipped == 0
-    assert terms.kl.max() > -math.log(1e-7)  # nothing clipped at eps
+    # log p̃ = max(log-softmax, log eps), as for probabilities (DESIGN §2), and counted
+    logp = z - logsumexp(z, axis=1, keepdims=True)
+    entering = logp if smoothing else logp[np.arange(y.size), y][:, None]
+    assert terms.n_clipped == int((entering < math.log(1e-7)).sum()) > 0
+    assert terms.ce.max() <= -math.log(1e-7) * (1 + 1e-6)
+
+
+def test_logits_score_like_their_probabilities(rng):
+    """Regression (#10): ±1000 logits gave 341 nats where the same model's probabilities
+    gave 12.4; logits and their softmax must give the same numbers."""
+    z = np.where(rng.random((3000, 4)) < 0.5, 1000.0, -1000.0)
+    y = rng.integers(0, 4, size=3000)
+    p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+    t_logits, _ = terms_for(z, y, input_kind="logits")
+    t_probs, _ = terms_for(p, y)
+    for name in ("kl", "ce", "js", "brier", "entropy"):
+        assert_close(getattr(t_logits, name), getattr(t_probs, name), atol=1e-5)
+    assert t_logits.n_clipped == t_probs.n_clipped > 0
 
 
 def test_eps_clips_and_counts(rng):

@@ -1,0 +1,274 @@
+"""Data-set label conventions (#10): ignore values inside the class range, label maps,
+reduce-zero-label, class subsets in the means; and the precision of confident pixels."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.special import rel_entr
+from typer.testing import CliRunner
+
+from klseg_cli import _fast
+from klseg_cli.cli import app
+from klseg_cli.errors import InputError, LabelError, UsageError
+from klseg_cli.evaluation import evaluate, image_stats
+from klseg_cli.labels import (
+    BAD,
+    CITYSCAPES_TRAIN_IDS,
+    IGNORED,
+    LabelSpec,
+    load_label_map,
+)
+from klseg_cli.metrics import MetricSettings
+from klseg_cli.readers import PredictionMap
+from klseg_cli.stats import class_metrics, pixel_metrics
+
+from .conftest import random_probs
+
+needs_kernel = pytest.mark.skipif(not _fast.AVAILABLE, reason="numba is not installed")
+
+
+def both_paths(pm, labels, settings, chunk=997):
+    """Stats from the NumPy path and from the kernel (which must take every chunk)."""
+    ref = image_stats(pm, labels, settings, chunk_pixels=chunk, accelerate=False)
+    if not _fast.AVAILABLE:
+        return [ref]
+    taken = []
+    add_chunk = _fast.add_chunk
+
+    def counting(*args, **kwargs):
+        taken.append(add_chunk(*args, **kwargs))
+        return taken[-1]
+
+    _fast.add_chunk = counting
+    try:
+        fast = image_stats(pm, labels, settings, chunk_pixels=chunk, accelerate=True)
+    finally:
+        _fast.add_chunk = add_chunk
+    assert taken and all(taken), "the kernel did not take every chunk"
+    return [ref, fast]
+
+
+def slow_stats(p, labels, keep, C):
+    """Reference over the pixels ``keep``: KL sum, confusion matrix (rows = target)."""
+    p, y = p[keep], labels[keep].astype(int)
+    kl = -np.log(np.maximum(p[np.arange(y.size), y], 1e-7))
+    cm = np.zeros((C, C), dtype=np.int64)
+    np.add.at(cm, (y, p.argmax(axis=1)), 1)
+    return kl.sum(), cm
+
+
+# --- 1. an ignore value inside 0..C-1 --------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_ignore_value_inside_class_range_removes_pixels_on_both_paths(rng, layout):
+    """Regression (#10): --ignore-index 0 was recorded but those pixels still counted."""
+    h, w, C = 61, 67, 5
+    p = random_probs(rng, h * w, C, saturate=0.1)
+    labels = rng.integers(0, C, size=h * w).astype(np.uint8)
+    labels[:50] = 255
+    arr = p.reshape(h, w, C)
+    if layout == "chw":
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    s = MetricSettings(num_classes=C, ignore_index=(0, 255))
+    keep = (labels != 0) & (labels != 255)
+    kl_sum, cm = slow_stats(p.astype(np.float64), labels, keep, C)
+    for stats in both_paths(PredictionMap("mem", arr, layout), labels.reshape(h, w), s):
+        assert stats.n_valid == keep.sum()
+        np.testing.assert_array_equal(stats.confusion, cm)
+        assert stats.sums[0] == pytest.approx(kl_sum, rel=1e-6)
+        # class 0 has no target pixels, but predictions of it on valid pixels still count
+        assert stats.confusion[0].sum() == 0 and stats.confusion[:, 0].sum() > 0
+        rows = class_metrics(stats, s)
+        values = pixel_metrics(stats, s)
+        ious = [rows[c]["iou"] for c in range(1, C)]
+        assert values["miou"] == pytest.approx(np.mean(ious))  # class 0 left out of the mean
+        assert rows[0]["iou"] == 0.0 and rows[0]["n_pred"] > 0  # its row keeps its counts
+
+
+def test_ignore_value_inside_range_in_cli_summary_and_heatmap(tmp_path, rng):
+    h, w, C = 20, 30, 4
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    labels = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", p)
+    Image.fromarray(labels).save(tmp_path / "x.png")
+    run = CliRunner().invoke
+    r = run(app, ["evaluate", str(tmp_path / "x.npy"), str(tmp_path / "x.png"),
+                  "--ignore-index", "0", "--format", "json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["n_valid"] == int((labels != 0).sum())
+    assert summary["settings"]["ignore_index"] == [0]  # replaces the default 255
+    assert summary["class_means"]["left_out"] == {"0": "ignore value"}
+    r = run(app, ["heatmap", str(tmp_path / "x.npy"), str(tmp_path / "x.png"), "-o",
+                  str(tmp_path / "m.png"), "--ignore-index", "0", "--raw",
+                  str(tmp_path / "m.tif")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import tifffile
+
+    raw = tifffile.imread(tmp_path / "m.tif")
+    assert np.isnan(raw[labels == 0]).all() and np.isfinite(raw[labels != 0]).all()
+
+
+# --- 5. Brier and JS of confident pixels ------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1e-2, 1e-4, 3e-5, 1e-6])
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_brier_and_js_keep_relative_accuracy_on_confident_pixels(d, layout):
+    """Regression (#10): Brier was exactly 0 for p_label ≥ 1 − 1e-4 (true 1.25e-8) and JS was
+    1e-3 off at 3e-5, by cancellation. Both paths: relative error ≤ 1e-5."""
+    C, n = 6, 4096
+    p = np.zeros((n, C), dtype=np.float32)
+    labels = (np.arange(n) % C).astype(np.uint8)
+    p[np.arange(n), labels] = np.float32(1 - d)
+    rest = (1.0 - p[np.arange(n), labels].astype(np.float64)) / (C - 1)
+    for c in range(C):
+        sel = labels != c
+        p[sel, c] = rest[sel].astype(np.float32)
+    p64 = p.astype(np.float64)
+    q = np.zeros_like(p64)
+    q[np.arange(n), labels] = 1.0
+    brier = ((p64 - q) ** 2).sum(axis=1).sum()
+    m = (p64 + q) / 2
+    js = (0.5 * rel_entr(p64, m).sum(axis=1) + 0.5 * rel_entr(q, m).sum(axis=1)).sum()
+    arr = p.reshape(64, 64, C)
+    if layout == "chw":
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    s = MetricSettings(num_classes=C)
+    for stats in both_paths(PredictionMap("mem", arr, layout), labels.reshape(64, 64), s):
+        assert stats.sums[5] == pytest.approx(brier, rel=1e-5)
+        assert stats.sums[2] == pytest.approx(js, rel=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_brier_and_js_per_pixel_against_float64(rng, smoothing):
+    """Random confident pixels, per pixel, NumPy path: Brier and JS within 1e-5 relative."""
+    from klseg_cli.metrics import pixel_terms
+
+    C, n = 5, 3000
+    d = 10.0 ** rng.uniform(-6, -1, size=n)
+    y = rng.integers(0, C, size=n)
+    share = rng.dirichlet(np.ones(C - 1), size=n)
+    p = np.zeros((n, C))
+    for i in range(n):
+        p[i, np.arange(C) != y[i]] = share[i] * d[i]
+        p[i, y[i]] = 1 - d[i]
+    P = np.ascontiguousarray(p.T.astype(np.float32))
+    p64 = P.T.astype(np.float64)
+    q = np.full((n, C), smoothing / C)
+    q[np.arange(n), y] += 1 - smoothing
+    brier = ((p64 - q) ** 2).sum(axis=1)
+    m = (p64 + q) / 2
+    js = 0.5 * rel_entr(p64, m).sum(axis=1) + 0.5 * rel_entr(q, m).sum(axis=1)
+    t = pixel_terms(P, y, MetricSettings(num_classes=C, smoothing=smoothing), tolerance=1e-3)
+    np.testing.assert_allclose(t.brier, brier, rtol=1e-5)
+    # with smoothing, a pixel whose p is close to q has a small JS that float32 q_lo and
+    # q_hi (rounded constants) limit to ~1e-3 relative; confident pixels are not that case
+    np.testing.assert_allclose(t.js, js, rtol=1e-5 if not smoothing else 1e-3)
+
+
+# --- label codes ----------------------------------------------------------------------------
+
+
+def test_label_codes_for_each_convention():
+    raw = np.array([0, 1, 4, 5, 200, 255], dtype=np.uint8)
+    plain = LabelSpec(5, (255,))
+    assert plain.codes(raw).tolist() == [0, 1, 4, BAD, BAD, IGNORED]
+    void0 = LabelSpec(5, (0, 255))
+    assert void0.codes(raw).tolist() == [IGNORED, 1, 4, BAD, BAD, IGNORED]
+    assert void0.ignored_classes == (0,)
+    reduced = LabelSpec(5, (255,), reduce_zero_label=True)  # ADE20K: 0 → ignore, k → k − 1
+    assert reduced.codes(raw).tolist() == [IGNORED, 0, 3, 4, BAD, IGNORED]
+    assert reduced.ignored_classes == ()
+    wide = np.array([-1, 0, 70000, 3, -(2**40)], dtype=np.int64)
+    assert LabelSpec(5, (-1,)).codes(wide).tolist() == [IGNORED, 0, BAD, 3, BAD]
+    small = np.array([-128, -1, 0, 4, 127], dtype=np.int8)
+    assert LabelSpec(5, (-1,)).codes(small).tolist() == [BAD, IGNORED, 0, 4, BAD]
+    big_endian = np.array([3, 255, 7], dtype=">u2")
+    assert plain.codes(big_endian).tolist() == [3, IGNORED, BAD]
+
+
+def test_check_names_bad_raw_values_with_counts():
+    labels = np.array([0, 9, 9, 200, 255], dtype=np.uint8)
+    with pytest.raises(LabelError, match=r"9 \(2 px\), 200 \(1 px\)"):
+        LabelSpec(5, (255,)).check(labels, "gt/x.png")
+    with pytest.raises(LabelError, match=r"not 1\.\.5 \(--reduce-zero-label\)"):
+        LabelSpec(5, (255,), reduce_zero_label=True).check(np.array([6], np.uint8), "x")
+
+
+def test_cityscapes_label_map_matches_the_official_table():
+    m = load_label_map("cityscapes")
+    assert len(m.class_names) == 19
+    spec = LabelSpec(19, (255,), label_map=m)
+    raw = np.arange(-1, 40)
+    codes = spec.codes(raw)
+    for r, c in zip(raw.tolist(), codes.tolist()):
+        train = CITYSCAPES_TRAIN_IDS.get(r, 255)
+        assert c == (train if train != 255 else IGNORED), r
+    # the 19 evaluated classes, each once, in trainId order
+    assert sorted(c for c in CITYSCAPES_TRAIN_IDS.values() if c != 255) == list(range(19))
+
+
+def test_label_map_files(tmp_path):
+    (tmp_path / "m.json").write_text('{"10": 0, "20": 1, "30": null, "40": 255}')
+    (tmp_path / "m.csv").write_text("raw,class\n10,0\n20,1\n30,\n40,255\n")
+    raw = np.array([10, 20, 30, 40, 50, 255], dtype=np.uint8)
+    for name in ("m.json", "m.csv"):
+        spec = LabelSpec(2, (255,), label_map=load_label_map(tmp_path / name))
+        assert spec.codes(raw).tolist() == [0, 1, IGNORED, IGNORED, IGNORED, IGNORED]
+    (tmp_path / "bad.json").write_text('{"10": 7}')
+    with pytest.raises(UsageError, match="10 → 7"):
+        LabelSpec(2, (255,), label_map=load_label_map(tmp_path / "bad.json"))
+    (tmp_path / "bad.csv").write_text("10,0,3\n")
+    with pytest.raises(InputError, match=r"bad\.csv: line 1"):
+        load_label_map(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="built-in maps: cityscapes"):
+        load_label_map(tmp_path / "missing.json")
+    with pytest.raises(UsageError, match="do not go together"):
+        LabelSpec(2, (255,), label_map=load_label_map("cityscapes"), reduce_zero_label=True)
+
+
+def _pair(tmp_path, rng, raw_labels, C, name="x"):
+    h, w = raw_labels.shape
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    np.save(tmp_path / f"{name}.npy", p)
+    Image.fromarray(raw_labels).save(tmp_path / f"{name}.png")
+    return p.reshape(-1, C).astype(np.float64)
+
+
+def test_label_map_and_reduce_zero_label_end_to_end(tmp_path, rng):
+    h, w = 24, 32
+    raw = rng.choice(np.array([0, 7, 8, 26, 33, 4]), size=(h, w)).astype(np.uint8)
+    p = _pair(tmp_path, rng, raw, 19)
+    result = evaluate(tmp_path / "x.npy", tmp_path / "x.png", label_map="cityscapes")
+    summary = result.summary()
+    to_train = np.vectorize(lambda r: CITYSCAPES_TRAIN_IDS.get(int(r), 255))(raw.reshape(-1))
+    keep = to_train != 255
+    kl_sum, cm = slow_stats(p, to_train, keep, 19)
+    assert summary["n_valid"] == keep.sum()
+    assert summary["dataset"]["kl_pooled"] == pytest.approx(kl_sum / keep.sum(), rel=1e-6)
+    assert [c["n_target"] for c in summary["classes"]] == cm.sum(axis=1).tolist()
+    assert summary["classes"][13]["class_name"] == "car"  # the built-in map's names
+    assert summary["settings"]["label_map"]["name"] == "cityscapes"
+
+    raw = rng.integers(0, 6, size=(h, w)).astype(np.uint8)
+    raw[0] = 255
+    p = _pair(tmp_path, rng, raw, 5, name="y")
+    result = evaluate(tmp_path / "y.npy", tmp_path / "y.png", reduce_zero_label=True)
+    flat = raw.reshape(-1).astype(int)
+    keep = (flat != 0) & (flat != 255)
+    kl_sum, cm = slow_stats(p, flat - 1, keep, 5)
+    summary = result.summary()
+    assert summary["n_valid"] == keep.sum()
+    assert summary["dataset"]["kl_pooled"] == pytest.approx(kl_sum / keep.sum(), rel=1e-6)
+    assert [c["n_target"] for c in summary["classes"]] == cm.sum(axis=1).tolist()
+
+
+def test_log_base_below_or_at_one_or_infinite_is_refused():
+    for base in (0.5, 1.0, math.inf, -2.0):
+        with pytest.raises(UsageError, match="log-base"):
+            MetricSettings(num_classes=3, log_base=base)
