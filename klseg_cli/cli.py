@@ -126,7 +126,37 @@ MaxPixelsOpt = Annotated[
 IgnoreOpt = Annotated[
     Optional[list[int]],
     typer.Option(
-        "--ignore-index", metavar="N", help="Label value that counts nowhere (repeatable)."
+        "--ignore-index",
+        metavar="N",
+        help="Label value that counts nowhere, even inside 0..C-1 (e.g. 0 for 'void'); "
+        "repeatable. Given values replace the default 255 (pass it too to keep it). "
+        "[default: 255]",
+    ),
+]
+LabelMapOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--label-map",
+        metavar="FILE|cityscapes",
+        help="Map raw target ids to class ids while reading: a JSON object or a two-column "
+        "CSV (raw,class); ids not listed are ignored. 'cityscapes': labelIds -> trainIds.",
+    ),
+]
+ReduceZeroOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reduce-zero-label",
+        help="Label 0 is 'unlabelled' (ignored) and every other label is one more than its "
+        "class (ADE20K / mmsegmentation).",
+    ),
+]
+ExcludeClassOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--exclude-class",
+        metavar="NAME|ID",
+        help="Leave a class out of the class means (miou, mdice, macc, fwiou), e.g. the "
+        "background; its per-class row stays (repeatable).",
     ),
 ]
 SmoothingOpt = Annotated[
@@ -226,7 +256,7 @@ def _check_paths_writable(*paths) -> None:
 PLAN_OPTIONS = (
     "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
     "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
-    "max_pixels", "chunk_pixels",
+    "max_pixels", "chunk_pixels", "label_map", "reduce_zero_label", "exclude_class",
 )  # fmt: skip
 """The options every computing command shares (parameters of ``evaluation.plan``)."""
 
@@ -238,6 +268,7 @@ def plan_options(params: dict) -> dict:
     opts["input_kind"] = opts["input_kind"].value
     opts["log_base"] = parse_log_base(opts["log_base"])
     opts["layout"] = opts["layout"].value if opts["layout"] else None
+    opts["exclude_class"] = tuple(opts["exclude_class"] or ())
     return opts
 
 
@@ -295,6 +326,9 @@ def evaluate(
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
     chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
     require: RequireOpt = None,
     baseline: BaselineOpt = None,
     allow_settings_change: AllowSettingsOpt = False,
@@ -328,6 +362,10 @@ def evaluate(
             on_image=tick.advance, **options,
         )  # fmt: skip
 
+    if not result.images:  # --keep-going and every pair failed: no report of dashes
+        for error in result.errors:
+            sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
+        raise fail("no pair could be evaluated; no report was written")
     for path in result.unpaired_predictions:
         err.print(f"[yellow]warning:[/] {path}: prediction has no target; skipped", highlight=False)
     for path in result.missing_predictions:
@@ -351,7 +389,7 @@ def evaluate(
             worst_images_heatmaps(
                 result, out / "heatmaps", heatmaps, HeatmapOptions(metric="kl", colorbar=True)
             )
-        report.write_reports(summary, out)
+        report.write_reports(summary, out, result=result)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
@@ -492,6 +530,9 @@ def heatmap(
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
     chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.

@@ -170,59 +170,58 @@ def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
 
 
 class TiffSegments:
-    """A tiled or stripped TIFF read band by band: only one band of tiles is ever decoded.
+    """A compressed, tiled or stripped TIFF series read band by band in bounded memory.
 
-    Covers the layouts predictions are saved in: one 2-D page per class (C, H, W), one page
-    with contiguous samples (H, W, C), or one 2-D page. Looks like an array to the rest of
-    klseg (``shape``, ``dtype``, ``ndim``) and serves rows through ``rows(r0, r1)``; the
-    last decoded band of tile rows is kept, as chunks walk the image top to bottom.
+    The series' values in C order are its pages one after the other, each page in its
+    stored order: (rows, columns, samples), or (samples, rows, columns) for separate sample
+    planes. So any range of the series' flat elements maps onto bands (a strip, or a row of
+    tiles) of one sample plane of one page, whatever shape tifffile gives the series —
+    (1, W, C) stored as a W × C page, (C, H, W) as C pages or C samples, (H, W, C) with
+    contiguous samples. ``elements(e0, e1)`` serves flat ranges; the last band decoded of
+    each page and plane is kept, as chunks walk the image top to bottom.
     """
 
-    def __init__(self, path: Path, pages, key, shape, dtype, samples: int) -> None:
-        self.path, self.pages, self.shape = path, pages, tuple(shape)
-        self.dtype, self.samples = np.dtype(dtype), samples
+    def __init__(self, path: Path, series, pages, key) -> None:
+        self.path = path
+        self.shape = tuple(series.shape)
+        self.dtype = np.dtype(series.dtype)
         self.ndim = len(self.shape)
-        self.height, self.width = key.imagelength, key.imagewidth
-        self.band_height = key.tilelength if key.is_tiled else key.rowsperstrip
-        self._band: tuple[int, np.ndarray] | None = None
+        self.key = key  # decodes segments (it needs no open file)
+        self.segments = [(np.asarray(p.dataoffsets), np.asarray(p.databytecounts)) for p in pages]
+        self.rows, self.cols, self.samples = key.imagelength, key.imagewidth, key.samplesperpixel
+        self.separate = key.planarconfig == 2 and self.samples > 1
+        self.band_height = min(key.tilelength if key.is_tiled else key.rowsperstrip, self.rows)
+        self.band_height = max(self.band_height, 1)
+        self.per_band = -(-self.cols // key.tilewidth) if key.is_tiled else 1
+        self.plane_bands = -(-self.rows // self.band_height)
+        self.page_elements = self.rows * self.cols * self.samples
+        self._bands: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def fits(self, layout: str) -> bool:
-        """Whether band reads serve this layout: pages must be classes, or samples must be."""
-        return layout == "chw" if len(self.pages) > 1 else layout in ("hwc", "hw")
-
     def asarray(self) -> np.ndarray:
-        """The whole image, decoded into memory (for layouts band reads do not serve)."""
-        import tifffile
-
-        try:
-            with _quiet_tifffile():
-                return tifffile.imread(self.path)
-        except Exception as err:
-            raise ReadError(f"not a valid TIFF file ({type(err).__name__}: {err})",
-                            path=self.path) from None  # fmt: skip
+        """The whole series, decoded into memory (label masks, which are read whole)."""
+        return self.elements(0, math.prod(self.shape)).reshape(self.shape)
 
     @classmethod
     def open(cls, path: Path, series):
         pages = list(series.pages)  # TiffPage or TiffFrame: the keyframe holds the tags
-        first = series.keyframe
-        if not pages or any(p is None for p in pages) or first.imagedepth != 1:
+        key = series.keyframe
+        if not pages or any(p is None for p in pages) or key.imagedepth != 1:
             return None
-        if first.planarconfig == 2 and first.samplesperpixel > 1:  # separate sample planes
+        if np.dtype(key.dtype) != np.dtype(series.dtype):
             return None
-        if len(pages) > 1 and (first.samplesperpixel != 1 or series.ndim != 3):
+        elements = key.imagelength * key.imagewidth * key.samplesperpixel
+        if len(pages) * elements != math.prod(series.shape):
             return None
-        if len(pages) == 1 and series.ndim not in (2, 3):
-            return None
-        return cls(path, pages, first, series.shape, series.dtype, first.samplesperpixel)
+        return cls(path, series, pages, key)
 
-    def _decode_band(self, k: int) -> np.ndarray:
-        """Tile row k of every page: (pages, band rows, W, samples)."""
+    def _decode_band(self, page: int, plane: int, k: int) -> np.ndarray:
+        """Band k of one sample plane of one page, flat in stored order."""
         try:
-            return self._decode_band_unchecked(k)
+            return self._decode_band_unchecked(page, plane, k)
         except OSError as err:
             raise ReadError(f"cannot read: {_describe_oserror(err)}", path=self.path) from None
         except Exception as err:  # zlib.error, ValueError, IndexError on damaged tiles...
@@ -230,49 +229,50 @@ class TiffSegments:
                 f"damaged TIFF tile data ({type(err).__name__}: {err})", path=self.path
             ) from None
 
-    def _decode_band_unchecked(self, k: int) -> np.ndarray:
-        import tifffile
-
+    def _decode_band_unchecked(self, page: int, plane: int, k: int) -> np.ndarray:
         r0 = k * self.band_height
-        rows = min(self.band_height, self.height - r0)
-        out = np.zeros((len(self.pages), rows, self.width, self.samples), dtype=self.dtype)
-        with _quiet_tifffile(), tifffile.TiffFile(self.path) as tif:
-            fh = tif.filehandle
-            series = tif.series[0]
-            key = series.keyframe
-            per_row = -(-self.width // key.tilewidth) if key.is_tiled else 1
-            for i, page in enumerate(series.pages):
-                for index in range(k * per_row, (k + 1) * per_row):
-                    fh.seek(page.dataoffsets[index])
-                    data = fh.read(page.databytecounts[index])
-                    seg, (_, _, y, x, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
-                    if seg is None:
-                        continue
-                    seg = seg.reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
-                    h = min(seg.shape[0], self.height - y)
-                    w = min(seg.shape[1], self.width - x)
-                    out[i, y - r0 : y - r0 + h, x : x + w] = seg[:h, :w]
-        return out
+        rows = min(self.band_height, self.rows - r0)
+        depth = 1 if self.separate else self.samples
+        out = np.zeros((rows, self.cols, depth), dtype=self.dtype)
+        offsets, counts = self.segments[page]
+        first = plane * self.plane_bands * self.per_band + k * self.per_band
+        key = self.key
+        with _quiet_tifffile(), open(self.path, "rb") as fh:
+            for index in range(first, first + self.per_band):
+                fh.seek(int(offsets[index]))
+                data = fh.read(int(counts[index]))
+                if len(data) < int(counts[index]):
+                    raise ReadError("file ended early inside TIFF tile data", path=self.path)
+                seg, (_, _, y, x, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
+                if seg is None:
+                    continue
+                seg = seg.reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
+                h = min(seg.shape[0], self.rows - y)
+                w = min(seg.shape[1], self.cols - x)
+                out[y - r0 : y - r0 + h, x : x + w] = seg[:h, :w]
+        return out.reshape(-1)
 
-    def rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) in the stored layout: (C, rows, W), (rows, W, C) or (rows, W)."""
-        parts = []
-        r = r0
-        while r < r1:
-            k = r // self.band_height
-            if self._band is None or self._band[0] != k:
-                self._band = None  # let the old band go before the new one is decoded
-                self._band = (k, self._decode_band(k))
-            band = self._band[1]
-            b0 = k * self.band_height
-            stop = min(r1, b0 + band.shape[1])
-            parts.append(band[:, r - b0 : stop - b0])
-            r = stop
-        block = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        if len(self.pages) > 1:
-            return block[..., 0]  # (C, rows, W)
-        block = block[0]
-        return block if self.ndim == 3 else block[..., 0]
+    def elements(self, e0: int, e1: int) -> np.ndarray:
+        """Flat elements [e0, e1) of the series in C order, as a 1-D array."""
+        out = np.empty(max(e1 - e0, 0), dtype=self.dtype)
+        plane_size = self.rows * self.cols
+        row_size = self.cols * (1 if self.separate else self.samples)
+        e = e0
+        while e < e1:
+            page, within = divmod(e, self.page_elements)
+            plane, within = divmod(within, plane_size) if self.separate else (0, within)
+            k = (within // row_size) // self.band_height
+            cached = self._bands.get((page, plane))
+            if cached is None or cached[0] != k:
+                self._bands.pop((page, plane), None)  # the old band goes before the new
+                cached = (k, self._decode_band(page, plane, k))
+                self._bands[(page, plane)] = cached
+            band = cached[1]
+            offset = within - k * self.band_height * row_size
+            take = min(e1 - e, band.size - offset)
+            out[e - e0 : e - e0 + take] = band[offset : offset + take]
+            e += take
+        return out
 
 
 def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -417,15 +417,16 @@ class PredictionMap:
     def _read_rows(self, start: int, stop: int) -> np.ndarray:
         """The stored values of pixels [start, stop): (n, C) for HWC, (C, n) for CHW, (n,)."""
         if isinstance(self.array, TiffSegments):
-            W = self.width
-            r0, r1 = start // W, -(-stop // W)
-            band = self.array.rows(r0, r1)
-            a, b = start - r0 * W, stop - r0 * W
+            tiff, n, C = self.array, stop - start, self.num_classes
             if self.layout == "chw":
-                return band.reshape(band.shape[0], -1)[:, a:b]
+                HW = self.n_pixels
+                out = np.empty((C, n), dtype=tiff.dtype)
+                for c in range(C):
+                    out[c] = tiff.elements(c * HW + start, c * HW + stop)
+                return out
             if self.layout == "hwc":
-                return band.reshape(-1, band.shape[-1])[a:b]
-            return band.reshape(-1)[a:b]
+                return tiff.elements(start * C, stop * C).reshape(n, C)
+            return tiff.elements(start, stop)
         raw = self._raw()
         if raw is None:
             flat = self._flat()
@@ -500,9 +501,7 @@ class PredictionMap:
 
 
 def prediction_map(path: Path, arr, layout: str) -> PredictionMap:
-    """A PredictionMap over an opened array, decoding a TIFF whole if bands cannot serve it."""
-    if isinstance(arr, TiffSegments) and not arr.fits(layout):
-        arr = arr.asarray()  # e.g. an (H, W, C) array that tifffile stored as H pages
+    """A PredictionMap over an opened array (TIFF bands serve every layout)."""
     return PredictionMap(path=Path(path), array=arr, layout=layout)
 
 
@@ -590,6 +589,8 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if suffix not in (".npy", ".tif", ".tiff", ".npz"):
         raise ReadError(f"unsupported target file type {suffix!r}", path=path)
     arr = load_array(path, max_pixels=max_pixels)
+    if isinstance(arr, TiffSegments):  # compressed or tiled: a mask is read whole
+        arr = arr.asarray()
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         raise LabelError(
             f"is a colour mask of shape {tuple(arr.shape)}; save class indices (H, W)", path=path

@@ -14,7 +14,9 @@ from .atomic import atomic_path
 from .errors import UsageError
 from .stats import CLASS_COLUMNS, IMAGE_COLUMNS
 
-REPORT_FILES = ("per_image.csv", "per_class.csv", "summary.json")
+REPORT_FILES = (
+    "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
+)  # fmt: skip
 
 
 def jsonable(value):
@@ -88,14 +90,36 @@ def make_out_dir(out: Path) -> Path:
     return out
 
 
-def write_reports(summary: Mapping, out: Path) -> list[Path]:
-    """Write ``per_image.csv``, ``per_class.csv`` and ``summary.json`` into ``out``."""
-    out = make_out_dir(Path(out))
+def confusion_csv(confusion, names) -> str:
+    """The pooled confusion matrix: rows = target class, columns = predicted class."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["target \\ predicted", *names])
+    for name, row in zip(names, confusion):
+        writer.writerow([name, *(int(v) for v in row)])
+    return buf.getvalue()
+
+
+def report_files(summary: Mapping, result=None) -> dict[str, str]:
+    """File name → text of a report. ``result`` (an EvaluationResult) adds the files that
+    need more than the summary: ``confusion.csv`` and ``per_image_class.csv``."""
+    from .stats import IMAGE_CLASS_COLUMNS
+
     files = {
-        out / "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
-        out / "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
-        out / "summary.json": summary_json(summary),
+        "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
+        "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
+        "summary.json": summary_json(summary),
     }
+    if result is not None:
+        files["confusion.csv"] = confusion_csv(result.total.confusion, result.settings.names)
+        files["per_image_class.csv"] = rows_csv(result.image_class_rows(), IMAGE_CLASS_COLUMNS)
+    return files
+
+
+def write_reports(summary: Mapping, out: Path, *, result=None) -> list[Path]:
+    """Write the report files (``report_files``) into ``out``, atomically."""
+    out = make_out_dir(Path(out))
+    files = {out / name: text for name, text in report_files(summary, result).items()}
     write_atomic(files)
     return list(files)
 
@@ -120,27 +144,49 @@ def fmt_g(value) -> str:
     return f"{value:.6g}"
 
 
+def summary_unit(summary: Mapping) -> str:
+    """The unit of the information metrics of a summary: nats, bits or "log base b"."""
+    from .metrics import unit_label
+
+    if summary.get("unit"):
+        return str(summary["unit"])
+    return unit_label(float(summary.get("settings", {}).get("log_base", math.e)))
+
+
 def summary_table(summary: Mapping):
     """Dataset metrics, pooled and image-mean side by side."""
     from rich import box
     from rich.table import Table
 
-    settings = summary["settings"]
-    unit = "bits" if settings["log_base"] == 2 else "nats"
+    from rich.markup import escape
+
+    unit = summary_unit(summary)
+    caption = f"kl, ce, js, entropy in {unit}; brier: multi-class sum (0..2)"
+    left_out = (summary.get("class_means") or {}).get("left_out") or {}
+    if left_out:
+        caption += "; class means leave out " + ", ".join(map(str, left_out))
     table = Table(
         title=f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels",
-        caption=f"kl, ce, js, entropy in {unit}; brier: multi-class sum (0..2)",
+        caption=escape(caption),
         box=box.SIMPLE_HEAD,
     )
     table.add_column("metric", no_wrap=True)
     table.add_column("pooled", justify="right", no_wrap=True)
     table.add_column("image mean", justify="right", no_wrap=True)
-    dataset = summary["dataset"]
-    for name in IMAGE_COLUMNS[4:]:
-        table.add_row(
-            name, fmt(dataset.get(f"{name}_pooled")), fmt(dataset.get(f"{name}_image_mean"))
-        )
+    for name, pooled, image_mean in dataset_rows(summary["dataset"]):
+        table.add_row(name, fmt(pooled), fmt(image_mean))
     return table
+
+
+def dataset_rows(dataset: Mapping):
+    """(name, pooled, image mean) for each metric of a summary's ``dataset``, in order."""
+    from .stats import POOLED_ONLY_METRICS
+
+    for name in IMAGE_COLUMNS[4:]:
+        yield name, dataset.get(f"{name}_pooled"), dataset.get(f"{name}_image_mean")
+    for name in POOLED_ONLY_METRICS:
+        if f"{name}_pooled" in dataset:
+            yield name, dataset[f"{name}_pooled"], None
 
 
 def class_table(summary: Mapping):
@@ -217,10 +263,9 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
         lines.append(f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels.\n")
         lines.append("| metric | pooled | image mean |")
         lines.append("|---|---:|---:|")
-        for name in IMAGE_COLUMNS[4:]:
-            d = summary["dataset"]
-            lines.append(f"| {name} | {fmt(d.get(f'{name}_pooled'))} "
-                         f"| {fmt(d.get(f'{name}_image_mean'))} |")  # fmt: skip
+        for name, pooled, image_mean in dataset_rows(summary["dataset"]):
+            lines.append(f"| {name} | {fmt(pooled)} | {fmt(image_mean)} |")
+        lines.append(f"\nkl, ce, js, entropy in {summary_unit(summary)}.")
         lines.append("")
     if rows:
         lines.append("| requirement | value | threshold | result |")

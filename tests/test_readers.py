@@ -187,15 +187,18 @@ def test_tiled_and_stripped_tiffs_are_read_band_by_band(tmp_path, rng, kind):
             tile=(16, 16),
         )
     pm = open_prediction(path, hw=(h, w))
-    assert isinstance(pm.array, TiffSegments) == (kind != "hwc_as_pages")
+    assert isinstance(pm.array, TiffSegments)  # every layout is read band by band
     for start, stop in ((0, 100), (95, 3000), (2000, 6300), (6250, 6300)):
         block = pm.block(start, stop)
         if kind == "hw_tiles":
             np.testing.assert_array_equal(block[1], chw[1].reshape(-1)[start:stop])
         else:
             np.testing.assert_array_equal(block, chw.reshape(C, -1)[:, start:stop])
-    if isinstance(pm.array, TiffSegments):  # only one band of tile rows is ever held
-        assert pm.array._band[1].shape[1] <= max(pm.array.band_height, 7)
+    # at most one band of tile rows of each page and sample plane is held
+    tiff = pm.array
+    band_size = tiff.band_height * tiff.cols * (1 if tiff.separate else tiff.samples)
+    assert all(band.size <= band_size for _, band in tiff._bands.values())
+    assert len(tiff._bands) <= len(tiff.segments) * (tiff.samples if tiff.separate else 1)
 
 
 def test_damaged_tiles_are_a_read_error(tmp_path, rng):
