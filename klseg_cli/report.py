@@ -156,9 +156,8 @@ def summary_unit(summary: Mapping) -> str:
 def summary_table(summary: Mapping):
     """Dataset metrics, pooled and image-mean side by side."""
     from rich import box
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     unit = summary_unit(summary)
     caption = f"kl, ce, js, entropy in {unit}; brier: multi-class sum (0..2)"
