@@ -105,6 +105,23 @@ def _main(
     ] = False,
 ) -> None:
     """KL divergence, cross-entropy, IoU and calibration for segmentation probability maps."""
+    _print_library_warnings()
+
+
+def _print_library_warnings() -> None:
+    """The library's KlsegWarnings become one ``warning:`` line each on stderr."""
+    import warnings
+
+    from .errors import KlsegWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KlsegWarning):
+            sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", KlsegWarning)
 
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]

@@ -59,3 +59,8 @@ class ProbabilityError(InputError):
 
 class LabelError(InputError):
     """A target whose labels are neither classes nor ignore values."""
+
+
+class KlsegWarning(UserWarning):
+    """Something worth a look that does not stop the run (e.g. ``--input logits`` on maps
+    that hold probabilities). The CLI prints it as one ``warning:`` line on stderr."""

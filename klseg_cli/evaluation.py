@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import InputError, KlsegError, ShapeError, UsageError
+from .errors import InputError, KlsegError, KlsegWarning, ShapeError, UsageError
 from .labels import LabelMap, load_label_map
 from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
 from .pairing import Pair, Pairing, pair_files
 from .readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
+    load_array,
     open_prediction,
     read_target,
     sum_tolerance,
@@ -154,7 +158,7 @@ def iter_chunks(
             stop = min(start + chunk_pixels, n)
             Q = target.block(start, stop)
             try:
-                check_probabilities(Q, Q.sum(axis=0), tolerance=soft_tol)
+                check_probabilities(Q, Q.sum(axis=0), tolerance=soft_tol, soft_target=True)
             except KlsegError as err:
                 raise err.with_path(target.path) from None
             yield start, stop, None, pred.block(start, stop, logits=logits), Q
@@ -293,13 +297,14 @@ def open_pair(
     target: np.ndarray | PredictionMap | None = None
     hw = None
     if pair.target is not None:
+        _refuse_swapped(pair, read=read)
         if soft_gt:
+            hw = soft_target_hw(pair, num_classes=num_classes, read=read)
             target = open_prediction(
-                pair.target, hw=None, layout=read.layout, num_classes=num_classes, **kw
+                pair.target, hw=hw, layout=read.layout, num_classes=num_classes, **kw
             )
             if target.layout == "hw":
                 raise ShapeError("a soft target must be (H, W, C) or (C, H, W)", path=pair.target)
-            hw = (target.height, target.width)
         else:
             target = read_target(pair.target, max_pixels=read.max_pixels)
             hw = target.shape
@@ -316,6 +321,62 @@ def open_pair(
             path=pair.target,
         )
     return OpenedPair(pred, target, pred.height, pred.width)
+
+
+def _refuse_swapped(pair: Pair, *, read: ReadOptions) -> None:
+    """A usage error when PRED holds integer labels and GT floats (arguments swapped).
+
+    Only headers are read (``.npy`` and TIFF are memory-mapped or opened lazily); ``.npz``
+    predictions are not looked into, their own errors say enough.
+    """
+    suffix = pair.pred.suffix.lower()
+    if suffix == ".npz" or pair.target.suffix.lower() == ".npz":
+        return
+    try:
+        labels = (
+            suffix == ".png"
+            or load_array(pair.pred, max_pixels=read.max_pixels).dtype.kind in "iub"
+        )
+        if labels and load_array(pair.target, max_pixels=read.max_pixels).dtype.kind == "f":
+            raise UsageError(
+                f"PRED and GT look swapped: {pair.pred} holds integer labels and "
+                f"{pair.target} floats; pass the prediction maps first, then the targets"
+            )
+    except InputError:
+        return  # the file's own error is reported when it is opened
+
+
+def soft_target_hw(
+    pair: Pair, *, num_classes: int | None, read: ReadOptions
+) -> tuple[int, int] | None:
+    """The (H, W) of a soft target, from its shape and the prediction's (either may be HWC
+    or CHW): the (H, W) both shapes share; when both ends fit, the class count, and else
+    the axis along which the target's values sum to 1."""
+    kw = dict(npz_key=read.npz_key, max_pixels=read.max_pixels)
+    try:
+        t_arr = load_array(pair.target, **kw)
+        p_shape = tuple(load_array(pair.pred, **kw).shape)
+    except InputError:
+        return None  # reported when the file is opened
+    t_shape = tuple(t_arr.shape)
+    if len(t_shape) != 3 or len(p_shape) not in (2, 3) or read.layout is not None:
+        return None
+    if len(p_shape) == 2:
+        return p_shape if p_shape in (t_shape[:2], t_shape[1:]) else None
+    candidates = [hw for hw in (t_shape[:2], t_shape[1:]) if hw in (p_shape[:2], p_shape[1:])]
+    if len(set(candidates)) == 1:
+        return candidates[0]
+    if num_classes is not None:
+        fits = [hw for hw, c in ((t_shape[:2], t_shape[2]), (t_shape[1:], t_shape[0]))
+                if c == num_classes]  # fmt: skip
+        if len(fits) == 1:
+            return fits[0]
+    sums_last = np.asarray(t_arr[:2, :2, :], dtype=np.float64).sum(axis=-1)
+    sums_first = np.asarray(t_arr[:, :2, :2], dtype=np.float64).sum(axis=0)
+    last, first = np.allclose(sums_last, 1, atol=1e-2), np.allclose(sums_first, 1, atol=1e-2)
+    if last != first:
+        return t_shape[:2] if last else t_shape[1:]
+    return None  # detect_layout explains the ambiguity
 
 
 def evaluate_pair(
@@ -337,27 +398,75 @@ def evaluate_pair(
 
 
 def parse_classes(spec: str | None) -> tuple[str, ...]:
-    """``--classes road,car,...`` or ``--classes names.txt`` (one name a line)."""
+    """``--classes road,car,...`` or a file: one name a line, ``ID NAME`` lines (ids 0..C−1,
+    each once, any order), or JSON (a list of names, or an object {id: name})."""
     if not spec:
         return ()
     path = Path(spec)
     if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read class names ({err})", path=path) from None
-        names = tuple(line.strip() for line in lines if line.strip())
-        if not names:
-            raise InputError("holds no class names", path=path)
+        names = _class_names_file(path)
     else:
-        if spec.endswith((".txt", ".csv")) or "/" in spec:
+        if spec.endswith((".txt", ".csv", ".json", ".names")) or "/" in spec:
             raise InputError("no such class-names file", path=spec)
         names = tuple(name.strip() for name in spec.split(","))
+    where = f"{path}: " if path.is_file() else ""
     if any(not n for n in names):
-        raise UsageError(f"--classes has an empty name: {spec!r}")
+        raise UsageError(f"{where}--classes has an empty name: {spec!r}")
     if len(set(names)) != len(names):
-        raise UsageError(f"--classes names a class twice: {spec!r}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UsageError(f"{where}--classes names a class twice: {', '.join(twice)}")
     return names
+
+
+_ID_NAME = re.compile(r"^\s*(\d+)\s*[\s,:;=]\s*(\S.*?)\s*$")
+
+
+def _class_names_file(path: Path) -> tuple[str, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read class names ({err})", path=path) from None
+    if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"class names: not valid JSON ({err.msg})", path=path) from None
+        if isinstance(data, list) and all(isinstance(n, str) for n in data):
+            names = tuple(n.strip() for n in data)
+        elif isinstance(data, dict):
+            try:
+                by_id = {int(k): str(v).strip() for k, v in data.items()}
+            except ValueError:
+                raise InputError(
+                    "class names: a JSON object must map class ids to names", path=path
+                ) from None
+            names = _names_by_id(by_id, path)
+        else:
+            raise InputError(
+                "class names: JSON must be a list of names or an object {id: name}", path=path
+            )
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        matches = [_ID_NAME.match(line) for line in lines]
+        if lines and all(matches):  # "0 background", "1: road", "2,car"
+            names = _names_by_id({int(m.group(1)): m.group(2) for m in matches}, path)
+            if len(matches) != len(names):
+                raise InputError("class names: an id is listed twice", path=path)
+        else:
+            names = tuple(lines)
+    if not names:
+        raise InputError("holds no class names", path=path)
+    return names
+
+
+def _names_by_id(by_id: dict[int, str], path: Path) -> tuple[str, ...]:
+    if sorted(by_id) != list(range(len(by_id))):
+        raise InputError(
+            f"class names: ids must be 0..{len(by_id) - 1}, each once; got "
+            f"{', '.join(map(str, sorted(by_id)[:10]))}",
+            path=path,
+        )
+    return tuple(by_id[i] for i in range(len(by_id)))
 
 
 @dataclass(frozen=True)
@@ -445,7 +554,30 @@ def plan(
         reduce_zero_label=reduce_zero_label,
         exclude_classes=resolve_classes(exclude_class, names, num_classes, "--exclude-class"),
     )
-    return Job(pairing, settings, read)
+    job = Job(pairing, settings, read)
+    if input_kind == "logits":
+        _warn_if_probabilities(job)
+    return job
+
+
+def _warn_if_probabilities(job: Job) -> None:
+    """``--input logits`` on a map whose first pixels are valid probabilities: a warning
+    (a softmax of probabilities is a much flatter distribution: every number changes)."""
+    pair = job.pairing.pairs[0]
+    try:
+        pred = open_pair(pair, soft_gt=job.settings.soft_gt, num_classes=None, read=job.read).pred
+        P = pred.block(0, min(pred.n_pixels, 4096))
+    except InputError:
+        return  # reported when the pair is evaluated
+    sums = P.sum(axis=0, dtype=np.float64)
+    tol = sum_tolerance(pred.array.dtype)
+    if P.size and P.min() >= 0 and P.max() <= 1 and np.all(np.abs(sums - 1) <= tol):
+        warnings.warn(
+            f"{pair.pred}: --input logits, but the map holds probabilities (every pixel "
+            "checked sums to 1); drop --input logits unless these really are logits",
+            KlsegWarning,
+            stacklevel=3,
+        )
 
 
 def resolve_classes(

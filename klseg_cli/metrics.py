@@ -222,8 +222,13 @@ def log_softmax(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return shifted, p
 
 
-def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) -> None:
-    """Raise ProbabilityError unless every column of P is a distribution (within tolerance)."""
+def check_probabilities(
+    P: np.ndarray, sums: np.ndarray, *, tolerance: float, soft_target: bool = False
+) -> None:
+    """Raise ProbabilityError unless every column of P is a distribution (within tolerance).
+
+    The hint says what to do: ``--renormalize`` or ``--input logits`` for predictions; a
+    soft target must be fixed where it is made."""
     if P.size == 0:
         return
     lo, hi = float(P.min()), float(P.max())
@@ -232,6 +237,14 @@ def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) ->
         raise ProbabilityError(f"{bad} values are NaN or infinite")
     off = np.abs(sums - 1.0)
     worst = float(off.max()) if off.size else 0.0
+    if lo >= 0.0 and worst > tolerance and sums.size:
+        s_lo, s_hi = float(sums.min()), float(sums.max())
+        if s_hi - s_lo <= tolerance * max(1.0, s_hi) and not soft_target:  # all sum to k ≠ 1
+            raise ProbabilityError(
+                f"not a probability map: every pixel's values sum to {s_hi:.6g}, not 1; these "
+                f"look like scaled probabilities (x{s_hi:.4g}, e.g. percentages): pass "
+                "--renormalize to divide each pixel by its sum"
+            )
     if lo < 0.0 or hi > 1.0 + tolerance or worst > tolerance:
         n_off = int(np.count_nonzero(off > tolerance))
         looks_like_logits = lo < 0.0 or hi > 1.0
@@ -241,7 +254,9 @@ def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) ->
             else f"{n_off} pixels' class probabilities do not sum to 1 (worst off by {worst:.3g})"
         )
         hint = (
-            "this looks like logits: pass --input logits"
+            "a soft target must hold one probability distribution per pixel"
+            if soft_target
+            else "this looks like logits: pass --input logits"
             if looks_like_logits
             else "pass --renormalize to divide each pixel by its sum, or check the class axis "
             "with `klseg info`"

@@ -43,8 +43,23 @@ def _index(folder: Path, suffixes: tuple[str, ...], strip: str, what: str) -> di
             )
         files[stem] = path
     if not files:
-        raise InputError(f"no {what} files ({', '.join(suffixes)}) in this folder", path=folder)
+        hint = ""
+        if what == "prediction" and any(p.suffix.lower() == ".png" for p in folder.iterdir()):
+            hint = "; it holds .png files, which are targets: are PRED and GT swapped?"
+        raise InputError(
+            f"no {what} files ({', '.join(suffixes)}) in this folder{hint}", path=folder
+        )
     return files
+
+
+def _unsupported(folder: Path, suffixes: tuple[str, ...], strip: str) -> dict[str, Path]:
+    """Files of a folder with an extension klseg does not read, by stem."""
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in suffixes:
+            out.setdefault(_strip(path.name[: -len(path.suffix)] if path.suffix else path.name,
+                                  strip), path)  # fmt: skip
+    return out
 
 
 def pair_files(
@@ -80,6 +95,15 @@ def pair_files(
     if target is None:
         return Pairing(pairs=[Pair(s, p, None) for s, p in preds.items()])
     targets = _index(target, TARGET_SUFFIXES, gt_suffix, "target")
+    others = _unsupported(target, TARGET_SUFFIXES, gt_suffix)
+    for stem in sorted(set(preds) - set(targets)):
+        if stem in others:
+            raise InputError(
+                f"the target of {preds[stem].name} has an unsupported file type "
+                f"{others[stem].suffix!r} (targets: {', '.join(TARGET_SUFFIXES)}); convert it, "
+                "or move it out of the folder",
+                path=others[stem],
+            )
     pairs = [Pair(s, preds[s], targets[s]) for s in sorted(targets) if s in preds]
     missing_pred = [targets[s] for s in sorted(targets) if s not in preds]
     missing_target = [preds[s] for s in sorted(preds) if s not in targets]

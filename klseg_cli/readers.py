@@ -20,7 +20,7 @@ import numpy as np
 from .errors import LabelError, ReadError, ShapeError, UsageError
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff")
-TARGET_SUFFIXES = (".png", ".npy", ".tif", ".tiff")
+TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff")
 LAYOUTS = ("hwc", "chw")
 DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating
 
@@ -594,6 +594,12 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         raise LabelError(
             f"is a colour mask of shape {tuple(arr.shape)}; save class indices (H, W)", path=path
+        )
+    if arr.ndim == 3 and arr.dtype.kind == "f":
+        raise ShapeError(
+            f"holds a {arr.dtype} map of shape {tuple(arr.shape)}, not a label mask: pass "
+            "--soft-gt if it is a soft target (or check that PRED and GT are not swapped)",
+            path=path,
         )
     if arr.ndim != 2:
         raise ShapeError(

@@ -200,10 +200,24 @@ def test_bad_probability_values(dirs, value, needles):
 
 def test_rows_not_summing_to_one_suggest_renormalize(dirs):
     pred, gt, out = dirs
-    save_pair(pred, gt, pred=good_pred() * 0.9)
+    p = good_pred()
+    p[0, 0] *= 0.5  # pixels that sum to different values
+    save_pair(pred, gt, pred=p)
     assert_refused(evaluate(pred, gt, out), out, pred / "a.npy", "do not sum to 1", "--renormalize")
     assert evaluate(pred, gt, out, "--renormalize").exit_code == 0
     assert json.loads((out / "summary.json").read_text())["settings"]["renormalize"] is True
+
+
+@pytest.mark.parametrize("scale", [0.9, 1.05, 100.0])
+def test_scaled_probabilities_are_not_called_logits(dirs, scale):
+    """Regression (#10): maps whose pixels all sum to the same k ≠ 1 (×1.05, percentages)
+    were diagnosed as logits; they are scaled probabilities: --renormalize."""
+    pred, gt, out = dirs
+    save_pair(pred, gt, pred=good_pred() * scale)
+    result = evaluate(pred, gt, out)
+    assert_refused(result, out, pred / "a.npy", "scaled probabilities", "--renormalize")
+    assert "logits" not in result.stderr
+    assert evaluate(pred, gt, out, "--renormalize").exit_code == 0
 
 
 # --- shapes and layouts -------------------------------------------------------------------

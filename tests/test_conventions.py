@@ -272,3 +272,194 @@ def test_log_base_below_or_at_one_or_infinite_is_refused():
     for base in (0.5, 1.0, math.inf, -2.0):
         with pytest.raises(UsageError, match="log-base"):
             MetricSettings(num_classes=3, log_base=base)
+
+
+# --- soft targets, targets of other types, swapped arguments ---------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("target_layout", ["hwc", "chw"])
+@pytest.mark.parametrize("target_format", ["npy", "npz"])
+def test_soft_target_class_axis_found_from_the_prediction(
+    tmp_path, rng, target_layout, target_format
+):
+    """Regression (#10): a 10×12×19 soft target failed with advice to --renormalize."""
+    h, w, C = 10, 12, 19
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    q = random_probs(rng, h * w, C, dtype=np.float64).reshape(h, w, C)
+    np.save(tmp_path / "x.npy", p)
+    stored = q if target_layout == "hwc" else np.ascontiguousarray(q.transpose(2, 0, 1))
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    np.save(tmp_path / "pred" / "x.npy", p)
+    if target_format == "npy":
+        np.save(tmp_path / "gt" / "x.npy", stored)
+    else:
+        np.savez_compressed(tmp_path / "gt" / "x.npz", q=stored)
+    r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt", "--soft-gt", "--format", "json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    p64, q64 = p.reshape(-1, C).astype(np.float64), q.reshape(-1, C)
+    ce = -(q64 * np.log(np.maximum(p64, 1e-7))).sum(axis=1).mean()
+    assert summary["dataset"]["ce_pooled"] == pytest.approx(ce, rel=1e-5)
+
+
+def test_target_of_unsupported_type_is_reported(tmp_path, rng):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    np.save(tmp_path / "pred" / "a.npy", random_probs(rng, 12, 3).reshape(3, 4, 3))
+    np.save(tmp_path / "pred" / "b.npy", random_probs(rng, 12, 3).reshape(3, 4, 3))
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "gt" / "a.png")
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(tmp_path / "gt" / "b.jpg")
+    r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt")
+    assert r.exit_code == 2
+    assert "b.jpg" in r.stderr and "unsupported file type '.jpg'" in r.stderr
+
+
+def test_swapped_arguments_and_float_targets_are_explained(tmp_path, rng):
+    p = random_probs(rng, 12, 3).reshape(3, 4, 3)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "y.npy", np.zeros((3, 4), np.int32))
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "y.png")
+    for labels in ("y.npy", "y.png"):
+        r = _cli("evaluate", tmp_path / labels, tmp_path / "p.npy")
+        assert r.exit_code == 2 and "swapped" in r.stderr, r.stderr
+    np.save(tmp_path / "q.npy", p)  # a float (H, W, C) target without --soft-gt
+    r = _cli("evaluate", tmp_path / "p.npy", tmp_path / "q.npy")
+    assert r.exit_code == 2 and "--soft-gt" in r.stderr
+    (tmp_path / "preds").mkdir()
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "preds" / "y.png")
+    (tmp_path / "gts").mkdir()
+    r = _cli("evaluate", tmp_path / "preds", tmp_path / "gts")
+    assert r.exit_code == 2 and "swapped" in r.stderr
+
+
+def test_logits_option_on_probabilities_warns(tmp_path, rng):
+    np.save(tmp_path / "p.npy", random_probs(rng, 12, 3).reshape(3, 4, 3))
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "y.png")
+    r = _cli("evaluate", tmp_path / "p.npy", tmp_path / "y.png", "--input", "logits")
+    assert r.exit_code == 0
+    assert r.stderr.startswith("warning: ") and "holds probabilities" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("c.txt", "bg\nroad\ncar\n"),
+        ("c.txt", "0 bg\n1 road\n2 car\n"),
+        ("c.txt", "2: car\n0: bg\n1: road\n"),
+        ("c.json", '["bg", "road", "car"]'),
+        ("c.json", '{"0": "bg", "2": "car", "1": "road"}'),
+    ],
+)
+def test_class_name_files(tmp_path, name, text):
+    from klseg_cli.evaluation import parse_classes
+
+    (tmp_path / name).write_text(text)
+    assert parse_classes(str(tmp_path / name)) == ("bg", "road", "car")
+
+
+@pytest.mark.parametrize(
+    "name,text,needle",
+    [
+        ("c.txt", "0 bg\n2 car\n", "ids must be 0..1"),
+        ("c.json", '{"a": "bg"}', "map class ids to names"),
+        ("c.json", "[1, 2", "not valid JSON"),
+        ("c.json", '{"x": 1}', "map class ids"),
+        ("c.txt", "bg\nbg\n", "twice: bg"),
+    ],
+)
+def test_bad_class_name_files_name_the_file(tmp_path, name, text, needle):
+    from klseg_cli.evaluation import parse_classes
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises((InputError, UsageError), match=needle) as info:
+        parse_classes(str(tmp_path / name))
+    assert str(tmp_path / name) in str(info.value)
+    with pytest.raises(InputError, match="no such class-names file"):
+        parse_classes(str(tmp_path / "missing.json"))
+
+
+# --- class subsets, macc, fwiou, confusion.csv, per_image_class.csv ---------------------------
+
+
+def test_exclude_class_and_the_new_reports_against_a_slow_reference(tmp_path, rng):
+    import csv
+
+    C = 4
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    images = {}
+    for stem, (h, w) in {"a": (9, 13), "b": (11, 7), "c": (6, 6)}.items():
+        p = random_probs(rng, h * w, C)
+        y = rng.integers(0, C, size=h * w).astype(np.uint8)
+        y[:4] = 255
+        np.save(tmp_path / "pred" / f"{stem}.npy", p.reshape(h, w, C))
+        Image.fromarray(y.reshape(h, w)).save(tmp_path / "gt" / f"{stem}.png")
+        images[stem] = (p.astype(np.float64), y)
+    (tmp_path / "classes.txt").write_text("bg\nroad\ncar\nsky\n")
+    out = tmp_path / "report"
+    r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt", "--classes", tmp_path / "classes.txt",
+             "--exclude-class", "bg", "--exclude-class", "3", "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+
+    def cm_of(p, y):
+        keep = y != 255
+        cm = np.zeros((C, C), dtype=np.int64)
+        for t, q in zip(y[keep], p[keep].argmax(axis=1)):
+            cm[t, q] += 1
+        return cm
+
+    total = sum(cm_of(p, y) for p, y in images.values())
+    tp, n_t, n_p = np.diag(total), total.sum(1), total.sum(0)
+    iou = tp / (n_t + n_p - tp)
+    kept = [1, 2]
+    d = summary["dataset"]
+    assert d["miou_pooled"] == pytest.approx(iou[kept].mean())
+    assert d["macc_pooled"] == pytest.approx((tp / n_t)[kept].mean())
+    assert d["fwiou_pooled"] == pytest.approx((n_t[kept] * iou[kept]).sum() / n_t[kept].sum())
+    assert d["accuracy_pooled"] == pytest.approx(tp.sum() / total.sum())  # every pixel
+    assert summary["class_means"]["classes"] == ["road", "car"]
+    assert summary["class_means"]["left_out"] == {"bg": "--exclude-class", "sky": "--exclude-class"}
+    assert summary["settings"]["exclude_classes"] == ["bg", "sky"]
+    assert len(summary["classes"]) == C  # per-class rows stay
+    per_image_miou = []
+    for stem, (p, y) in sorted(images.items()):
+        cm = cm_of(p, y)
+        t, nt, npred = np.diag(cm), cm.sum(1), cm.sum(0)
+        den = nt + npred - t
+        vals = [t[c] / den[c] for c in kept if den[c] > 0]
+        per_image_miou.append(np.mean(vals))
+    assert d["miou_image_mean"] == pytest.approx(np.mean(per_image_miou))
+
+    with open(out / "confusion.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["target \\ predicted", "bg", "road", "car", "sky"]
+    assert [r[0] for r in rows[1:]] == ["bg", "road", "car", "sky"]
+    np.testing.assert_array_equal(np.array([r[1:] for r in rows[1:]], dtype=int), total)
+
+    with open(out / "per_image_class.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * C
+    for row in rows:
+        p, y = images[row["image"]]
+        c = int(row["class_id"])
+        cm = cm_of(p, y)
+        assert int(row["tp"]) == cm[c, c]
+        assert int(row["fp"]) == cm[:, c].sum() - cm[c, c]
+        assert int(row["fn"]) == cm[c].sum() - cm[c, c]
+        keep = y == c
+        if keep.any():
+            kl = -np.log(np.maximum(p[keep, c], 1e-7)).mean()
+            assert float(row["kl"]) == pytest.approx(kl, rel=1e-5)
+        else:
+            assert row["kl"] == ""
+        den = cm[:, c].sum() + cm[c].sum() - cm[c, c]
+        assert (row["iou"] == "") == (den == 0)
+
+    r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt", "--exclude-class", "cat")
+    assert r.exit_code == 2 and "--exclude-class 'cat' is not a class" in r.stderr
