@@ -428,7 +428,7 @@ def test_exclude_class_and_the_new_reports_against_a_slow_reference(tmp_path, rn
     assert summary["settings"]["exclude_classes"] == ["bg", "sky"]
     assert len(summary["classes"]) == C  # per-class rows stay
     per_image_miou = []
-    for stem, (p, y) in sorted(images.items()):
+    for _stem, (p, y) in sorted(images.items()):
         cm = cm_of(p, y)
         t, nt, npred = np.diag(cm), cm.sum(1), cm.sum(0)
         den = nt + npred - t
