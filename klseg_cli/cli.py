@@ -508,8 +508,12 @@ def heatmap(
     ] = None,
     log: Annotated[bool, typer.Option("--log", help="Log colour scale (3 decades).")] = False,
     ignore_color: Annotated[
-        str, typer.Option("--ignore-color", help="Colour of ignored pixels.")
-    ] = "#808080",
+        Optional[str],
+        typer.Option(
+            "--ignore-color",
+            help="Colour of ignored pixels [default: #808080, or a palette target's own].",
+        ),
+    ] = None,
     overlay: Annotated[
         Optional[Path],
         typer.Option("--overlay", help="Photo (or folder of photos by stem) to blend under."),

@@ -22,7 +22,7 @@ from .errors import InputError, UsageError
 from .evaluation import DEFAULT_CHUNK_PIXELS, OpenedPair, chunk_for, iter_terms
 from .metrics import MetricSettings, prediction_terms
 from .png import write_rgb_png
-from .readers import sum_tolerance
+from .readers import read_palette, sum_tolerance
 
 HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence")
 TARGET_FREE_METRICS = ("entropy", "confidence")
@@ -32,6 +32,7 @@ IN_MEMORY_PIXELS = 1 << 24
 a temporary file, so memory stays bounded by the band size."""
 
 BAND_PIXELS = 1 << 20
+DEFAULT_IGNORE_COLOR = "#808080"
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 LOG_DECADES = 3
@@ -45,7 +46,7 @@ class HeatmapOptions:
     vmax: float | None = None
     percentile: float = 99.0
     log: bool = False
-    ignore_color: str = "#808080"
+    ignore_color: str | None = None  # None: DEFAULT_IGNORE_COLOR, or a palette target's own
     overlay: Path | None = None
     alpha: float = 0.6
     colorbar: bool = False
@@ -75,8 +76,10 @@ class MetricMap:
     metric: str
     values: np.ndarray  # (H, W) float32
     pred: np.ndarray | None  # (H, W) predicted class, for --panel
-    labels: np.ndarray | None  # (H, W) target class (ignore values kept), for --panel
+    labels: np.ndarray | None  # (H, W) raw target labels, for --panel
     unit: str
+    codes: object = None  # raw labels → class codes (LabelSpec.codes); negative: ignored
+    palette: np.ndarray | None = None  # (256, 3) colours of a palette PNG target
 
     @property
     def height(self) -> int:
@@ -88,13 +91,7 @@ class MetricMap:
 
 
 def _unit(metric: str, settings: MetricSettings) -> str:
-    if metric not in INFORMATION_METRICS:
-        return ""
-    return (
-        "bits"
-        if settings.log_base == 2
-        else ("nats" if settings.log_base == math.e else f"log base {settings.log_base:g}")
-    )
+    return settings.unit if metric in INFORMATION_METRICS else ""
 
 
 class DiskMap:
@@ -212,7 +209,10 @@ def compute_map(
         if pred_map is not None:
             _put(pred_map, start, stop, terms.pred, valid, 0)
     labels = opened.target if isinstance(opened.target, np.ndarray) else None
-    return MetricMap(metric, values, pred_map, labels, _unit(metric, settings))
+    palette = read_palette(target_path) if (with_pred and target_path is not None) else None
+    return MetricMap(
+        metric, values, pred_map, labels, _unit(metric, settings), settings.labels.codes, palette
+    )
 
 
 # --- colour range -------------------------------------------------------------------------
@@ -269,21 +269,57 @@ def _max_class(pred) -> int:
     return max(int(np.asarray(band).max(initial=0)) for band in _bands(pred, rows))
 
 
-def value_range(mm: MetricMap, options: HeatmapOptions) -> tuple[float, float]:
-    """(vmin, vmax): given, fixed for 0..1 metrics, else 0 and the ``percentile``."""
+def value_range(
+    mm: MetricMap, options: HeatmapOptions, *, shared_vmax: float | None = None
+) -> tuple[float, float, str]:
+    """(vmin, vmax, where vmax comes from): given, fixed for 0..1 metrics, one scale for a
+    folder (``shared_vmax``), else 0 and this map's ``percentile``."""
     fixed = mm.metric in ("error", "confidence")
     vmin = options.vmin if options.vmin is not None else 0.0
     if options.vmax is not None:
-        vmax = options.vmax
+        vmax, source = options.vmax, "--vmax"
     elif fixed:
-        vmax = 1.0
+        vmax, source = 1.0, "fixed"
+    elif shared_vmax is not None:
+        vmax, source = shared_vmax, f"{options.percentile:g}th percentile of all images"
     else:
         vmax = percentile(mm.values, options.percentile)
+        source = f"{options.percentile:g}th percentile"
         if not math.isfinite(vmax):
             vmax = 1.0
     if not vmax > vmin:
         vmax = vmin + (1.0 if vmin == 0 else abs(vmin) * 1e-3)
-    return vmin, vmax
+    return vmin, vmax, source
+
+
+class LogHistogram:
+    """A mergeable histogram of non-negative values on log-spaced bins (0.25% wide, from
+    1e-12 to 1e6): one pass over many maps gives a shared percentile for a folder's scale."""
+
+    LO, HI, BINS = -12.0, 6.0, 1 << 14
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS + 2, dtype=np.int64)  # below LO, bins, above HI
+
+    def add(self, values) -> None:
+        rows = _band_rows(values.shape[1])
+        for band in _bands(values, rows):
+            v = np.asarray(band, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            with np.errstate(divide="ignore"):
+                t = (np.log10(np.maximum(v, 0.0)) - self.LO) / (self.HI - self.LO) * self.BINS
+            idx = np.clip(np.floor(t), -1, self.BINS).astype(np.int64) + 1
+            self.counts += np.bincount(idx, minlength=self.BINS + 2)
+
+    def percentile(self, q: float) -> float:
+        """The lower edge of the bin holding the q-th percentile (NaN when empty)."""
+        n = int(self.counts.sum())
+        if n == 0:
+            return math.nan
+        k = int(np.searchsorted(np.cumsum(self.counts), q / 100.0 * (n - 1), side="right"))
+        if k == 0:
+            return 0.0
+        return float(10.0 ** (self.LO + (k - 1) / self.BINS * (self.HI - self.LO)))
 
 
 # --- colour -------------------------------------------------------------------------------
@@ -310,14 +346,46 @@ def parse_color(text: str) -> tuple[int, int, int]:
     return tuple(round(c * 255) for c in rgba[:3])
 
 
-def class_palette(num_classes: int) -> np.ndarray:
-    """(C, 3) uint8 distinct colours for class ids (tab10, tab20, then repeated)."""
+def _far(a, b, distance: float = 48.0) -> bool:
+    return float(np.linalg.norm(np.asarray(a, float) - np.asarray(b, float))) >= distance
+
+
+def class_palette(num_classes: int, ignore_rgb=None) -> np.ndarray:
+    """(C, 3) uint8 distinct colours for class ids (tab10, tab20, tab20b, then repeated),
+    leaving out any colour close to the ignore colour (tab10's grey is #7f7f7f)."""
     import cmap
 
-    name = "tab10" if num_classes <= 10 else "tab20"
-    base = np.asarray(cmap.Colormap(name).lut(10 if num_classes <= 10 else 20))[:, :3]
+    names = ("tab10",) if num_classes <= 10 else ("tab20", "tab20b")
+    base = np.concatenate([np.asarray(cmap.Colormap(n).lut(20 if n != "tab10" else 10))[:, :3]
+                           for n in names])  # fmt: skip
+    base = np.clip(np.rint(base * 255), 0, 255).astype(np.uint8)
+    if ignore_rgb is not None:
+        base = base[[_far(c, ignore_rgb) for c in base]]
     reps = -(-num_classes // len(base))
-    return np.clip(np.rint(np.tile(base, (reps, 1))[:num_classes] * 255), 0, 255).astype(np.uint8)
+    return np.tile(base, (reps, 1))[:num_classes]
+
+
+def panel_colours(mm: MetricMap, num_classes: int, ignore_rgb, ignore_given: bool, ignore_index):
+    """(class colours, ignore colour) for --panel. A palette-PNG target brings its own class
+    colours and, unless --ignore-color is given, its ignore value's colour; class colours
+    are kept apart from the ignore colour either way."""
+    own_palette = mm.palette is not None and len(mm.palette) >= num_classes
+    if own_palette:  # a default greyscale ramp is no palette: its colours must differ
+        colours = mm.palette[:num_classes].copy()
+        own_palette = all(
+            _far(colours[i], colours[j]) for i in range(num_classes) for j in range(i)
+        )
+    if own_palette:
+        own = [v for v in ignore_index if 0 <= v < len(mm.palette) and v >= num_classes]
+        if not ignore_given and own:
+            ignore_rgb = mm.palette[own[0]]
+        if not all(_far(c, ignore_rgb) for c in colours):  # pick an ignore colour apart
+            for candidate in ((128, 128, 128), (255, 255, 255), (0, 0, 0), (255, 0, 255)):
+                if all(_far(c, candidate) for c in colours):
+                    ignore_rgb = np.array(candidate, dtype=np.uint8)
+                    break
+        return colours, np.asarray(ignore_rgb, dtype=np.uint8)
+    return class_palette(num_classes, ignore_rgb), np.asarray(ignore_rgb, dtype=np.uint8)
 
 
 def normalize(values: np.ndarray, vmin: float, vmax: float, *, log: bool) -> np.ndarray:
@@ -384,8 +452,11 @@ def fmt_value(v: float) -> str:
     return f"{v:.3g}"
 
 
-def colorbar_strip(width: int, lut, vmin, vmax, *, log: bool, label: str) -> np.ndarray:
-    """A legend strip: the colour gradient with vmin, middle and vmax values and the unit."""
+def colorbar_strip(
+    width: int, lut, vmin, vmax, *, log: bool, label: str, clipped: bool = False, source: str = ""
+) -> np.ndarray:
+    """A legend strip: the colour gradient with vmin, middle and vmax values, the unit and
+    where the range comes from; ">= vmax" when some values lie above it (drawn at vmax)."""
     from PIL import Image, ImageDraw
 
     height, margin, bar_h = 54, 10, 14
@@ -402,7 +473,7 @@ def colorbar_strip(width: int, lut, vmin, vmax, *, log: bool, label: str) -> np.
     mid = vmin + (vmax - vmin) * (((1 + k) ** mid_t - 1) / k if log else mid_t)
     y = 6 + bar_h + 4
     draw.text((margin, y), fmt_value(vmin), fill=TEXT, font=font)
-    right = fmt_value(vmax)
+    right = (">= " if clipped else "") + fmt_value(vmax)
     draw.text((margin + bar_w - draw.textlength(right, font=font), y), right, fill=TEXT, font=font)
     mid_text = fmt_value(mid)
     draw.text(
@@ -412,16 +483,33 @@ def colorbar_strip(width: int, lut, vmin, vmax, *, log: bool, label: str) -> np.
         font=font,
     )
     title = label + (" (log scale)" if log else "")
+    if source:
+        title += f"; scale {fmt_value(vmin)} to {fmt_value(vmax)} ({source})"
     draw.text((margin, y + 16), title, fill=TEXT, font=font)
     return np.asarray(img)
 
 
-def legend_strip(width: int, names, palette, ignore_rgb) -> np.ndarray:
-    """Class colour swatches with their names, wrapped over as many lines as needed."""
+def error_legend_strip(width: int, lut, ignore_rgb) -> np.ndarray:
+    """The legend of ``--metric error``: two colours, not a continuous scale."""
+    entries = [("right (argmax = label)", tuple(lut[0])), ("wrong", tuple(lut[-1]))]
+    return _swatches(width, [*entries, ("ignored", tuple(ignore_rgb))])
+
+
+def legend_strip(width: int, names, palette, ignore_rgb, map_ignore_rgb=None) -> np.ndarray:
+    """Class colour swatches with their names, wrapped over as many lines as needed (and the
+    map's ignore colour when it is not the class panels')."""
+    entries = [*zip(names, map(tuple, palette.tolist())), ("ignored", tuple(ignore_rgb))]
+    if map_ignore_rgb is not None and tuple(map_ignore_rgb) != tuple(ignore_rgb):
+        entries.append(("ignored (map)", tuple(map_ignore_rgb)))
+    return _swatches(width, entries)
+
+
+def _swatches(width: int, entries) -> np.ndarray:
+    """Colour swatches with their names, wrapped over as many lines as needed."""
     from PIL import Image, ImageDraw
 
     font = _font(12)
-    entries = [*zip(names, map(tuple, palette.tolist())), ("ignored", tuple(ignore_rgb))]
+    entries = [(name, tuple(int(v) for v in rgb)) for name, rgb in entries]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     x, line, placed = 10, 0, []
     for name, rgb in entries:
@@ -484,11 +572,16 @@ def render(
     *,
     class_names=(),
     ignore_index=(255,),
+    shared_vmax: float | None = None,
 ) -> dict:
-    """Write ``mm`` as a PNG heatmap; returns what was drawn (size, range) for messages."""
+    """Write ``mm`` as a PNG heatmap; returns what was drawn (size, range) for messages.
+
+    ``shared_vmax``: the folder's common scale (see ``make_heatmaps``).
+    """
     lut = colormap_lut(options.cmap)
-    ignore_rgb = np.array(parse_color(options.ignore_color), dtype=np.uint8)
-    vmin, vmax = value_range(mm, options)
+    ignore_given = options.ignore_color is not None
+    ignore_rgb = np.array(parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR), np.uint8)
+    vmin, vmax, source = value_range(mm, options, shared_vmax=shared_vmax)
     H, W = mm.height, mm.width
     f = 1 if options.max_side is None else max(1, math.ceil(max(H, W) / options.max_side))
     out_h, out_w = -(-H // f), -(-W // f)
@@ -497,30 +590,49 @@ def render(
         raise UsageError("--panel needs the predicted classes; compute the map with_pred=True")
     n_panels = 3 if panel and mm.labels is not None else (2 if panel else 1)
     content_w = out_w * n_panels
-    width = max(content_w, 260) if (options.colorbar or panel) else content_w
+    width = max(content_w, 300) if (options.colorbar or panel) else content_w
     photo = _load_overlay(options.overlay, (out_w, out_h), (W, H)) if options.overlay else None
-    palette = class_palette(len(class_names) or _max_class(mm.pred) + 1) if panel else None
+    palette, panel_ignore = None, ignore_rgb
+    if panel:  # the class panels may use a palette target's ignore colour; the map does not
+        n_classes = len(class_names) or _max_class(mm.pred) + 1
+        palette, panel_ignore = panel_colours(mm, n_classes, ignore_rgb, ignore_given, ignore_index)
     label = mm.metric + (f" ({mm.unit})" if mm.unit else "")
+    clipped = False
 
     def class_rgb(ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
         rgb = palette[np.clip(ids, 0, len(palette) - 1)]
-        rgb[invalid] = ignore_rgb
+        rgb[invalid] = panel_ignore
         return rgb
 
-    top, bottom = [], []
+    def target_codes(raw: np.ndarray) -> np.ndarray:
+        if mm.codes is not None:
+            return mm.codes(raw).astype(np.int64)
+        lab = raw.astype(np.int64)
+        return np.where(np.isin(lab, list(ignore_index)), -1, lab)
+
+    top = []
     if panel:
         titles = (["target"] if mm.labels is not None else []) + ["predicted", label]
         top.append(title_strip(width, out_w, titles))
-        names = list(class_names) or [str(c) for c in range(len(palette))]
-        bottom.append(legend_strip(width, names, palette, ignore_rgb))
-    if options.colorbar:
-        bottom.append(colorbar_strip(width, lut, vmin, vmax, log=options.log, label=label))
+
+    def bottom() -> Iterator[np.ndarray]:  # drawn last: it says whether values were clipped
+        if panel:
+            names = list(class_names) or [str(c) for c in range(len(palette))]
+            yield legend_strip(width, names, palette, panel_ignore, ignore_rgb)
+        if options.colorbar and mm.metric == "error":
+            yield error_legend_strip(width, lut, ignore_rgb)
+        elif options.colorbar:
+            yield colorbar_strip(width, lut, vmin, vmax, log=options.log, label=label,
+                                 clipped=clipped, source=source)  # fmt: skip
 
     def bands() -> Iterator[np.ndarray]:
+        nonlocal clipped
         yield from top
         rows = _band_rows(W, f)
         for r0 in range(0, H, rows):
-            vals = block_reduce(np.asarray(mm.values[r0 : r0 + rows]), f, options.reduce)
+            raw_vals = np.asarray(mm.values[r0 : r0 + rows])
+            clipped = clipped or bool(np.nanmax(raw_vals, initial=-math.inf) > vmax)
+            vals = block_reduce(raw_vals, f, options.reduce)
             heat = colorize(vals, lut, vmin, vmax, log=options.log, ignore_rgb=ignore_rgb)
             if photo is not None:
                 o0 = r0 // f
@@ -528,11 +640,10 @@ def render(
                 heat = np.rint((1 - options.alpha) * base + options.alpha * heat).astype(np.uint8)
             parts = []
             if panel:
-                ignored = np.isnan(_sample(np.asarray(mm.values[r0 : r0 + rows]), f))
+                ignored = np.isnan(_sample(raw_vals, f))
                 if mm.labels is not None:
-                    lab = _sample(np.asarray(mm.labels[r0 : r0 + rows]), f).astype(np.int64)
-                    bad = np.isin(lab, list(ignore_index)) | (lab >= len(palette)) | (lab < 0)
-                    parts.append(class_rgb(lab, bad))
+                    lab = target_codes(_sample(np.asarray(mm.labels[r0 : r0 + rows]), f))
+                    parts.append(class_rgb(lab, (lab < 0) | (lab >= len(palette))))
                 pred = _sample(np.asarray(mm.pred[r0 : r0 + rows]), f).astype(np.int64)
                 parts.append(class_rgb(pred, ignored))
             parts.append(heat)
@@ -542,11 +653,21 @@ def render(
                 pad[:] = BACKGROUND
                 band = np.concatenate([band, pad], axis=1)
             yield band
-        yield from bottom
+        yield from bottom()
 
-    height = out_h + sum(s.shape[0] for s in top + bottom)
+    strip_h = 0
+    if panel:
+        n_names = len(class_names) or len(palette)
+        names = list(class_names) or [str(c) for c in range(n_names)]
+        strip_h += legend_strip(width, names, palette, panel_ignore, ignore_rgb).shape[0]
+    if options.colorbar:
+        strip_h += (
+            54 if mm.metric != "error" else error_legend_strip(width, lut, ignore_rgb).shape[0]
+        )
+    height = out_h + sum(t.shape[0] for t in top) + strip_h
     write_rgb_png(out, width, height, bands())
-    return {"width": width, "height": height, "vmin": vmin, "vmax": vmax, "factor": f}
+    return {"width": width, "height": height, "vmin": vmin, "vmax": vmax, "factor": f,
+            "clipped": clipped, "source": source}  # fmt: skip
 
 
 def write_raw(mm: MetricMap, path: Path) -> None:
@@ -595,6 +716,43 @@ def pair_map(pair, settings: MetricSettings, read, metric: str, *, with_pred: bo
                        chunk_pixels=read.chunk_pixels, target_path=pair.target)  # fmt: skip
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+
+
+def heatmap_outputs(pred: Path, out: Path, stems: list[str], metric: str) -> tuple[bool, list]:
+    """(one file?, the PNG of each stem) for ``-o``: one pair writes ``OUT.png`` (or into a
+    folder); several pairs need a folder. A non-PNG image name is refused, never made a
+    folder."""
+    looks_like_image = out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir()
+    if looks_like_image and out.suffix.lower() != ".png":
+        raise UsageError(f"-o {out}: heatmaps are PNG images; give a name ending in .png")
+    if looks_like_image and (not Path(pred).is_file() or len(stems) > 1):
+        raise UsageError(f"-o {out}: {len(stems)} pairs need a folder for their heatmaps")
+    if looks_like_image:
+        return True, [out]
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
+    return False, [out / f"{stem}_{metric}.png" for stem in stems]
+
+
+def shared_scale(pairs, settings, read, options: HeatmapOptions, maps: dict) -> float | None:
+    """The folder's one colour scale: the ``percentile`` of every valid pixel of every map
+    (so images can be compared), from a mergeable log histogram. Maps are kept in ``maps``
+    when they fit in memory together, else recomputed when drawn. None when the range is
+    given or fixed."""
+    if options.vmax is not None or options.metric in ("error", "confidence") or len(pairs) < 2:
+        return None
+    hist, kept = LogHistogram(), 0
+    for pair in pairs:
+        mm = pair_map(pair, settings, read, options.metric, with_pred=options.panel)
+        hist.add(mm.values)
+        kept += mm.height * mm.width
+        if kept <= IN_MEMORY_PIXELS and isinstance(mm.values, np.ndarray):
+            maps[pair.stem] = mm
+    vmax = hist.percentile(options.percentile)
+    return vmax if math.isfinite(vmax) and vmax > 0 else None
+
+
 def make_heatmaps(
     pred: str | Path,
     target: str | Path | None,
@@ -608,7 +766,8 @@ def make_heatmaps(
 ) -> list[Path]:
     """Render heatmaps of one pair (``out`` a .png file) or of folders (``out`` a folder).
 
-    ``plan_options`` are those of ``evaluation.plan``. Returns the PNGs written.
+    ``plan_options`` are those of ``evaluation.plan``. Returns the PNGs written. In folder
+    mode the default colour range is one scale for every image (see ``shared_scale``).
     """
     from dataclasses import replace
 
@@ -618,34 +777,37 @@ def make_heatmaps(
     if target is None and options.metric not in TARGET_FREE_METRICS:
         raise UsageError(f"--metric {options.metric} needs a target (GT)")
     colormap_lut(options.cmap)  # fail on a bad name or colour before any work
-    parse_color(options.ignore_color)
+    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
     job = plan(pred, target, **plan_options)
     out = Path(out)
     raw = Path(raw) if raw is not None else None
-    single = Path(pred).is_file() and out.suffix.lower() == ".png"
-    inputs = [p for pair in job.pairing.pairs for p in (pair.pred, pair.target)]
+    pairs = job.pairing.pairs
+    single, pngs = heatmap_outputs(Path(pred), out, [p.stem for p in pairs], options.metric)
+    inputs = [p for pair in pairs for p in (pair.pred, pair.target)]
     if not single:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
         out.mkdir(parents=True, exist_ok=True)
         if raw is not None:
             raw.mkdir(parents=True, exist_ok=True)
-    written = []
     if on_start is not None:
-        on_start(len(job.pairing.pairs))
-    for pair in job.pairing.pairs:
-        png = out if single else out / f"{pair.stem}_{options.metric}.png"
+        on_start(len(pairs))
+    maps: dict[str, MetricMap] = {}
+    vmax = shared_scale(pairs, job.settings, job.read, options, maps)
+    written = []
+    for pair, png in zip(pairs, pngs):
         tif = (
             None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
         )
         refuse_overwriting_inputs([png, tif], inputs)
-        mm = pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel)
+        mm = maps.pop(pair.stem, None) or pair_map(
+            pair, job.settings, job.read, options.metric, with_pred=options.panel
+        )
         render(
             mm,
             png,
             replace(options, overlay=_photo_for(options.overlay, pair.stem)),
             class_names=job.settings.names,
             ignore_index=job.settings.ignore_index,
+            shared_vmax=vmax,
         )
         if tif is not None:
             write_raw(mm, tif)
@@ -656,7 +818,7 @@ def make_heatmaps(
 
 
 def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions) -> list[Path]:
-    """Heatmaps of the ``k`` images of an evaluation with the highest mean KL."""
+    """Heatmaps of the ``k`` images of an evaluation with the highest mean KL, on one scale."""
     from .pairing import Pair
 
     settings = result.settings
@@ -668,11 +830,16 @@ def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions)
     )[:k]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    pairs = [Pair(img.stem, img.pred_path, img.target_path) for img in ranked]
+    maps: dict[str, MetricMap] = {}
+    vmax = shared_scale(pairs, settings, result.read, options, maps)
     written = []
-    for img in ranked:
-        pair = Pair(img.stem, img.pred_path, img.target_path)
-        mm = pair_map(pair, settings, result.read, options.metric, with_pred=options.panel)
-        png = folder / f"{img.stem}_{options.metric}.png"
-        render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index)
+    for pair in pairs:
+        mm = maps.pop(pair.stem, None) or pair_map(
+            pair, settings, result.read, options.metric, with_pred=options.panel
+        )
+        png = folder / f"{pair.stem}_{options.metric}.png"
+        render(mm, png, options, class_names=settings.names,
+               ignore_index=settings.ignore_index, shared_vmax=vmax)  # fmt: skip
         written.append(png)
     return written

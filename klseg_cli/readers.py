@@ -575,6 +575,26 @@ def _read_png(path: Path, max_pixels: int) -> np.ndarray:
     return arr
 
 
+def read_palette(path: Path | None) -> np.ndarray | None:
+    """The (256, 3) colours of a palette ("P") PNG target, else None (never an error: the
+    colours only dress up a panel)."""
+    if path is None or Path(path).suffix.lower() != ".png":
+        return None
+    from PIL import Image
+
+    try:
+        with _pillow_limit(), Image.open(path) as img:
+            if img.mode != "P":
+                return None
+            flat = img.getpalette() or []
+    except Exception:
+        return None
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    rgb = np.asarray(flat[: 256 * 3], dtype=np.uint8).reshape(-1, 3)
+    colours[: len(rgb)] = rgb
+    return colours
+
+
 def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a label mask: a 2-D array of integer class ids (PNG, .npy or TIFF).
 

@@ -267,3 +267,88 @@ def test_bad_options_exit_2(tmp_path, rng, bad):
         app, ["heatmap", str(pred), str(gt), "-o", str(tmp_path / "o.png"), *bad]
     )
     assert result.exit_code == 2
+
+
+# --- #10: outputs, colours, ranges -------------------------------------------------------------
+
+
+def test_output_names_are_png_files_or_folders(tmp_path):
+    one = [
+        str(SAMPLE / "predictions" / "scene_04.npy"),
+        str(SAMPLE / "ground_truth" / "scene_04.png"),
+    ]
+    r = runner.invoke(app, ["heatmap", *one, "-o", str(tmp_path / "x.jpg")])
+    assert r.exit_code == 2 and "give a name ending in .png" in r.stderr
+    assert not (tmp_path / "x.jpg").exists()  # no folder called x.jpg
+    folders = [str(SAMPLE / "predictions"), str(SAMPLE / "ground_truth")]
+    r = runner.invoke(app, ["heatmap", *folders, "-o", str(tmp_path / "one.png")])
+    assert r.exit_code == 2 and "8 pairs need a folder" in r.stderr
+    assert not (tmp_path / "one.png").exists()
+    r = runner.invoke(app, ["heatmap", *one, "-o", str(tmp_path / "ok.png")])
+    assert r.exit_code == 0 and (tmp_path / "ok.png").is_file()
+
+
+def test_class_colours_never_equal_the_ignore_colour():
+    grey = np.array(hm.parse_color(hm.DEFAULT_IGNORE_COLOR))
+    for n in (8, 10, 15, 20, 40):
+        palette = hm.class_palette(n, grey)
+        assert len(palette) == n
+        assert min(np.linalg.norm(palette.astype(float) - grey, axis=1)) >= 48
+
+
+def test_palette_targets_use_their_own_palette(tmp_path):
+    colours = [(128, 64, 128), (70, 70, 70), (0, 0, 142)]
+    mm = MetricMap("kl", np.zeros((2, 2), np.float32), np.zeros((2, 2), np.uint16), None, "")
+    mm.palette = np.zeros((256, 3), np.uint8)
+    mm.palette[:3] = colours
+    mm.palette[255] = (0, 0, 0)
+    grey = np.array(hm.parse_color(hm.DEFAULT_IGNORE_COLOR), np.uint8)
+    got, ignore = hm.panel_colours(mm, 3, grey, False, (255,))
+    assert got.tolist() == [list(c) for c in colours]
+    assert ignore.tolist() == [0, 0, 0]  # the palette's own colour of the ignore value
+    mm.palette[:3] = [(0, 0, 0), (1, 1, 1), (2, 2, 2)]  # a ramp, not a palette: generated
+    got, _ = hm.panel_colours(mm, 3, grey, False, (255,))
+    assert got.tolist() != mm.palette[:3].tolist()
+
+
+def test_folder_heatmaps_share_one_scale(tmp_path):
+    out = tmp_path / "maps"
+    args = [str(SAMPLE / "predictions"), str(SAMPLE / "ground_truth"), "-o", str(out)]
+    r = runner.invoke(app, ["heatmap", *args, "--classes", str(SAMPLE / "classes.txt")])
+    assert r.exit_code == 0, r.output
+    settings_job = plan(SAMPLE / "predictions", SAMPLE / "ground_truth")
+    values, maps = [], []
+    for pair in settings_job.pairing.pairs:
+        opened = open_pair(pair, soft_gt=False, num_classes=5, read=settings_job.read)
+        mm = compute_map(opened, settings_job.settings, "kl", target_path=pair.target)
+        values.append(mm.values[np.isfinite(mm.values)])
+        maps.append(mm.values)
+    shared = np.percentile(np.concatenate(values), 99, method="lower")
+    hist = hm.LogHistogram()
+    for v in values:
+        hist.add(v[None, :])
+    assert hist.percentile(99) == pytest.approx(shared, rel=3e-3)
+    # the same colour means the same value in every image: pixels at the shared vmax or above
+    # are the brightest colour in each PNG
+    lut = colormap_lut("magma")
+    vmax = hist.percentile(99)
+    for pair, m in zip(settings_job.pairing.pairs, maps):
+        png = png_array(out / f"{pair.stem}_kl.png")
+        hot = m >= vmax
+        assert (png[hot] == lut[-1]).all()
+        assert not (png[np.isfinite(m) & (m < vmax * 0.9)] == lut[-1]).all(axis=-1).any()
+    info = render(vmap([[0.0, 1.0], [2.0, 5.0]]), tmp_path / "s.png", HeatmapOptions(colorbar=True),
+                  shared_vmax=2.0)  # fmt: skip
+    assert info["vmax"] == 2.0 and info["clipped"] and "all images" in info["source"]
+    assert (png_array(tmp_path / "s.png")[1, 1] == lut[-1]).all()
+
+
+def test_uniformly_good_map_states_its_range(tmp_path):
+    info = render(vmap(np.full((10, 10), 1e-3)), tmp_path / "u.png", HeatmapOptions(colorbar=True))
+    assert info["source"] == "99th percentile" and info["vmax"] == pytest.approx(1e-3)
+    info = render(vmap([[0.0, 1.0]], metric="error"), tmp_path / "e.png",
+                  HeatmapOptions(colorbar=True))  # fmt: skip
+    assert info["source"] == "fixed"
+    strip = png_array(tmp_path / "e.png")[1:]
+    # a two-colour legend: no continuous gradient row in the strip
+    assert max(len(np.unique(row.reshape(-1, 3), axis=0)) for row in strip) < 120
