@@ -440,31 +440,42 @@ def gate(
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
     github_summary: GithubSummaryOpt = False,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="table: a rich table; json: the results on stdout."),
+    ] = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
     """Check requirements against a saved summary.json, without recomputing anything.
 
-    Exit 0 when all hold, 1 when one fails, 2 on a usage or input error.
+    Without --require, the requirements stored in the summary (those its evaluate run
+    checked) are checked again. Exit 0 when all hold, 1 when one fails, 2 on a usage or
+    input error.
 
     Example:
 
         klseg gate report/summary.json --require "miou_pooled >= 0.7"
     """
+    from .report import refuse_overwriting_inputs, summary_json
     from .requirements import check_requirements, load_summary
 
-    if not require:
-        raise UsageError("klseg gate needs at least one --require")
     _check_paths_writable(junit, markdown)
-    from .report import refuse_overwriting_inputs
-
     refuse_overwriting_inputs([junit, markdown], [summary_path, baseline])
     summary = load_summary(summary_path)
+    if not require:
+        stored = summary.get("requirements") or []
+        require = [str(r["expr"]) for r in stored if isinstance(r, dict) and "expr" in r]
+        if not require:
+            raise UsageError(f"{summary_path} stores no requirements; pass at least one --require")
     base = load_summary(baseline) if baseline is not None else None
     rows = check_requirements(
         summary, require, baseline=base, allow_settings_change=allow_settings_change
     )
+    json_out = output_format is OutputFormat.json
     code = gate_outputs(summary, rows, junit=junit, markdown=markdown,
-                        github_summary=github_summary, json_on_stdout=False)  # fmt: skip
+                        github_summary=github_summary, json_on_stdout=json_out)  # fmt: skip
+    if json_out:
+        sys.stdout.write(summary_json({"passed": code == 0, "requirements": rows}))
     raise typer.Exit(code=code)
 
 
@@ -580,13 +591,22 @@ def heatmap(
 
 
 class _Ticker:
-    """Progress callbacks for the library: a bar on stderr only when it is a terminal."""
+    """Progress callbacks for the library: a bar on stderr when it is a terminal; in CI logs
+    (stderr not a terminal) a plain line every ``every`` seconds once a run is that long."""
+
+    every = 5.0
 
     def __init__(self, console, description: str) -> None:
         self.console, self.description = console, description
         self.progress = self.task = None
+        self.total = self.done = 0
+        self.started = self.last = 0.0
 
     def start(self, total: int) -> None:
+        import time
+
+        self.total, self.done = total, 0
+        self.started = self.last = time.monotonic()
         if total < 2 or not self.console.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -599,8 +619,20 @@ class _Ticker:
         self.task = self.progress.add_task(self.description, total=total)
 
     def advance(self, _pair=None) -> None:
+        import time
+
+        self.done += 1
         if self.progress is not None:
             self.progress.advance(self.task)
+            return
+        now = time.monotonic()
+        if self.total >= 2 and now - self.last >= self.every:
+            self.last = now
+            sys.stderr.write(
+                f"{self.description}: {self.done}/{self.total} images, "
+                f"{now - self.started:.0f} s elapsed\n"
+            )
+            sys.stderr.flush()
 
     def __enter__(self):
         return self

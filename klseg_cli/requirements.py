@@ -155,6 +155,18 @@ def valid_names(summary: Mapping) -> list[str]:
     return sorted(summary["dataset"]) + [f"{m}[CLASS]" for m in CLASS_METRICS]
 
 
+def did_you_mean(word: str, candidates) -> str:
+    """ "; did you mean X?" for the closest candidate (case-insensitive first), or ""."""
+    import difflib
+
+    candidates = list(candidates)
+    lowered = {c.lower(): c for c in candidates}
+    if word.lower() in lowered:
+        return f"; did you mean {lowered[word.lower()]!r}?"
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
 def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> float:
     """The value ``req`` names in a summary (NaN when undefined); unknown names raise."""
     if req.klass is None:
@@ -164,6 +176,8 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
                 if req.metric in CLASS_METRICS
                 else ""
             )
+            if not hint:
+                hint = did_you_mean(req.metric, [*summary["dataset"], *CLASS_METRICS])
             raise UsageError(
                 f"--require {req.text!r}: unknown name {req.metric!r}{hint}. Valid names: "
                 + ", ".join(valid_names(summary))
@@ -181,8 +195,15 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
             row = next((r for r in rows if r["class_id"] == int(req.klass)), None)
         if row is None:
             names = ", ".join(f"{r['class_name']} ({r['class_id']})" for r in rows)
+            hint = did_you_mean(req.klass, [str(r["class_name"]) for r in rows])
+            if not hint and rows and all(str(r["class_name"]) == str(r["class_id"]) for r in rows):
+                hint = (
+                    "; the classes have no names (only ids): pass --classes to evaluate, or "
+                    f"use an id such as {req.metric}[0]"
+                )
             raise UsageError(
-                f"--require {req.text!r}: no class {req.klass!r} in the {what}; classes: {names}"
+                f"--require {req.text!r}: no class {req.klass!r} in the {what}{hint}; "
+                f"classes: {names}"
             )
         value = row[req.metric]
     return math.nan if value is None else float(value)

@@ -463,3 +463,50 @@ def test_exclude_class_and_the_new_reports_against_a_slow_reference(tmp_path, rn
 
     r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt", "--exclude-class", "cat")
     assert r.exit_code == 2 and "--exclude-class 'cat' is not a class" in r.stderr
+
+
+# --- gate and progress ------------------------------------------------------------------------
+
+
+def _sample_summary(tmp_path, *extra):
+    from .test_cli import SAMPLE
+
+    out = tmp_path / "r"
+    r = _cli("evaluate", SAMPLE / "predictions", SAMPLE / "ground_truth", "--out", out, *extra)
+    assert r.exit_code in (0, 1), r.output
+    return out / "summary.json"
+
+
+def test_gate_suggests_names_and_rechecks_stored_requirements(tmp_path):
+    summary = _sample_summary(tmp_path, "--require", "miou_pooled >= 0.5")
+    r = _cli("gate", summary, "--require", "MIoU_pooled >= 0.5")
+    assert r.exit_code == 2 and "did you mean 'miou_pooled'?" in r.stderr
+    r = _cli("gate", summary, "--require", "kl_poold <= 1")
+    assert r.exit_code == 2 and "did you mean 'kl_pooled'?" in r.stderr
+    r = _cli("gate", summary, "--require", "iou[car] >= 0.5")  # evaluated without --classes
+    assert r.exit_code == 2 and "pass --classes" in r.stderr
+    r = _cli("gate", summary)  # no --require: the stored ones, again
+    assert r.exit_code == 0 and "miou_pooled >= 0.5" in r.stdout
+    r = _cli("gate", summary, "--require", "miou_pooled >= 0.99", "--format", "json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert data["passed"] is False and data["requirements"][0]["name"] == "miou_pooled"
+
+
+def test_gate_without_stored_requirements_needs_one(tmp_path):
+    summary = _sample_summary(tmp_path)
+    r = _cli("gate", summary)
+    assert r.exit_code == 2 and "stores no requirements" in r.stderr
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    from klseg_cli import cli
+
+    monkeypatch.setattr(cli._Ticker, "every", 0.0)
+    summary = _sample_summary(tmp_path)
+    assert summary.exists()
+    from .test_cli import SAMPLE
+
+    r = _cli("evaluate", SAMPLE / "predictions", SAMPLE / "ground_truth")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("evaluating: ")]
+    assert lines and lines[-1].startswith("evaluating: 8/8 images")
