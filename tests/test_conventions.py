@@ -510,3 +510,35 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatc
     r = _cli("evaluate", SAMPLE / "predictions", SAMPLE / "ground_truth")
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("evaluating: ")]
     assert lines and lines[-1].startswith("evaluating: 8/8 images")
+
+
+def test_unit_labels_say_what_was_computed(tmp_path):
+    """Regression (#10): --log-base 10 was labelled "nats" in the table."""
+    from .test_cli import SAMPLE
+
+    for base, unit in (("10", "log base 10"), ("2", "bits"), ("e", "nats")):
+        r = _cli("evaluate", SAMPLE / "predictions", SAMPLE / "ground_truth", "--log-base", base)
+        assert r.exit_code == 0
+        assert f"kl, ce, js, entropy in {unit};" in " ".join(r.stdout.split())
+        r = _cli("evaluate", SAMPLE / "predictions", SAMPLE / "ground_truth", "--log-base", base,
+                 "--format", "json")  # fmt: skip
+        assert json.loads(r.stdout)["unit"] == unit
+
+
+def test_n_clipped_counts_every_clipped_value_that_enters_a_sum(rng):
+    """Regression (#10): with smoothing or soft targets only the label's clipped value was
+    counted, though every class's log p̃ enters CE and KL."""
+    from klseg_cli.metrics import pixel_terms
+
+    C, n = 4, 500
+    p = random_probs(rng, n, C, saturate=0.5)  # exact zeros
+    y = rng.integers(0, C, size=n)
+    P = np.ascontiguousarray(p.T)
+    hard = pixel_terms(P, y, MetricSettings(num_classes=C), tolerance=1e-3)
+    assert hard.n_clipped == int((p[np.arange(n), y] < 1e-7).sum())
+    smooth = pixel_terms(P, y, MetricSettings(num_classes=C, smoothing=0.1), tolerance=1e-3)
+    assert smooth.n_clipped == int((p < 1e-7).sum()) > hard.n_clipped
+    q = random_probs(rng, n, C, saturate=0.3, dtype=np.float64)
+    soft = pixel_terms(P, np.ascontiguousarray(q.T).astype(np.float32),
+                       MetricSettings(num_classes=C, soft_gt=True), tolerance=1e-3)  # fmt: skip
+    assert soft.n_clipped == int(((p < 1e-7) & (q > 0)).sum())
