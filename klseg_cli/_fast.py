@@ -8,9 +8,9 @@ per-pixel scratch stays in the L1 cache), in three steps:
 
 1. ``_labels`` and ``_planes``: the labels and their probabilities, then one pass over
    each pair of class planes accumulating, per pixel, Σp and Σp² over the classes other
-   than the label (so Brier and JS never subtract numbers near 1), Σp·log p, the maximum,
-   its class and the OR of the values' sign bits (an HWC tile is first copied class-major
-   into a small buffer; CHW planes are read in place);
+   than the running maximum (so Brier and JS of a confident pixel never subtract numbers
+   near 1), Σp·log p, the maximum, its class and the OR of the values' sign bits (an HWC
+   tile is first copied class-major into a small buffer; CHW planes are read in place);
 2. ``_pixels``: KL (= CE against a one-hot target, clamped at 0), JS, Brier, the checks
    and the float64 sums, in short loops;
 3. ``_scatter``: confusion matrix, per-class KL and the ECE bins.
@@ -125,30 +125,28 @@ if AVAILABLE:
         """The first m pixels' validity, class (0 where ignored) and label probability."""
         C = P.shape[0]
         for i in range(m):  # a gather
-            lab = y[i]
-            v = (lab >= _i32(0)) & (lab < _i32(C))
+            lab = np.int64(y[i])
+            v = (lab >= 0) & (lab < C)
             V[i] = _i32(1) if v else _i32(0)
-            L[i] = lab if v else _i32(0)
+            L[i] = _i32(lab) if v else _i32(0)
             PY[i] = P[np.uint64(L[i]), np.uint64(x0) + np.uint64(i)]
 
     @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
-    def _planes(Pi, t0, m, L, S, H, Q, M, A, B):
+    def _planes(Pi, t0, m, S, H, Q, M, A, B):
         """Loop 1 over pixels t0 … t0+m−1 of class-major (C, n) float32 values, given as
-        their int32 bits ``Pi``: per pixel Σp and Σp² over the classes other than the label
-        ``L`` (so that Brier and JS need no difference of numbers near 1), Σp log p, max,
-        first argmax and the OR of the values' bits (negative when a value has its sign
-        bit set)."""
+        their int32 bits ``Pi``: per pixel Σp and Σp² over every class but the (running)
+        maximum — so that Brier and JS of a confident pixel need no difference of numbers
+        near 1 —, Σp log p, the max, its first class and the OR of the values' bits
+        (negative when a value has its sign bit set)."""
         C = Pi.shape[0]
         u0 = np.uint64(t0)  # unsigned indices: numba adds no negative-index wraparound
-        zero = _f32(0.0)
         for i in range(m):
             j = u0 + np.uint64(i)
             b = Pi[0, j]
             x = _as_float32(b)
-            xo = zero if L[i] == _i32(0) else x
-            S[i] = xo
+            S[i] = _f32(0.0)
             H[i] = x * _log(b)
-            Q[i] = xo * xo
+            Q[i] = _f32(0.0)
             M[i] = x
             A[i] = _i32(0)
             B[i] = b
@@ -159,20 +157,19 @@ if AVAILABLE:
                 b2 = Pi[c + 1, j]
                 x = _as_float32(b)
                 x2 = _as_float32(b2)
-                lab = L[i]
-                xo = zero if lab == _i32(c) else x
-                xo2 = zero if lab == _i32(c + 1) else x2
-                S[i] += xo + xo2
                 H[i] += x * _log(b) + x2 * _log(b2)
-                Q[i] += xo * xo + xo2 * xo2
                 mx = M[i]
                 ax = A[i]
                 better = x > mx
+                lo = mx if better else x  # the value that is not the new maximum
                 mx = x if better else mx
                 ax = _i32(c) if better else ax
                 better = x2 > mx
+                lo2 = mx if better else x2
                 M[i] = x2 if better else mx
                 A[i] = _i32(c + 1) if better else ax
+                S[i] += lo + lo2
+                Q[i] += lo * lo + lo2 * lo2
                 B[i] = _i32(B[i] | _i32(b | b2))
         if C % 2 == 0:
             c = C - 1
@@ -180,12 +177,13 @@ if AVAILABLE:
                 j = u0 + np.uint64(i)
                 b = Pi[c, j]
                 x = _as_float32(b)
-                xo = zero if L[i] == _i32(c) else x
-                S[i] += xo
                 H[i] += x * _log(b)
-                Q[i] += xo * xo
-                better = x > M[i]
-                M[i] = x if better else M[i]
+                mx = M[i]
+                better = x > mx
+                lo = mx if better else x
+                S[i] += lo
+                Q[i] += lo * lo
+                M[i] = x if better else mx
                 A[i] = _i32(c) if better else A[i]
                 B[i] = _i32(B[i] | b)
 
@@ -193,7 +191,9 @@ if AVAILABLE:
     def _pixels(S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, m, tol, log_eps, eps, bins, C):
         """Loop 2: per-pixel KL, JS, Brier and checks of the first m pixels, summed.
 
-        ``S`` and ``Q`` hold Σp and Σp² over the classes other than the label. Ignored
+        ``S`` and ``Q`` hold Σp and Σp² over the classes other than the maximum ``M``: when
+        the label is the argmax they are Σ and Σ² over the other classes exactly; otherwise
+        p_y ≤ ½ and the label's term is swapped in without cancellation. Ignored
         pixels (``V`` = 0) are masked, not removed. Several short loops rather than one:
         LLVM vectorises a loop only after checking at run time that the arrays it writes
         overlap none it reads, and gives up beyond a few such checks — so each loop writes
@@ -204,6 +204,12 @@ if AVAILABLE:
         PYi = PY.view(np.int32)
         ln2 = _f32(math.log(2.0))
         zero = _f32(0.0)
+        for i in range(m):  # S, Q → over the classes other than the label
+            p = PY[i]
+            top = A[i] == L[i]
+            mx = M[i]
+            S[i] = S[i] if top else S[i] + (mx - p)
+            Q[i] = Q[i] if top else Q[i] + (mx * mx - p * p)
         for i in range(m):
             p = PY[i]
             ly = _log(PYi[i])
@@ -269,7 +275,7 @@ if AVAILABLE:
 
         The chunk is pixels start … start + len(y) − 1 of ``P``, which is class-major
         (C, ≥ start + n), or pixel-major (n, C) with ``pixel_major`` (then start is 0);
-        ``y`` holds the chunk's class codes (int32; negative or ≥ C: masked). Pixels go by
+        ``y`` holds the chunk's class codes or plain labels (outside 0..C−1: masked). Pixels go by
         tiles of ``tile``: an HWC tile is copied class-major into a small buffer first (in
         cache), CHW planes are read in place.
         """
@@ -295,7 +301,7 @@ if AVAILABLE:
             else:
                 X, x0 = P, start + t0
             _labels(X, y[t0 : t0 + m], x0, m, V, L, PY)
-            _planes(X.view(np.int32), x0, m, L, S, H, Q, M, A, B)
+            _planes(X.view(np.int32), x0, m, S, H, Q, M, A, B)
             bad, _, cl, kl, js, ent, br = _pixels(
                 S, H, Q, M, A, B, V, L, PY, KL, JS, E, CI, m, tol, log_eps, eps, bins, C
             )
@@ -335,8 +341,9 @@ def supported(settings, dtype) -> bool:
 
 def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *,
               pixel_major: bool = False, start: int = 0) -> bool:  # fmt: skip
-    """Add a float32 chunk with class codes ``y`` (``LabelSpec.codes``: negative where a
-    pixel is ignored) to ``total``.
+    """Add a float32 chunk with labels ``y`` to ``total``: class codes (``LabelSpec.codes``:
+    negative where a pixel is ignored), or raw labels when ``LabelSpec.plain`` (values
+    outside 0..C−1 are masked).
 
     ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it. A
     class-major ``P`` may also be a whole map's (C, H·W) planes, the chunk being pixels
@@ -346,7 +353,7 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.int32)  # class codes (labels.LabelSpec.codes)
+    y = np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("="))  # numba: native order only
     n = P.shape[0] if pixel_major else P.shape[1] - start
     if pixel_major and start:
         raise ValueError("a pixel-major chunk starts at 0")

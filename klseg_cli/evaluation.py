@@ -256,7 +256,9 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
-        y = settings.labels.codes(labels[start:stop])  # int32; ignored pixels are negative
+        raw = labels[start:stop]
+        # plain labels go in as they are (the kernel masks those outside 0..C-1); else codes
+        y = raw if settings.labels.plain else settings.labels.codes(raw)
         if planes is not None:
             if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
                 continue
@@ -267,7 +269,7 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
                 continue
             if pixel_major:
                 P = np.ascontiguousarray(P.T)
-        _, P, y = _valid_pixels(P, y)
+        _, P, y = _valid_pixels(P, settings.labels.codes(raw))
         total = total + Stats.from_terms(_terms(pred, P, y, settings, tolerance), settings)
     # KL(p‖q) against one-hot targets is infinite: undefined, unless no pixel was valid
     total.sums[1] = np.nan if total.n_valid else 0.0

@@ -153,6 +153,17 @@ class LabelSpec:
             return ()
         return tuple(sorted(v for v in self.ignore_index if 0 <= v < self.num_classes))
 
+    @property
+    def plain(self) -> bool:
+        """Labels are class ids as they stand and no ignore value is a class: every raw
+        value in 0..C−1 is its class and every other is ignored (or an error). The kernel
+        then reads raw labels and masks the rest itself, with no per-pixel mapping."""
+        return (
+            self.label_map is None
+            and not self.reduce_zero_label
+            and not any(0 <= v < self.num_classes for v in self.ignore_index)
+        )
+
     def _map_values(self, v: np.ndarray) -> np.ndarray:
         """Codes of int64 raw values (vectorised; used directly or to build a table)."""
         C = self.num_classes
@@ -209,8 +220,16 @@ class LabelSpec:
         """
         bad_counts: dict[int, int] = {}
         flat = labels.reshape(-1)
+        plain = self.plain and flat.dtype.kind in "iu"
         for start in range(0, flat.size, LABEL_CHUNK):
             y = np.asarray(flat[start : start + LABEL_CHUNK])
+            if plain:  # the common case, a compare: values ≥ C (or < 0) are ignored or bad
+                out = y >= self.num_classes
+                if y.dtype.kind == "i":
+                    out |= y < 0
+                if not out.any():
+                    continue
+                y = y[out]
             codes = self.codes(y)
             bad = codes == BAD
             if bad.any():

@@ -542,3 +542,23 @@ def test_n_clipped_counts_every_clipped_value_that_enters_a_sum(rng):
     soft = pixel_terms(P, np.ascontiguousarray(q.T).astype(np.float32),
                        MetricSettings(num_classes=C, soft_gt=True), tolerance=1e-3)  # fmt: skip
     assert soft.n_clipped == int(((p < 1e-7) & (q > 0)).sum())
+
+
+@needs_kernel
+def test_kernel_fallback_chunks_use_the_mapped_labels(rng):
+    """A chunk the kernel hands back (a NaN under an ignored pixel) is computed by the NumPy
+    path from the same mapped labels (here --reduce-zero-label: 0 ignored, k → k − 1)."""
+    h, w, C = 32, 40, 4
+    p = random_probs(rng, h * w, C)
+    raw = rng.integers(1, C + 1, size=h * w).astype(np.uint8)
+    raw[5] = 0  # ignored ...
+    p[5] = np.nan  # ... so its NaN must not count
+    s = MetricSettings(num_classes=C, reduce_zero_label=True)
+    pm = PredictionMap("mem", p.reshape(h, w, C), "hwc")
+    ref = image_stats(pm, raw.reshape(h, w), s, chunk_pixels=256, accelerate=False)
+    fast = image_stats(pm, raw.reshape(h, w), s, chunk_pixels=256, accelerate=True)
+    keep = raw != 0
+    kl_sum, cm = slow_stats(p.astype(np.float64), raw.astype(int) - 1, keep, C)
+    for stats in (ref, fast):
+        np.testing.assert_array_equal(stats.confusion, cm)
+        assert stats.sums[0] == pytest.approx(kl_sum, rel=1e-6)
