@@ -182,6 +182,26 @@ GithubSummaryOpt = Annotated[
     bool,
     typer.Option("--github-summary", help="Append the Markdown summary to $GITHUB_STEP_SUMMARY."),
 ]
+BootstrapOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--bootstrap",
+        metavar="N",
+        help="95% intervals over images from N resamples (paired by stem) [default: off; "
+        "1000 when a requirement uses low(), high() or delta()].",
+    ),
+]
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Seed of the bootstrap resamples [default: 0].")
+]
+CommonImagesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--common-images",
+        help="delta(): pair only the images both runs have (default: different image sets "
+        "are an error listing them).",
+    ),
+]
 
 
 def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout) -> int:
@@ -215,6 +235,20 @@ def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdo
             stream.write(line + "\n")
         stream.flush()
     return 1 if any(not r["passed"] for r in rows) else 0
+
+
+def _bootstrap_plan(require, bootstrap, baseline, base):
+    """(resamples, the baseline's StatsTable or None) for --bootstrap, low/high/delta."""
+    from .intervals import requirement_needs, resamples_for, stats_of
+
+    n_resamples = resamples_for(bootstrap, require or ())
+    needs_delta = requirement_needs(require or ())[1]
+    if needs_delta and baseline is None:
+        raise UsageError("delta() compares with a baseline: pass --baseline old/summary.json")
+    base_table = None
+    if baseline is not None and n_resamples:
+        base_table = stats_of(baseline, base, required="delta()" if needs_delta else None)
+    return n_resamples, base_table
 
 
 def _check_paths_writable(*paths) -> None:
@@ -301,6 +335,9 @@ def evaluate(
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
     github_summary: GithubSummaryOpt = False,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    common_images: CommonImagesOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -315,6 +352,7 @@ def evaluate(
 
     check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
+    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     _check_paths_writable(junit, markdown)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
@@ -335,6 +373,16 @@ def evaluate(
             f"[yellow]warning:[/] {path}: target has no prediction; left out", highlight=False
         )
     summary = result.summary()
+    table = None
+    if n_resamples or out is not None:
+        from .statsfile import StatsTable
+
+        table = StatsTable.from_result(result)
+    if n_resamples:
+        from .intervals import add_intervals
+
+        add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
+                      baseline=base_table, common_only=common_images)  # fmt: skip
     if require:
         from .requirements import check_requirements
 
@@ -342,7 +390,9 @@ def evaluate(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
-    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
+    outputs = (
+        [out / name for name in (*report.REPORT_FILES, "stats.npz")] if out is not None else []
+    )
     report.refuse_overwriting_inputs([*outputs, junit, markdown], [*inputs, baseline])
     if out is not None:
         if heatmaps:
@@ -351,7 +401,13 @@ def evaluate(
             worst_images_heatmaps(
                 result, out / "heatmaps", heatmaps, HeatmapOptions(metric="kl", colorbar=True)
             )
-        report.write_reports(summary, out)
+        from .atomic import atomic_path
+        from .statsfile import write_stats
+
+        report.make_out_dir(out)
+        with atomic_path(out / "stats.npz") as tmp:  # renamed only once the reports are written
+            write_stats(table, tmp)
+            report.write_reports(summary, out)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
@@ -385,10 +441,15 @@ def gate(
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
     github_summary: GithubSummaryOpt = False,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    common_images: CommonImagesOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Check requirements against a saved summary.json, without recomputing anything.
+    """Check requirements against a saved summary.json, without reading any map.
 
+    low(), high() and delta() are recomputed from the stats.npz beside the summary (and
+    beside the --baseline), with the resamples and seed evaluate used unless given.
     Exit 0 when all hold, 1 when one fails, 2 on a usage or input error.
 
     Example:
@@ -405,6 +466,21 @@ def gate(
     refuse_overwriting_inputs([junit, markdown], [summary_path, baseline])
     summary = load_summary(summary_path)
     base = load_summary(baseline) if baseline is not None else None
+    saved = summary.get("bootstrap") or {}
+    if bootstrap is None and require and any("(" in r for r in require):
+        bootstrap = saved.get("resamples")  # the intervals as evaluate computed them
+    seed = saved.get("seed", 0) if seed is None else seed
+    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
+    if n_resamples:
+        from .intervals import add_intervals, requirement_needs, stats_of
+
+        needs_delta = requirement_needs(require)[1]
+        saved_ci = summary.get("dataset_ci")
+        required = "delta()" if needs_delta else (None if saved_ci else "low()/high()")
+        table = stats_of(summary_path, summary, required=required)
+        if table is not None:  # else the intervals saved by evaluate --bootstrap are used
+            add_intervals(summary, table, n_resamples=n_resamples, seed=seed,
+                          baseline=base_table, common_only=common_images)  # fmt: skip
     rows = check_requirements(
         summary, require, baseline=base, allow_settings_change=allow_settings_change
     )

@@ -135,12 +135,20 @@ def summary_table(summary: Mapping):
     table.add_column("metric", no_wrap=True)
     table.add_column("pooled", justify="right", no_wrap=True)
     table.add_column("image mean", justify="right", no_wrap=True)
-    dataset = summary["dataset"]
     for name in IMAGE_COLUMNS[4:]:
         table.add_row(
-            name, fmt(dataset.get(f"{name}_pooled")), fmt(dataset.get(f"{name}_image_mean"))
+            name, fmt_ci(summary, f"{name}_pooled"), fmt_ci(summary, f"{name}_image_mean")
         )
     return table
+
+
+def fmt_ci(summary: Mapping, name: str, digits: int = 4) -> str:
+    """A data-set value, with its bootstrap interval when there is one: 0.712 [0.695, 0.731]."""
+    text = fmt(summary["dataset"].get(name), digits)
+    ci = summary.get("dataset_ci", {}).get(name)
+    if ci is not None and text != UNDEFINED:
+        text += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return text
 
 
 def class_table(summary: Mapping):
@@ -178,7 +186,10 @@ def requirements_table(rows: list[Mapping]):
         verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
         if row["reason"] in ("undefined", "baseline undefined"):
             verdict += f" ({row['reason']})"
-        table.add_row(escape(row["expr"]), fmt_g(row["value"]), fmt_g(row["threshold"]), verdict)
+        value = fmt_g(row["value"])
+        if row.get("interval"):
+            value += f" [{fmt_g(row['interval'][0])}, {fmt_g(row['interval'][1])}]"
+        table.add_row(escape(row["expr"]), value, fmt_g(row["threshold"]), verdict)
     return table
 
 
@@ -218,9 +229,12 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
         lines.append("| metric | pooled | image mean |")
         lines.append("|---|---:|---:|")
         for name in IMAGE_COLUMNS[4:]:
-            d = summary["dataset"]
-            lines.append(f"| {name} | {fmt(d.get(f'{name}_pooled'))} "
-                         f"| {fmt(d.get(f'{name}_image_mean'))} |")  # fmt: skip
+            lines.append(f"| {name} | {fmt_ci(summary, f'{name}_pooled')} "
+                         f"| {fmt_ci(summary, f'{name}_image_mean')} |")  # fmt: skip
+        if "bootstrap" in summary:
+            b = summary["bootstrap"]
+            lines.append(f"\n[low, high]: {b['level']:.0%} bootstrap intervals over images "
+                         f"({b['resamples']} resamples, seed {b['seed']}).")  # fmt: skip
         lines.append("")
     if rows:
         lines.append("| requirement | value | threshold | result |")
@@ -237,7 +251,10 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
                 )
             )
             expr = r["expr"].replace("|", "\\|")
-            lines.append(f"| `{expr}` | {fmt_g(r['value'])} | {fmt_g(r['threshold'])} "
+            value = fmt_g(r["value"])
+            if r.get("interval"):
+                value += f" [{fmt_g(r['interval'][0])}, {fmt_g(r['interval'][1])}]"
+            lines.append(f"| `{expr}` | {value} | {fmt_g(r['threshold'])} "
                          f"| {result} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -206,6 +206,41 @@ def pixel_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
     return out
 
 
+def _nanmean_last(values: np.ndarray) -> np.ndarray:
+    """``nanmean`` along the last axis, NaN where nothing is defined (no warnings)."""
+    defined = ~np.isnan(values)
+    return safe_divide(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
+
+
+def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray]:
+    """``pixel_metrics`` of many sets of pixels at once: the same formulas over a leading axis.
+
+    ``totals`` maps Stats field names to arrays with a leading batch axis (``sums`` (R, 6),
+    ``confusion`` (R, C, C), ``ece_*`` (R, bins)), float or int: e.g. bootstrap resamples
+    of the per-image sums. Returns {metric: (R,) array}. Kept next to ``pixel_metrics`` (and
+    tested against it) so the two cannot drift apart.
+    """
+    cm = np.asarray(totals["confusion"], dtype=np.float64)
+    n = cm.sum(axis=(-2, -1))
+    scale = _info_scale(settings)
+    sums = np.asarray(totals["sums"], dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for k, name in enumerate(PIXEL_METRICS):
+        value = safe_divide(sums[..., k], n)
+        if name != "brier":
+            value = value / scale
+        out[name] = np.where(np.isfinite(value), value, np.nan)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    n_target, n_pred = cm.sum(axis=-1), cm.sum(axis=-2)
+    out["accuracy"] = safe_divide(tp.sum(axis=-1), n)
+    out["miou"] = _nanmean_last(safe_divide(tp, n_target + n_pred - tp))
+    out["mdice"] = _nanmean_last(safe_divide(2 * tp, n_target + n_pred))
+    count = np.asarray(totals["ece_count"], dtype=np.float64)
+    gap = np.abs(np.asarray(totals["ece_correct"], np.float64) - totals["ece_conf"])
+    out["ece"] = safe_divide(np.where(count > 0, gap, 0.0).sum(axis=-1), count.sum(axis=-1))
+    return out
+
+
 IMAGE_COLUMNS = (
     "image", "height", "width", "n_valid",
     "kl", "kl_reverse", "js", "ce", "entropy", "brier", "accuracy", "miou", "mdice", "ece",

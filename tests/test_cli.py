@@ -59,6 +59,7 @@ def test_evaluate_writes_reports(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "per_class.csv",
         "per_image.csv",
+        "stats.npz",
         "summary.json",
     ]
     image_lines = (out / "per_image.csv").read_text().splitlines()
