@@ -18,7 +18,7 @@ once, not twice. Intervals are the 2.5th and 97.5th percentiles of the resampled
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,7 @@ class Source:
     image_values: Mapping[str, np.ndarray]
     settings: MetricSettings
     names: Sequence[str]
+    batch: Callable | None = None  # the batched final formulas; None: pixel_metrics_batch
 
     @classmethod
     def from_run(cls, table, summary: Mapping) -> Source:
@@ -135,7 +136,7 @@ def covered(names: Sequence[str]) -> list[str]:
 def _samples(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
     """Every data-set metric of ``src`` for each resample (row) of ``W``."""
     totals = {name: resampled_totals(W, X) for name, X in src.arrays.items()}
-    pooled = pixel_metrics_batch(totals, src.settings)
+    pooled = (src.batch or pixel_metrics_batch)(totals, src.settings)
     bases = list(src.image_values)
     means = (
         weighted_means(W, np.stack([src.image_values[b] for b in bases], axis=1))
@@ -151,7 +152,7 @@ def _samples(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
             out[name] = pooled[name[: -len("_pooled")]]
         else:
             slow.append(name)
-    if slow:  # a metric without a batched formula: one Stats per resample
+    if slow and src.batch is None:  # a metric without a batched formula: one Stats per resample
         kinds = {name: X.dtype.kind for name, X in src.arrays.items()}
         values = {name: np.empty(W.shape[0]) for name in slow}
         for r in range(W.shape[0]):
@@ -164,6 +165,8 @@ def _samples(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
             for name in slow:
                 values[name][r] = result.get(name, np.nan)
         out.update(values)
+    for name in slow:
+        out.setdefault(name, np.full(W.shape[0], np.nan))
     return out
 
 

@@ -489,6 +489,131 @@ def gate(
     raise typer.Exit(code=code)
 
 
+class RankBy(str, Enum):
+    kl = "kl"
+    miou = "miou"
+
+
+@app.command()
+@handle_errors
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A", help="Model A's maps: a file or a folder.")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Model B's maps of the same images.")],
+    gt: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="GT", help="Targets (optional): both models' metrics and Δ."),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Write compare.csv, compare.json here.")
+    ] = None,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="table: rich tables; json: compare JSON on stdout."),
+    ] = OutputFormat.table,
+    top: Annotated[
+        int, typer.Option("--top", metavar="K", help="With GT: list the K images B does worst.")
+    ] = 5,
+    rank_by: Annotated[
+        RankBy, typer.Option("--rank-by", help="With GT: rank images by Δkl or Δmiou.")
+    ] = RankBy.kl,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    require: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--require",
+            metavar="EXPR",
+            help="Gate on compare names, e.g. 'js_pooled <= 0.01', "
+            "'agreement_pooled >= 0.95', 'delta(miou_image_mean) >= 0' (with GT).",
+        ),
+    ] = None,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    github_summary: GithubSummaryOpt = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Images compared in parallel (processes).")
+    ] = 1,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = 1e-7,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
+
+    With GT, also both models' metrics side by side, their paired differences B − A (with
+    --bootstrap intervals) and the images where B does worst.
+
+    Example:
+
+        klseg compare preds_a/ preds_b/ labels/ --bootstrap 1000 --out cmp/
+    """
+    from .compare import check_compare_names
+    from .compare import compare as run
+    from .compare_report import COMPARE_FILES, print_compare, write_compare_reports
+    from .intervals import resamples_for
+    from .report import check_out_dir, refuse_overwriting_inputs
+
+    check_compare_names(require or (), with_target=gt is not None)
+    n_resamples = resamples_for(bootstrap, require or ())
+    _check_paths_writable(junit, markdown)
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, got {top}")
+    if out is not None:
+        check_out_dir(out)
+    options = plan_options(locals())
+    err = _stderr_console()
+    with _progress(err, "comparing") as tick:
+        result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)
+    for path in result.only_in_b:
+        err.print(f"[yellow]warning:[/] {path}: no map of A with this stem; skipped",
+                  highlight=False)  # fmt: skip
+    for path in result.only_in_a:
+        err.print(f"[yellow]warning:[/] {path}: no map of B with this stem; left out",
+                  highlight=False)  # fmt: skip
+    for path in result.missing_predictions:
+        err.print(f"[yellow]warning:[/] {path}: target has no prediction; left out",
+                  highlight=False)  # fmt: skip
+    summary = result.summary(n_resamples=n_resamples, seed=seed or 0, top_k=top,
+                             rank_by=rank_by.value)  # fmt: skip
+    if require:
+        from .requirements import check_requirements
+
+        summary["requirements"] = check_requirements(summary, require)
+    inputs = [p for img in result.images for p in img.files]
+    outputs = [out / name for name in COMPARE_FILES] if out is not None else []
+    refuse_overwriting_inputs([*outputs, junit, markdown], inputs)
+    if out is not None:
+        write_compare_reports(summary, out)
+    if output_format is OutputFormat.json:
+        from .report import summary_json
+
+        sys.stdout.write(summary_json(summary))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        print_compare(summary, console)
+        if out is not None:
+            console.print(f"reports written to {out}/", highlight=False)
+    code = gate_outputs(
+        None, summary["requirements"], junit=junit, markdown=markdown,
+        github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
+    ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
+    raise typer.Exit(code=code)
+
+
 class Metric(str, Enum):
     kl = "kl"
     ce = "ce"
@@ -553,6 +678,15 @@ def heatmap(
     raw: Annotated[
         Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
     ] = None,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--against",
+            metavar="B",
+            help="A second model's map (or folder): draw where PRED and B disagree "
+            "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
+        ),
+    ] = None,
     classes: ClassesOpt = None,
     ignore_index: IgnoreOpt = None,
     smoothing: SmoothingOpt = 0.0,
@@ -572,9 +706,12 @@ def heatmap(
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
 
+    With --against B (no GT), where two models disagree: KL(PRED||B), JS or argmax.
+
     Example:
 
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
+        klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
     from .heatmap import HeatmapOptions, make_heatmaps
 
@@ -585,10 +722,23 @@ def heatmap(
     )  # fmt: skip
     plan = plan_options(locals())
     err = _stderr_console()
-    with _progress(err, "rendering") as tick:
-        written = make_heatmaps(
-            pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance, **plan
-        )
+    if against is not None:
+        from .compare import make_pair_heatmaps
+
+        if gt is not None:
+            raise UsageError("--against compares two predictions: give PRED and --against B, "
+                             "no GT")  # fmt: skip
+        with _progress(err, "rendering") as tick:
+            written = make_pair_heatmaps(
+                pred, against, out, options, raw=raw, on_start=tick.start,
+                on_image=tick.advance, **plan,
+            )  # fmt: skip
+    else:
+        with _progress(err, "rendering") as tick:
+            written = make_heatmaps(
+                pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance,
+                **plan,
+            )  # fmt: skip
     for path in written:
         err.print(f"wrote {path}", highlight=False)
 

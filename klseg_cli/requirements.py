@@ -212,7 +212,14 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
 
 def _bound(summary: Mapping, req: Requirement) -> tuple[float, list[float]]:
     """(value, [low, high]) of a low()/high()/delta() requirement; absent intervals raise."""
-    lookup(summary, replace(req, bound=None))  # an unknown metric name: the usual error
+    if req.bound == "delta" and "delta" in summary:
+        if req.metric not in summary["delta"]:
+            raise UsageError(
+                f"--require {req.text!r}: unknown name {req.metric!r}. Valid names: "
+                + ", ".join(sorted(summary["delta"]))
+            )
+    else:
+        lookup(summary, replace(req, bound=None))  # an unknown metric name: the usual error
     key, point = ("delta_ci", "delta") if req.bound == "delta" else ("dataset_ci", "dataset")
     if key not in summary:
         need = (
