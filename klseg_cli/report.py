@@ -173,6 +173,16 @@ def class_table(summary: Mapping):
 # --- requirements (CI gates) ---------------------------------------------------------------
 
 
+def fmt_interval(row: Mapping) -> str:
+    """A requirement's value; with its interval (delta()) in 3 digits: -0.026 [-0.055, 0.0044]."""
+    if not row.get("interval"):
+        return fmt_g(row["value"])
+    lo, hi = row["interval"]
+    if lo is None or not math.isfinite(lo):
+        return f"{fmt_g(row['value'])} [{UNDEFINED}]"
+    return f"{row['value']:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
 def requirements_table(rows: list[Mapping]):
     from rich import box
     from rich.markup import escape
@@ -186,9 +196,7 @@ def requirements_table(rows: list[Mapping]):
         verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
         if row["reason"] in ("undefined", "baseline undefined"):
             verdict += f" ({row['reason']})"
-        value = fmt_g(row["value"])
-        if row.get("interval"):
-            value += f" [{fmt_g(row['interval'][0])}, {fmt_g(row['interval'][1])}]"
+        value = fmt_interval(row)
         table.add_row(escape(row["expr"]), value, fmt_g(row["threshold"]), verdict)
     return table
 
@@ -251,9 +259,7 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
                 )
             )
             expr = r["expr"].replace("|", "\\|")
-            value = fmt_g(r["value"])
-            if r.get("interval"):
-                value += f" [{fmt_g(r['interval'][0])}, {fmt_g(r['interval'][1])}]"
+            value = fmt_interval(r)
             lines.append(f"| `{expr}` | {value} | {fmt_g(r['threshold'])} "
                          f"| {result} |")  # fmt: skip
         lines.append("")
