@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .metrics import MetricSettings, PredictionTerms, _js_terms, class_dot, class_sum
-from .stats import _nanmean_last, safe_divide
+from .stats import _nanmean_last, confusion_parts, safe_divide
 
 PAIR_METRICS = ("kl_ab", "kl_ba", "js")
 """Per-pixel quantities between two predictions, summed and reported as means (nats)."""
@@ -126,14 +126,13 @@ def pair_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray
 
     ``totals``: PairStats fields with a leading axis, e.g. bootstrap resamples.
     """
-    cm = np.asarray(totals["confusion"], dtype=np.float64)
-    n = cm.sum(axis=(-2, -1))
+    tp, n_a, n_b = confusion_parts(totals)
+    n = n_a.sum(axis=-1)
     scale = math.log(settings.log_base)
     sums = np.asarray(totals["sums"], dtype=np.float64)
     out = {name: safe_divide(sums[..., k], n) / scale for k, name in enumerate(PAIR_METRICS)}
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
     out["agreement"] = safe_divide(tp.sum(axis=-1), n)
-    out["agreement_miou"] = _nanmean_last(safe_divide(tp, cm.sum(-1) + cm.sum(-2) - tp))
+    out["agreement_miou"] = _nanmean_last(safe_divide(tp, n_a + n_b - tp))
     return out
 
 

@@ -212,6 +212,19 @@ def _nanmean_last(values: np.ndarray) -> np.ndarray:
     return safe_divide(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
 
 
+def confusion_parts(totals) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, n_target, n_pred), each (..., C) float64, of batched confusion totals.
+
+    All the batched formulas need of a confusion matrix: its diagonal and margins. They are
+    taken from ``totals["confusion"]``, or given directly as ``"tp"``, ``"n_target"`` and
+    ``"n_pred"`` (the bootstrap resamples these C-wide sums instead of C² cells).
+    """
+    if "tp" in totals:
+        return tuple(np.asarray(totals[k], np.float64) for k in ("tp", "n_target", "n_pred"))
+    cm = np.asarray(totals["confusion"], dtype=np.float64)
+    return np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(axis=-1), cm.sum(axis=-2)
+
+
 def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray]:
     """``pixel_metrics`` of many sets of pixels at once: the same formulas over a leading axis.
 
@@ -220,8 +233,8 @@ def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarra
     of the per-image sums. Returns {metric: (R,) array}. Kept next to ``pixel_metrics`` (and
     tested against it) so the two cannot drift apart.
     """
-    cm = np.asarray(totals["confusion"], dtype=np.float64)
-    n = cm.sum(axis=(-2, -1))
+    tp, n_target, n_pred = confusion_parts(totals)
+    n = n_target.sum(axis=-1)
     scale = _info_scale(settings)
     sums = np.asarray(totals["sums"], dtype=np.float64)
     out: dict[str, np.ndarray] = {}
@@ -230,8 +243,6 @@ def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarra
         if name != "brier":
             value = value / scale
         out[name] = np.where(np.isfinite(value), value, np.nan)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    n_target, n_pred = cm.sum(axis=-1), cm.sum(axis=-2)
     out["accuracy"] = safe_divide(tp.sum(axis=-1), n)
     out["miou"] = _nanmean_last(safe_divide(tp, n_target + n_pred - tp))
     out["mdice"] = _nanmean_last(safe_divide(2 * tp, n_target + n_pred))
