@@ -379,10 +379,15 @@ def evaluate(
 
         table = StatsTable.from_result(result)
     if n_resamples:
-        from .intervals import add_intervals
+        from rich.markup import escape
 
-        add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
-                      baseline=base_table, common_only=common_images)  # fmt: skip
+        from .intervals import add_intervals, requirement_needs
+
+        note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
+                             baseline=base_table, common_only=common_images,
+                             delta_required=requirement_needs(require or ())[1])  # fmt: skip
+        if note:
+            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if require:
         from .requirements import check_requirements
 
@@ -466,21 +471,24 @@ def gate(
     refuse_overwriting_inputs([junit, markdown], [summary_path, baseline])
     summary = load_summary(summary_path)
     base = load_summary(baseline) if baseline is not None else None
+    from .intervals import add_intervals, requirement_needs, stats_of
+
     saved = summary.get("bootstrap") or {}
-    if bootstrap is None and require and any("(" in r for r in require):
+    needs_ci, needs_delta = requirement_needs(require)
+    if bootstrap is None and (needs_ci or needs_delta):
         bootstrap = saved.get("resamples")  # the intervals as evaluate computed them
     seed = saved.get("seed", 0) if seed is None else seed
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     if n_resamples:
-        from .intervals import add_intervals, requirement_needs, stats_of
-
-        needs_delta = requirement_needs(require)[1]
         saved_ci = summary.get("dataset_ci")
         required = "delta()" if needs_delta else (None if saved_ci else "low()/high()")
         table = stats_of(summary_path, summary, required=required)
         if table is not None:  # else the intervals saved by evaluate --bootstrap are used
-            add_intervals(summary, table, n_resamples=n_resamples, seed=seed,
-                          baseline=base_table, common_only=common_images)  # fmt: skip
+            note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed,
+                                 baseline=base_table, common_only=common_images,
+                                 delta_required=needs_delta)  # fmt: skip
+            if note:
+                sys.stderr.write(f"warning: {note}\n")
     rows = check_requirements(
         summary, require, baseline=base, allow_settings_change=allow_settings_change
     )

@@ -64,14 +64,25 @@ def add_intervals(
     seed: int,
     baseline: StatsTable | None = None,
     common_only: bool = False,
-) -> None:
-    """Add ``dataset_ci`` (and with a baseline ``delta``, ``delta_ci``) to ``summary``."""
+    delta_required: bool = True,
+) -> str | None:
+    """Add ``dataset_ci`` (and with a baseline ``delta``, ``delta_ci``) to ``summary``.
+
+    Returns a warning when the baseline's images differ and no ``delta()`` requirement
+    needs the deltas (they are then left out instead of failing the run).
+    """
     summary["bootstrap"] = {
         "resamples": n_resamples, "seed": seed, "level": LEVEL, "paired_by": "image stem",
     }  # fmt: skip
     summary["dataset_ci"] = dataset_intervals(table, summary, n_resamples=n_resamples, seed=seed)
     if baseline is not None:
-        base, current = align(baseline, table, common_only=common_only)
+        try:
+            base, current = align(baseline, table, common_only=common_only)
+        except UsageError as err:
+            if delta_required:
+                raise
+            return f"no delta against the baseline: {err}"
         delta, ci = paired_delta(base, current, n_resamples=n_resamples, seed=seed)
         summary["delta"], summary["delta_ci"] = delta, ci
         summary["delta_images"] = len(current)
+    return None
