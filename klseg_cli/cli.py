@@ -568,7 +568,7 @@ def compare(
         klseg compare preds_a/ preds_b/ labels/ --bootstrap 1000 --out cmp/
     """
     from .compare import check_compare_names
-    from .compare import compare as run
+    from .compare import compare_models as run
     from .compare_report import COMPARE_FILES, print_compare, write_compare_reports
     from .intervals import resamples_for
     from .report import check_out_dir, refuse_overwriting_inputs

@@ -346,7 +346,7 @@ def pair_models(
     return pairs, job.settings, job.read, only_a, only_b, job.pairing.missing_pred
 
 
-def compare(
+def compare_models(
     a: str | Path,
     b: str | Path,
     target: str | Path | None = None,
@@ -362,7 +362,7 @@ def compare(
     Example (in a notebook)::
 
         import klseg_cli
-        res = klseg_cli.compare("preds_a/", "preds_b/", "labels/")
+        res = klseg_cli.compare_models("preds_a/", "preds_b/", "labels/")
         res.summary(n_resamples=1000)["delta"]["miou_image_mean"]
     """
     if jobs < 1:

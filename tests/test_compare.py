@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from klseg_cli.agreement import PairStats, pair_class_rows, pair_metrics, pair_terms
 from klseg_cli.cli import app
-from klseg_cli.compare import compare
+from klseg_cli.compare import compare_models as compare
 from klseg_cli.evaluation import evaluate
 from klseg_cli.metrics import MetricSettings, prediction_terms
 
