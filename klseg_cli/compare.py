@@ -223,7 +223,15 @@ def open_two(
     kw = dict(layout=read.layout, num_classes=settings.num_classes, npz_key=read.npz_key,
               max_pixels=read.max_pixels)  # fmt: skip
     pa = open_prediction(path_a, hw=hw, **kw)
-    pb = open_prediction(path_b, hw=(pa.height, pa.width), **kw)
+    try:
+        pb = open_prediction(path_b, hw=(pa.height, pa.width), **kw)
+    except ShapeError as err:
+        if hw is not None:
+            raise
+        raise ShapeError(
+            f"{err.message} (with no target, the (H, W) of A's map {Path(path_a).name})",
+            path=err.path,
+        ) from None
     for pm in (pa, pb):
         if pm.num_classes != settings.num_classes:
             raise ShapeError(

@@ -98,10 +98,14 @@ def test_bad_files_are_input_errors(tmp_path, content, why):
         statsfile.load_stats(path)
 
 
-def test_batched_formulas_equal_pixel_metrics(rng):
-    """pixel_metrics_batch over stacked Stats == pixel_metrics of each (NaN where undefined)."""
+@pytest.mark.parametrize("ignore", [(255,), (0, 255)])
+def test_batched_formulas_equal_pixel_metrics(rng, ignore):
+    """pixel_metrics_batch over stacked Stats == pixel_metrics of each (NaN where undefined).
+
+    With an ignore value inside 0..C-1 too: the class means must leave out the same classes.
+    """
     C, bins = 4, 15
-    settings = MetricSettings(num_classes=C, log_base=2)
+    settings = MetricSettings(num_classes=C, log_base=2, ignore_index=ignore)
     stats = []
     for k in range(12):
         s = Stats.zeros(C, bins)
