@@ -291,3 +291,19 @@ def test_delta_decides_by_the_interval_edge():
                                         "delta(m) > -0.004", "delta(m) < -0.04"])  # fmt: skip
     assert [r["passed"] for r in rows] == [True, True, False, False]
     assert rows[0]["value"] == -0.02 and rows[0]["interval"] == [-0.04, -0.005]
+
+
+def test_the_identity_resample_gives_the_point_estimates():
+    """Counts of one for every image reproduce summary.json's dataset exactly."""
+    result = evaluate(*SAMPLE, smoothing=0.1)  # reverse KL defined: no NaN
+    summary = result.summary()
+    table = StatsTable.from_result(result)
+    samples = bs._samples(np.ones((1, len(table))), bs.Source.from_run(table, summary))
+    for name, value in summary["dataset"].items():
+        assert samples[name][0] == pytest.approx(value, rel=1e-12), name
+
+
+def test_every_current_dataset_metric_has_a_batched_formula():
+    from klseg_cli.requirements import dataset_keys
+
+    assert bs.covered(dataset_keys()) == dataset_keys()
