@@ -25,8 +25,10 @@ _EXPORTS = {
     "ShapeError": "errors",
     "Stats": "stats",
     "UsageError": "errors",
+    "compare_models": "compare",
     "evaluate": "evaluation",
     "evaluate_pair": "evaluation",
+    "load_stats": "statsfile",
     "pixel_terms": "metrics",
     "write_reports": "report",
 }

@@ -229,6 +229,26 @@ GithubSummaryOpt = Annotated[
     bool,
     typer.Option("--github-summary", help="Append the Markdown summary to $GITHUB_STEP_SUMMARY."),
 ]
+BootstrapOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--bootstrap",
+        metavar="N",
+        help="95% intervals over images from N resamples (paired by stem) [default: off; "
+        "1000 when a requirement uses low(), high() or delta()].",
+    ),
+]
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Seed of the bootstrap resamples [default: 0].")
+]
+CommonImagesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--common-images",
+        help="delta(): pair only the images both runs have (default: different image sets "
+        "are an error listing them).",
+    ),
+]
 
 
 def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout) -> int:
@@ -262,6 +282,20 @@ def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdo
             stream.write(line + "\n")
         stream.flush()
     return 1 if any(not r["passed"] for r in rows) else 0
+
+
+def _bootstrap_plan(require, bootstrap, baseline, base):
+    """(resamples, the baseline's StatsTable or None) for --bootstrap, low/high/delta."""
+    from .intervals import requirement_needs, resamples_for, stats_of
+
+    n_resamples = resamples_for(bootstrap, require or ())
+    needs_delta = requirement_needs(require or ())[1]
+    if needs_delta and baseline is None:
+        raise UsageError("delta() compares with a baseline: pass --baseline old/summary.json")
+    base_table = None
+    if baseline is not None and n_resamples:
+        base_table = stats_of(baseline, base, required="delta()" if needs_delta else None)
+    return n_resamples, base_table
 
 
 def _check_paths_writable(*paths) -> None:
@@ -352,6 +386,9 @@ def evaluate(
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
     github_summary: GithubSummaryOpt = False,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    common_images: CommonImagesOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -366,6 +403,7 @@ def evaluate(
 
     check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
+    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     _check_paths_writable(junit, markdown)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
@@ -390,6 +428,21 @@ def evaluate(
             f"[yellow]warning:[/] {path}: target has no prediction; left out", highlight=False
         )
     summary = result.summary()
+    table = None
+    if n_resamples or out is not None:
+        from .statsfile import StatsTable
+
+        table = StatsTable.from_result(result)
+    if n_resamples:
+        from rich.markup import escape
+
+        from .intervals import add_intervals, requirement_needs
+
+        note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
+                             baseline=base_table, common_only=common_images,
+                             delta_required=requirement_needs(require or ())[1])  # fmt: skip
+        if note:
+            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if require:
         from .requirements import check_requirements
 
@@ -397,7 +450,9 @@ def evaluate(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
-    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
+    outputs = (
+        [out / name for name in (*report.REPORT_FILES, "stats.npz")] if out is not None else []
+    )
     report.refuse_overwriting_inputs([*outputs, junit, markdown], [*inputs, baseline])
     if out is not None:
         if heatmaps:
@@ -406,7 +461,13 @@ def evaluate(
             worst_images_heatmaps(
                 result, out / "heatmaps", heatmaps, HeatmapOptions(metric="kl", colorbar=True)
             )
-        report.write_reports(summary, out, result=result)
+        from .atomic import atomic_path
+        from .statsfile import write_stats
+
+        report.make_out_dir(out)
+        with atomic_path(out / "stats.npz") as tmp:  # renamed only once the reports are written
+            write_stats(table, tmp)
+            report.write_reports(summary, out, result=result)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
@@ -444,13 +505,17 @@ def gate(
         OutputFormat,
         typer.Option("--format", help="table: a rich table; json: the results on stdout."),
     ] = OutputFormat.table,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    common_images: CommonImagesOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Check requirements against a saved summary.json, without recomputing anything.
+    """Check requirements against a saved summary.json, without reading any map.
 
     Without --require, the requirements stored in the summary (those its evaluate run
-    checked) are checked again. Exit 0 when all hold, 1 when one fails, 2 on a usage or
-    input error.
+    checked) are checked again. low(), high() and delta() are recomputed from the stats.npz
+    beside the summary (and beside the --baseline), with the resamples and seed evaluate
+    used unless given. Exit 0 when all hold, 1 when one fails, 2 on a usage or input error.
 
     Example:
 
@@ -468,6 +533,24 @@ def gate(
         if not require:
             raise UsageError(f"{summary_path} stores no requirements; pass at least one --require")
     base = load_summary(baseline) if baseline is not None else None
+    from .intervals import add_intervals, requirement_needs, stats_of
+
+    saved = summary.get("bootstrap") or {}
+    needs_ci, needs_delta = requirement_needs(require)
+    if bootstrap is None and (needs_ci or needs_delta):
+        bootstrap = saved.get("resamples")  # the intervals as evaluate computed them
+    seed = saved.get("seed", 0) if seed is None else seed
+    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
+    if n_resamples:
+        saved_ci = summary.get("dataset_ci")
+        required = "delta()" if needs_delta else (None if saved_ci else "low()/high()")
+        table = stats_of(summary_path, summary, required=required)
+        if table is not None:  # else the intervals saved by evaluate --bootstrap are used
+            note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed,
+                                 baseline=base_table, common_only=common_images,
+                                 delta_required=needs_delta)  # fmt: skip
+            if note:
+                sys.stderr.write(f"warning: {note}\n")
     rows = check_requirements(
         summary, require, baseline=base, allow_settings_change=allow_settings_change
     )
@@ -476,6 +559,134 @@ def gate(
                         github_summary=github_summary, json_on_stdout=json_out)  # fmt: skip
     if json_out:
         sys.stdout.write(summary_json({"passed": code == 0, "requirements": rows}))
+    raise typer.Exit(code=code)
+
+
+class RankBy(str, Enum):
+    kl = "kl"
+    miou = "miou"
+
+
+@app.command()
+@handle_errors
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A", help="Model A's maps: a file or a folder.")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Model B's maps of the same images.")],
+    gt: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="GT", help="Targets (optional): both models' metrics and Δ."),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Write compare.csv, compare.json here.")
+    ] = None,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="table: rich tables; json: compare JSON on stdout."),
+    ] = OutputFormat.table,
+    top: Annotated[
+        int, typer.Option("--top", metavar="K", help="With GT: list the K images B does worst.")
+    ] = 5,
+    rank_by: Annotated[
+        RankBy, typer.Option("--rank-by", help="With GT: rank images by Δkl or Δmiou.")
+    ] = RankBy.kl,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    require: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--require",
+            metavar="EXPR",
+            help="Gate on compare names, e.g. 'js_pooled <= 0.01', "
+            "'agreement_pooled >= 0.95', 'delta(miou_image_mean) >= 0' (with GT).",
+        ),
+    ] = None,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    github_summary: GithubSummaryOpt = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Images compared in parallel (processes).")
+    ] = 1,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = 1e-7,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
+
+    With GT, also both models' metrics side by side, their paired differences B − A (with
+    --bootstrap intervals) and the images where B does worst.
+
+    Example:
+
+        klseg compare preds_a/ preds_b/ labels/ --bootstrap 1000 --out cmp/
+    """
+    from .compare import check_compare_names
+    from .compare import compare_models as run
+    from .compare_report import COMPARE_FILES, print_compare, write_compare_reports
+    from .intervals import resamples_for
+    from .report import check_out_dir, refuse_overwriting_inputs
+
+    check_compare_names(require or (), with_target=gt is not None)
+    n_resamples = resamples_for(bootstrap, require or ())
+    _check_paths_writable(junit, markdown)
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, got {top}")
+    if out is not None:
+        check_out_dir(out)
+    options = plan_options(locals())
+    err = _stderr_console()
+    with _progress(err, "comparing") as tick:
+        result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)
+    for path in result.only_in_b:
+        err.print(f"[yellow]warning:[/] {path}: no map of A with this stem; skipped",
+                  highlight=False)  # fmt: skip
+    for path in result.only_in_a:
+        err.print(f"[yellow]warning:[/] {path}: no map of B with this stem; left out",
+                  highlight=False)  # fmt: skip
+    for path in result.missing_predictions:
+        err.print(f"[yellow]warning:[/] {path}: target has no prediction; left out",
+                  highlight=False)  # fmt: skip
+    summary = result.summary(n_resamples=n_resamples, seed=seed or 0, top_k=top,
+                             rank_by=rank_by.value)  # fmt: skip
+    if require:
+        from .requirements import check_requirements
+
+        summary["requirements"] = check_requirements(summary, require)
+    inputs = [p for img in result.images for p in img.files]
+    outputs = [out / name for name in COMPARE_FILES] if out is not None else []
+    refuse_overwriting_inputs([*outputs, junit, markdown], inputs)
+    if out is not None:
+        write_compare_reports(summary, out)
+    if output_format is OutputFormat.json:
+        from .report import summary_json
+
+        sys.stdout.write(summary_json(summary))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        print_compare(summary, console)
+        if out is not None:
+            console.print(f"reports written to {out}/", highlight=False)
+    code = gate_outputs(
+        None, summary["requirements"], junit=junit, markdown=markdown,
+        github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
+    ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
     raise typer.Exit(code=code)
 
 
@@ -547,6 +758,15 @@ def heatmap(
     raw: Annotated[
         Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
     ] = None,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--against",
+            metavar="B",
+            help="A second model's map (or folder): draw where PRED and B disagree "
+            "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
+        ),
+    ] = None,
     classes: ClassesOpt = None,
     ignore_index: IgnoreOpt = None,
     smoothing: SmoothingOpt = 0.0,
@@ -569,9 +789,12 @@ def heatmap(
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
 
+    With --against B (no GT), where two models disagree: KL(PRED||B), JS or argmax.
+
     Example:
 
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
+        klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
     from .heatmap import HeatmapOptions, make_heatmaps
 
@@ -582,10 +805,23 @@ def heatmap(
     )  # fmt: skip
     plan = plan_options(locals())
     err = _stderr_console()
-    with _progress(err, "rendering") as tick:
-        written = make_heatmaps(
-            pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance, **plan
-        )
+    if against is not None:
+        from .compare import make_pair_heatmaps
+
+        if gt is not None:
+            raise UsageError("--against compares two predictions: give PRED and --against B, "
+                             "no GT")  # fmt: skip
+        with _progress(err, "rendering") as tick:
+            written = make_pair_heatmaps(
+                pred, against, out, options, raw=raw, on_start=tick.start,
+                on_image=tick.advance, **plan,
+            )  # fmt: skip
+    else:
+        with _progress(err, "rendering") as tick:
+            written = make_heatmaps(
+                pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance,
+                **plan,
+            )  # fmt: skip
     for path in written:
         err.print(f"wrote {path}", highlight=False)
 

@@ -173,19 +173,28 @@ def summary_table(summary: Mapping):
     table.add_column("pooled", justify="right", no_wrap=True)
     table.add_column("image mean", justify="right", no_wrap=True)
     for name, pooled, image_mean in dataset_rows(summary["dataset"]):
-        table.add_row(name, fmt(pooled), fmt(image_mean))
+        table.add_row(name, fmt_ci(summary, pooled), fmt_ci(summary, image_mean))
     return table
 
 
 def dataset_rows(dataset: Mapping):
-    """(name, pooled, image mean) for each metric of a summary's ``dataset``, in order."""
+    """(name, pooled key, image-mean key or None) for each metric of a ``dataset``."""
     from .stats import POOLED_ONLY_METRICS
 
     for name in IMAGE_COLUMNS[4:]:
-        yield name, dataset.get(f"{name}_pooled"), dataset.get(f"{name}_image_mean")
+        yield name, f"{name}_pooled", f"{name}_image_mean"
     for name in POOLED_ONLY_METRICS:
         if f"{name}_pooled" in dataset:
-            yield name, dataset[f"{name}_pooled"], None
+            yield name, f"{name}_pooled", None
+
+
+def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:
+    """A data-set value, with its bootstrap interval when there is one: 0.712 [0.695, 0.731]."""
+    text = fmt(summary["dataset"].get(name) if name else None, digits)
+    ci = summary.get("dataset_ci", {}).get(name)
+    if ci is not None and text != UNDEFINED:
+        text += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return text
 
 
 def class_table(summary: Mapping):
@@ -210,6 +219,16 @@ def class_table(summary: Mapping):
 # --- requirements (CI gates) ---------------------------------------------------------------
 
 
+def fmt_interval(row: Mapping) -> str:
+    """A requirement's value; with its interval (delta()) in 3 digits: -0.026 [-0.055, 0.0044]."""
+    if not row.get("interval"):
+        return fmt_g(row["value"])
+    lo, hi = row["interval"]
+    if lo is None or not math.isfinite(lo):
+        return f"{fmt_g(row['value'])} [{UNDEFINED}]"
+    return f"{row['value']:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
 def requirements_table(rows: list[Mapping]):
     from rich import box
     from rich.markup import escape
@@ -223,7 +242,8 @@ def requirements_table(rows: list[Mapping]):
         verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
         if row["reason"] in ("undefined", "baseline undefined"):
             verdict += f" ({row['reason']})"
-        table.add_row(escape(row["expr"]), fmt_g(row["value"]), fmt_g(row["threshold"]), verdict)
+        value = fmt_interval(row)
+        table.add_row(escape(row["expr"]), value, fmt_g(row["threshold"]), verdict)
     return table
 
 
@@ -263,8 +283,12 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
         lines.append("| metric | pooled | image mean |")
         lines.append("|---|---:|---:|")
         for name, pooled, image_mean in dataset_rows(summary["dataset"]):
-            lines.append(f"| {name} | {fmt(pooled)} | {fmt(image_mean)} |")
+            lines.append(f"| {name} | {fmt_ci(summary, pooled)} | {fmt_ci(summary, image_mean)} |")
         lines.append(f"\nkl, ce, js, entropy in {summary_unit(summary)}.")
+        if "bootstrap" in summary:
+            b = summary["bootstrap"]
+            lines.append(f"\n[low, high]: {b['level']:.0%} bootstrap intervals over images "
+                         f"({b['resamples']} resamples, seed {b['seed']}).")  # fmt: skip
         lines.append("")
     if rows:
         lines.append("| requirement | value | threshold | result |")
@@ -281,7 +305,8 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
                 )
             )
             expr = r["expr"].replace("|", "\\|")
-            lines.append(f"| `{expr}` | {fmt_g(r['value'])} | {fmt_g(r['threshold'])} "
+            value = fmt_interval(r)
+            lines.append(f"| `{expr}` | {value} | {fmt_g(r['threshold'])} "
                          f"| {result} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines) + "\n"

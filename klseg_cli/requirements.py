@@ -4,12 +4,19 @@ Grammar (whitespace anywhere between tokens)::
 
     requirement := name op value
     name        := IDENT | IDENT "[" class "]"       # miou_pooled, iou[road], dice[3]
+                 | BOUND "(" IDENT ")"               # low(miou_pooled), delta(kl_pooled)
     op          := "<" | "<=" | ">" | ">="
     value       := NUMBER | "baseline" [ ("+" | "-") NUMBER ]
 
 A gate must never pass silently: an unknown name or class is a usage error that lists the
 valid names, an undefined (NaN) value fails with the reason "undefined", and a baseline
 computed with other numeric settings is an error unless explicitly allowed.
+
+Bootstrap bounds (DESIGN §8): ``low(NAME)`` and ``high(NAME)`` are the ends of NAME's 95%
+interval (``dataset_ci``); ``delta(NAME)`` is the paired difference this run − baseline
+(``delta``, ``delta_ci``), and a requirement on it fails only when its whole interval is on
+the wrong side: ``delta(x) >= t`` (or ``>``) fails only when high(delta) < t (``<=`` t);
+``delta(x) <= t`` (or ``<``) only when low(delta) > t (``>=`` t). They compare with a number.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import InputError, UsageError
 
+BOUNDS = ("low", "high", "delta")
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
@@ -38,6 +46,7 @@ _TOKEN = re.compile(
       | (?P<sign>[+-])
       | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
       | (?P<bracket>\[[^\]]*\])
+      | (?P<paren>\(\s*[A-Za-z_][A-Za-z0-9_]*\s*\))
     )""",
     re.VERBOSE,
 )
@@ -53,9 +62,12 @@ class Requirement:
     op: str
     number: float | None  # the threshold, or the offset from the baseline
     baseline: bool
+    bound: str | None = None  # "low", "high" or "delta": a bootstrap bound of ``metric``
 
     @property
     def name(self) -> str:
+        if self.bound is not None:
+            return f"{self.bound}({self.metric})"
         return f"{self.metric}[{self.klass}]" if self.klass is not None else self.metric
 
 
@@ -90,6 +102,12 @@ def parse_requirement(text: str) -> Requirement:
         raise fail("it must start with a metric name")
     metric = toks[i][1]
     i += 1
+    bound = None
+    if i < len(toks) and toks[i][0] == "paren":
+        if metric not in BOUNDS:
+            raise fail(f"{metric!r} is not one of {', '.join(BOUNDS)}")
+        bound, metric = metric, toks[i][1][1:-1].strip()
+        i += 1
     klass = None
     if i < len(toks) and toks[i][0] == "bracket":
         klass = toks[i][1][1:-1].strip()
@@ -127,6 +145,10 @@ def parse_requirement(text: str) -> Requirement:
         raise fail(f"unexpected {toks[i][1]!r} at the end")
     if not math.isfinite(req.number):
         raise fail("the number must be finite")
+    if bound is not None:
+        if klass is not None or req.baseline:
+            raise fail(f"{bound}() compares a data-set metric with a number")
+        req = Requirement(text, metric, None, op, req.number, baseline=False, bound=bound)
     return req
 
 
@@ -147,7 +169,7 @@ def check_names(texts: Sequence[str]) -> list[Requirement]:
     reqs = [parse_requirement(t) for t in texts]
     for req in reqs:
         if req.klass is None or req.metric not in CLASS_METRICS:
-            lookup(template, req)
+            lookup(template, replace(req, bound=None) if req.bound else req)
     return reqs
 
 
@@ -169,6 +191,8 @@ def did_you_mean(word: str, candidates) -> str:
 
 def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> float:
     """The value ``req`` names in a summary (NaN when undefined); unknown names raise."""
+    if req.bound is not None:
+        return _bound(summary, req)[0]
     if req.klass is None:
         if req.metric not in summary["dataset"]:
             hint = (
@@ -207,6 +231,35 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
             )
         value = row[req.metric]
     return math.nan if value is None else float(value)
+
+
+def _bound(summary: Mapping, req: Requirement) -> tuple[float, list[float]]:
+    """(value, [low, high]) of a low()/high()/delta() requirement; absent intervals raise."""
+    if req.bound == "delta" and "delta" in summary:
+        if req.metric not in summary["delta"]:
+            raise UsageError(
+                f"--require {req.text!r}: unknown name {req.metric!r}. Valid names: "
+                + ", ".join(sorted(summary["delta"]))
+            )
+    else:
+        lookup(summary, replace(req, bound=None))  # an unknown metric name: the usual error
+    key, point = ("delta_ci", "delta") if req.bound == "delta" else ("dataset_ci", "dataset")
+    if key not in summary:
+        need = (
+            "--baseline with a stats.npz beside its summary.json"
+            if req.bound == "delta"
+            else "bootstrap intervals (--bootstrap N, and a stats.npz beside a gated summary)"
+        )
+        raise UsageError(f"--require {req.text!r} needs {need}")
+    low, high = (
+        math.nan if v is None else float(v) for v in summary[key].get(req.metric, (None, None))
+    )
+    if req.bound == "low":
+        return low, [low, high]
+    if req.bound == "high":
+        return high, [low, high]
+    value = summary[point].get(req.metric)
+    return (math.nan if value is None else float(value)), [low, high]
 
 
 def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
@@ -257,10 +310,21 @@ def check_requirements(
         else:
             base = None
             threshold = req.number
-        if math.isnan(value):
+        interval = _bound(summary, req)[1] if req.bound == "delta" else None
+        if math.isnan(value) or (interval is not None and math.isnan(interval[0])):
             passed, reason = False, "undefined"
         elif math.isnan(threshold):
             passed, reason = False, "baseline undefined"
+        elif interval is not None:
+            # fails only when the whole interval lies on the wrong side of the threshold
+            upward = req.op in (">=", ">")
+            decisive = interval[1] if upward else interval[0]
+            passed = bool(OPERATORS[req.op](decisive, threshold))
+            side = "below" if upward else "above"
+            reason = "" if passed else (
+                f"{req.name} = {value:.6g}, 95% interval [{interval[0]:.6g}, "
+                f"{interval[1]:.6g}] lies wholly {side} {threshold:.6g}"
+            )  # fmt: skip
         else:
             passed = bool(OPERATORS[req.op](value, threshold))
             reason = "" if passed else f"{req.name} = {value:.6g}, not {req.op} {threshold:.6g}"
@@ -273,6 +337,7 @@ def check_requirements(
             "baseline": base,
             "passed": passed,
             "reason": reason,
+            **({"interval": interval} if interval is not None else {}),
         })  # fmt: skip
     return rows
 

@@ -218,6 +218,59 @@ def pixel_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
     return out
 
 
+def _nanmean_last(values: np.ndarray) -> np.ndarray:
+    """``nanmean`` along the last axis, NaN where nothing is defined (no warnings)."""
+    defined = ~np.isnan(values)
+    return safe_divide(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
+
+
+def confusion_parts(totals) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, n_target, n_pred), each (..., C) float64, of batched confusion totals.
+
+    All the batched formulas need of a confusion matrix: its diagonal and margins. They are
+    taken from ``totals["confusion"]``, or given directly as ``"tp"``, ``"n_target"`` and
+    ``"n_pred"`` (the bootstrap resamples these C-wide sums instead of C² cells).
+    """
+    if "tp" in totals:
+        return tuple(np.asarray(totals[k], np.float64) for k in ("tp", "n_target", "n_pred"))
+    cm = np.asarray(totals["confusion"], dtype=np.float64)
+    return np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(axis=-1), cm.sum(axis=-2)
+
+
+def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray]:
+    """``pixel_metrics`` of many sets of pixels at once: the same formulas over a leading axis.
+
+    ``totals`` maps Stats field names to arrays with a leading batch axis (``sums`` (R, 6),
+    ``confusion`` (R, C, C), ``ece_*`` (R, bins)), float or int: e.g. bootstrap resamples
+    of the per-image sums. Returns {metric: (R,) array}. Kept next to ``pixel_metrics`` (and
+    tested against it) so the two cannot drift apart.
+    """
+    tp, n_target, n_pred = confusion_parts(totals)
+    n = n_target.sum(axis=-1)
+    scale = _info_scale(settings)
+    sums = np.asarray(totals["sums"], dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for k, name in enumerate(PIXEL_METRICS):
+        value = safe_divide(sums[..., k], n)
+        if name != "brier":
+            value = value / scale
+        out[name] = np.where(np.isfinite(value), value, np.nan)
+    out["accuracy"] = safe_divide(tp.sum(axis=-1), n)
+    keep = list(settings.mean_classes)  # the classes the class means cover
+    tp_m, nt_m, np_m = tp[..., keep], n_target[..., keep], n_pred[..., keep]
+    iou = safe_divide(tp_m, nt_m + np_m - tp_m)
+    out["miou"] = _nanmean_last(iou)
+    out["mdice"] = _nanmean_last(safe_divide(2 * tp_m, nt_m + np_m))
+    count = np.asarray(totals["ece_count"], dtype=np.float64)
+    gap = np.abs(np.asarray(totals["ece_correct"], np.float64) - totals["ece_conf"])
+    out["ece"] = safe_divide(np.where(count > 0, gap, 0.0).sum(axis=-1), count.sum(axis=-1))
+    out["macc"] = _nanmean_last(safe_divide(tp_m, nt_m))
+    weights = np.asarray(nt_m, dtype=np.float64)
+    out["fwiou"] = safe_divide(np.where(weights > 0, weights * iou, 0.0).sum(axis=-1),
+                               weights.sum(axis=-1))  # fmt: skip
+    return out
+
+
 IMAGE_COLUMNS = (
     "image", "height", "width", "n_valid",
     "kl", "kl_reverse", "js", "ce", "entropy", "brier", "accuracy", "miou", "mdice", "ece",

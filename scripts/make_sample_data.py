@@ -10,7 +10,11 @@ Eight 120×160 scenes with five classes (road, building, vegetation, sky, car):
   float32 with exact 0.0 and 1.0 where the softmax saturates, as real output has;
 - even-numbered scenes are .npy (H, W, C); odd ones are zlib-compressed .tif (C, H, W);
 - scene 7 has no car at all, neither in the target nor in the prediction;
-- images/ holds a synthetic "photo" of each scene (JPEG) for ``klseg heatmap --overlay``.
+- images/ holds a synthetic "photo" of each scene (JPEG) for ``klseg heatmap --overlay``;
+- predictions_b/ holds a second model's maps of the same scenes (``klseg compare``), as
+  compressed float16 .npz (H, W, C): less sharp than the first, it gets the cars of scenes 1 and 4
+  right but takes a patch of road for a car in scenes 3 and 6 and misses trees in 5.
+  Its own random stream: the first model's files do not change.
 """
 
 from __future__ import annotations
@@ -92,6 +96,28 @@ def predict(rng: np.random.Generator, mask: np.ndarray, index: int) -> np.ndarra
     return probs
 
 
+def predict_b(rng: np.random.Generator, mask: np.ndarray, index: int) -> np.ndarray:
+    """A second model: softer logits, other noise, other confident mistakes."""
+    labels = np.where(mask == IGNORE, 0, mask)
+    onehot = (labels[None] == np.arange(C)[:, None, None]).astype(np.float64)
+    soft = box_blur(onehot, 4)
+    logits = 11.0 * np.log(soft + 1e-3) + rng.normal(0, 2.0, size=(C, H, W))
+    logits += box_blur(rng.normal(0, 18.0, size=(C, H, W)), 6)
+    if index in (3, 6):
+        roads = np.argwhere(labels == 0)
+        if len(roads):
+            y0, x0 = roads[len(roads) // 3]
+            logits[4, y0 : y0 + 12, x0 : x0 + 18] += 120.0  # road seen as a car
+    if index == 5:
+        logits[2][labels == 2] -= 25.0  # trees taken for buildings
+        logits[1][labels == 2] += 25.0
+    logits = logits.astype(np.float32)
+    logits -= logits.max(axis=0, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=0, keepdims=True)
+    return probs
+
+
 def photo(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     """A photo-like RGB rendering of a scene: muted class colours, shading and texture."""
     labels = np.where(mask == IGNORE, 1, mask)
@@ -131,6 +157,22 @@ def main(out: Path) -> None:
                 compression="zlib",
             )
     (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    write_model_b(out)
+
+
+def write_model_b(out: Path) -> None:
+    """predictions_b/: the second model, from the same scenes (replayed from SEED)."""
+    rng = np.random.default_rng(SEED)
+    b_rng = np.random.default_rng(SEED + 2)
+    (out / "predictions_b").mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        mask = scene(rng, i)
+        predict(rng, mask, i)  # keeps the scene stream where main() has it
+        probs = predict_b(b_rng, mask, i)
+        np.savez_compressed(
+            out / "predictions_b" / f"scene_{i:02d}.npz",
+            probs=np.ascontiguousarray(probs.transpose(1, 2, 0)).astype(np.float16),
+        )
 
 
 if __name__ == "__main__":

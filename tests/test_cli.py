@@ -61,6 +61,7 @@ def test_evaluate_writes_reports(tmp_path):
         "per_class.csv",
         "per_image.csv",
         "per_image_class.csv",
+        "stats.npz",
         "summary.json",
     ]
     image_lines = (out / "per_image.csv").read_text().splitlines()

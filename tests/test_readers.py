@@ -6,12 +6,11 @@ import tifffile
 from PIL import Image
 
 from klseg_cli.errors import LabelError, ReadError, ShapeError
+from klseg_cli.labels import LabelSpec
 from klseg_cli.readers import (
-    check_labels,
     detect_layout,
     open_prediction,
     read_target,
-    valid_labels,
 )
 
 from .conftest import random_probs
@@ -129,11 +128,12 @@ def test_unknown_labels_are_named_with_counts(tmp_path):
     labels[1, :2] = 9
     labels[2, 0] = 255
     with pytest.raises(LabelError, match=r"7 \(1 px\), 9 \(2 px\)") as info:
-        check_labels(labels.reshape(-1), 5, (255,), "gt/x.png")
+        LabelSpec(5, (255,)).check(labels.reshape(-1), "gt/x.png")
     assert str(info.value).startswith("gt/x.png: ")
-    check_labels(np.array([0, 4, 255]), 5, (255,), "x")  # no error
-    assert valid_labels(np.array([0, 4, 255]), 5).tolist() == [True, True, False]
-    assert valid_labels(np.array([0, -1, 5], dtype=np.int16), 5).tolist() == [True, False, False]
+    LabelSpec(5, (255,)).check(np.array([0, 4, 255]), "x")  # no error
+    assert (LabelSpec(5, (255,)).codes(np.array([0, 4, 255])) >= 0).tolist() == [True, True, False]
+    codes = LabelSpec(5, (-1,)).codes(np.array([0, -1, 4], dtype=np.int16))
+    assert (codes >= 0).tolist() == [True, False, True]
 
 
 def test_object_npy_is_refused_without_unpickling(tmp_path):
