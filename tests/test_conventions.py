@@ -562,3 +562,17 @@ def test_kernel_fallback_chunks_use_the_mapped_labels(rng):
     for stats in (ref, fast):
         np.testing.assert_array_equal(stats.confusion, cm)
         assert stats.sums[0] == pytest.approx(kl_sum, rel=1e-6)
+
+
+def test_keep_going_with_every_pair_failing_writes_no_report(tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    for stem in ("a", "b"):
+        np.save(tmp_path / "pred" / f"{stem}.npy", np.full((3, 4, 3), np.nan, np.float32))
+        Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "gt" / f"{stem}.png")
+    out = tmp_path / "report"
+    r = _cli("evaluate", tmp_path / "pred", tmp_path / "gt", "--keep-going", "--out", out)
+    assert r.exit_code == 2
+    assert "no pair could be evaluated; no report was written" in r.stderr
+    assert r.stderr.count("NaN") == 2  # each failure listed
+    assert not out.exists() or not any(out.iterdir())
