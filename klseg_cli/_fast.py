@@ -46,6 +46,32 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 AVAILABLE = numba is not None
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba_cache")
+"""Where numba caches the kernel's machine code: inside the package, so that the cache
+compiled when the wheel is built (``precompile``, run by setup.py) ships with it."""
+
+if AVAILABLE:
+    try:
+        from numba.core import caching as _caching
+
+        class _PackageCacheLocator(_caching.InTreeCacheLocator):
+            """numba's in-tree locator with the package's own cache folder (not
+            ``__pycache__``, which wheels leave out); when that folder is not writable,
+            numba's other locators take over (a user-wide cache)."""
+
+            def __init__(self, py_func, py_file):
+                super().__init__(py_func, py_file)
+                self._cache_path = CACHE_DIR
+
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                if os.path.abspath(py_file) != os.path.abspath(__file__):
+                    return None
+                return super().from_function(py_func, py_file)
+
+        _caching.CacheImpl._locator_classes.insert(0, _PackageCacheLocator)
+    except (ImportError, AttributeError):  # pragma: no cover - another numba layout
+        pass
 
 TILE_HWC = 256
 """Pixels per tile of an HWC chunk, which is copied class-major first: 19 classes × 256 ×
@@ -343,7 +369,8 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
               pixel_major: bool = False, start: int = 0) -> bool:  # fmt: skip
     """Add a float32 chunk with labels ``y`` to ``total``: class codes (``LabelSpec.codes``:
     negative where a pixel is ignored), or raw labels when ``LabelSpec.plain`` (values
-    outside 0..C−1 are masked).
+    outside 0..C−1 are masked). Labels go to the kernel as int32, so that one compiled
+    specialisation serves every label dtype (see ``precompile``).
 
     ``P`` is (C, n) class-major, or with ``pixel_major`` (n, C) as HWC maps store it. A
     class-major ``P`` may also be a whole map's (C, H·W) planes, the chunk being pixels
@@ -353,8 +380,11 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     ``total.sums[1]`` (KL(p‖q), infinite against one-hot targets) is left to the caller.
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("="))  # numba: native order only
     n = P.shape[0] if pixel_major else P.shape[1] - start
+    if not np.can_cast(y.dtype, np.int32):  # wide labels: masked ones become −1 first
+        C = P.shape[1] if pixel_major else P.shape[0]
+        y = np.where((y >= 0) & (y < C), y, -1)
+    y = np.ascontiguousarray(y, dtype=np.int32)  # one compiled specialisation for every dtype
     if pixel_major and start:
         raise ValueError("a pixel-major chunk starts at 0")
     if y.shape[0] > n:
@@ -369,3 +399,27 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     if ok:
         total.n_clipped += int(clipped)
     return bool(ok)
+
+
+def precompile() -> bool:
+    """Compile the kernel for the one signature klseg calls it with, into numba's cache
+    (``__pycache__`` beside this file). Run when the package is built (``setup.py``), so a
+    fresh install loads machine code instead of spending seconds compiling on its first
+    large map; numba checks the cache against this file's contents, its own version and
+    the CPU, and compiles afresh if any differs. Returns False without numba."""
+    if not AVAILABLE:
+        return False
+    from .metrics import MetricSettings
+    from .stats import Stats
+
+    settings = MetricSettings(num_classes=3)
+    total = Stats.zeros(3, settings.ece_bins)
+    P = np.full((3, 4), 1 / 3, dtype=np.float32)
+    y = np.array([0, 1, 2, 255], dtype=np.uint8)
+    add_chunk(total, P, y, settings, 1e-3)
+    add_chunk(total, np.ascontiguousarray(P.T), y, settings, 1e-3, pixel_major=True)
+    return True
+
+
+if __name__ == "__main__":  # python -m klseg_cli._fast: fill the compiled cache
+    print("kernel compiled" if precompile() else "numba is not installed: nothing to compile")

@@ -253,12 +253,14 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     settings.labels.check(labels, target_path)
     chunk_pixels = chunk_for(chunk_pixels, pred.num_classes)
     planes = pred.planes_in_memory()  # read in place when the map is in memory already
+    # labels that fit int32 go to the kernel as they are; wider ones (and mapped ones) as codes
+    plain = settings.labels.plain and np.can_cast(labels.dtype, np.int32)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
         raw = labels[start:stop]
         # plain labels go in as they are (the kernel masks those outside 0..C-1); else codes
-        y = raw if settings.labels.plain else settings.labels.codes(raw)
+        y = raw if plain else settings.labels.codes(raw)
         if planes is not None:
             if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
                 continue
