@@ -53,8 +53,10 @@ class MetricSettings:
             raise UsageError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         if self.input_kind not in ("probs", "logits"):
             raise UsageError(f"--input must be 'probs' or 'logits', got {self.input_kind!r}")
-        if not (self.log_base > 0 and self.log_base != 1):
-            raise UsageError(f"--log-base must be positive and not 1, got {self.log_base}")
+        if not (math.isfinite(self.log_base) and self.log_base > 1):  # 0.5: KL < 0; inf: 0
+            raise UsageError(f"--log-base must be a finite number above 1, got {self.log_base}")
+        if any(not -(2**63) <= int(i) < 2**63 for i in self.ignore_index):
+            raise UsageError(f"--ignore-index values must fit in 64 bits, got {self.ignore_index}")
         if self.ece_bins < 1:
             raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -154,7 +156,7 @@ def argmax_classes(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred = np.zeros(n, dtype=small)
     term = np.empty(n, dtype=small)
     for c in range(1, C):
-        np.multiply(is_max[c], c, out=term, casting="unsafe")
+        np.multiply(is_max[c], small(c), out=term, casting="unsafe")  # c ≥ 256: no uint8
         pred += term
     pred = pred.astype(np.intp)
     ties = np.flatnonzero(n_max != 1)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -34,22 +33,38 @@ def summary_json(summary: Mapping) -> str:
     return json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n"
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A text cell starting with one of these is a formula to a spreadsheet (CSV injection)."""
+
+
 def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value  # text from file names or class names, never a formula
     return str(value)
 
 
+def _csv_field(text: str) -> str:
+    """RFC 4180 quoting; unlike the csv module with a \\n line end, a lone \\r is quoted
+    too, so a stem holding one cannot break its row."""
+    if any(ch in text for ch in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
 def rows_csv(rows: Iterable[Mapping], columns: tuple[str, ...]) -> str:
-    """CSV text with exactly ``columns``; undefined numbers are empty cells."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
+    """CSV text with exactly ``columns``; undefined numbers are empty cells.
+
+    Text cells (image stems, class names) that start with ``= + - @`` (or a tab or CR) get
+    a leading ``'`` so a spreadsheet shows them as text instead of running them.
+    """
+    lines = [",".join(_csv_field(c) for c in columns)]
     for row in rows:
-        writer.writerow([_cell(row[c]) for c in columns])
-    return buf.getvalue()
+        lines.append(",".join(_csv_field(_cell(row[c])) for c in columns))
+    return "\n".join(lines) + "\n"
 
 
 def write_atomic(files: Mapping[Path, str]) -> None:
@@ -88,16 +103,24 @@ def make_out_dir(out: Path) -> Path:
     return out
 
 
-def write_reports(summary: Mapping, out: Path) -> list[Path]:
-    """Write ``per_image.csv``, ``per_class.csv`` and ``summary.json`` into ``out``."""
-    out = make_out_dir(Path(out))
+def write_reports(summary: Mapping, out: Path, *, folders=None, also=None) -> list[Path]:
+    """Write ``per_image.csv``, ``per_class.csv`` and ``summary.json`` into ``out``.
+
+    Published as one unit by ``outputs.publish_report`` (a lock on ``out``, a staging
+    folder, a manifest of klseg's files): ``folders`` (``{"heatmaps": fill}``) and ``also``
+    (``{junit_path: text}``) are written as part of the same unit.
+    """
+    from .outputs import publish_report
+
+    out = Path(out)
     files = {
         out / "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
         out / "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
         out / "summary.json": summary_json(summary),
     }
-    write_atomic(files)
-    return list(files)
+    return publish_report(
+        out, {path.name: text for path, text in files.items()}, folders=folders, also=also
+    )
 
 
 # --- terminal tables ----------------------------------------------------------------------
@@ -146,6 +169,7 @@ def summary_table(summary: Mapping):
 def class_table(summary: Mapping):
     """Per-class results over the whole data set."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="per class", box=box.SIMPLE_HEAD)
@@ -155,7 +179,7 @@ def class_table(summary: Mapping):
     for row in summary["classes"]:
         table.add_row(
             str(row["class_id"]),
-            row["class_name"],
+            escape(printable(row["class_name"])),
             f"{row['n_target']:,}",
             *(fmt(row[k], 3) for k in ("iou", "dice", "precision", "recall", "kl", "ce")),
         )
@@ -182,9 +206,30 @@ def requirements_table(rows: list[Mapping]):
     return table
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x07``), for terminals."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` without the characters XML 1.0 forbids (most C0 controls, lone surrogates):
+    each is written as a visible escape such as ``\\x01``, so the XML stays well-formed."""
+    return _XML_BAD.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def junit_xml(rows: list[Mapping], *, suite: str = "klseg") -> str:
-    """JUnit XML: one testcase per requirement, a <failure> for each one that fails."""
+    """JUnit XML: one testcase per requirement, a <failure> for each one that fails.
+
+    Requirement texts hold class names from files: characters XML 1.0 forbids are escaped.
+    """
     import xml.etree.ElementTree as ET
+
+    rows = [{k: xml_safe(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
 
     failures = sum(not r["passed"] for r in rows)
     root = ET.Element("testsuites", name=suite, tests=str(len(rows)), failures=str(failures))
