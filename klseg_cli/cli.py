@@ -312,10 +312,12 @@ def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdo
     return 1 if any(not r["passed"] for r in rows) else 0
 
 
-def _check_paths_writable(*paths) -> None:
-    for path in paths:
-        if path is not None and path.is_dir():
-            raise UsageError(f"{path} is a folder; give a file name")
+def _check_paths_writable(junit, markdown, report_dir=None) -> None:
+    from .outputs import check_output_file
+
+    for option, path in (("--junit", junit), ("--markdown", markdown)):
+        if path is not None:
+            check_output_file(path, option, report_dir=report_dir)
 
 
 def _check_outputs(report_dir, report_files, inputs, **named) -> None:
@@ -421,13 +423,15 @@ def evaluate(
 
     check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
-    _check_paths_writable(junit, markdown)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
-    if out is not None:
-        report.check_out_dir(out)
     _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
                    markdown=markdown)  # fmt: skip
+    if out is not None:
+        from .outputs import check_out_dir
+
+        check_out_dir(out)
+    _check_paths_writable(junit, markdown, out)
     options = plan_options(locals())
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
@@ -517,8 +521,8 @@ def gate(
 
     if not require:
         raise UsageError("klseg gate needs at least one --require")
-    _check_paths_writable(junit, markdown)
     _check_outputs(None, (), [summary_path, baseline], junit=junit, markdown=markdown)
+    _check_paths_writable(junit, markdown)
     summary = load_summary(summary_path)
     base = load_summary(baseline) if baseline is not None else None
     rows = check_requirements(
@@ -627,9 +631,15 @@ def heatmap(
     _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
     with _progress(err, "rendering") as tick:
-        written = make_heatmaps(
-            pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance, **plan
-        )
+        try:
+            written = make_heatmaps(
+                pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance,
+                **plan,
+            )  # fmt: skip
+        except OSError as error:  # inputs raise ReadError: an OS error here is an output's
+            from .atomic import output_error
+
+            raise output_error(error.filename or out, error) from None
     for path in written:
         err.print(f"wrote {_text(path)}", highlight=False)
 

@@ -22,6 +22,7 @@ from .readers import (
     sum_tolerance,
     valid_labels,
 )
+from .safeio import exists, read_small_text
 from .stats import (
     IMAGE_COLUMNS,
     Stats,
@@ -330,12 +331,9 @@ def parse_classes(spec: str | None) -> tuple[str, ...]:
     if not spec:
         return ()
     path = Path(spec)
-    if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"cannot read class names ({err})", path=path) from None
-        names = tuple(line.strip() for line in lines if line.strip())
+    if exists(path) and not path.is_dir():  # a FIFO, device, unreadable file: one error
+        text = read_small_text(path, what="class-names file")
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
         if not names:
             raise InputError("holds no class names", path=path)
     else:

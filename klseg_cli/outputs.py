@@ -58,6 +58,58 @@ def make_dir(out: Path) -> Path:
     return out
 
 
+def check_out_dir(out: Path) -> Path:
+    """Fail before any work on an ``--out`` that cannot become a report folder: an existing
+    file, a folder we may not enter, or a missing one whose nearest existing parent we may
+    not write into (the write itself still reports any other error)."""
+    out = Path(out)
+    probe = out
+    while True:
+        try:
+            mode = os.stat(probe).st_mode
+        except FileNotFoundError:
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+            continue
+        except OSError as err:
+            raise OutputError(f"cannot use as a folder ({err.strerror or err})", path=out) from None
+        if probe == out and not stat.S_ISDIR(mode):
+            raise UsageError(f"--out {out} is an existing file; give a folder")
+        if not stat.S_ISDIR(mode):
+            raise OutputError(f"cannot create folder: {probe} is a file", path=out)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise OutputError("cannot create folder: Permission denied", path=out)
+        break
+    return out
+
+
+def check_output_file(path: Path, option: str, *, report_dir: Path | None = None) -> None:
+    """Fail before any work on an output file that cannot be written: a folder, a missing
+    or unwritable parent folder, an unwritable special file (the write reports the rest).
+    A file inside ``report_dir`` is let through: that folder is made with the report."""
+    path = Path(path)
+    if report_dir is not None and _resolved(path).is_relative_to(_resolved(Path(report_dir))):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise OutputError(f"cannot write: {err.strerror or err}", path=path) from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    if mode is not None and not stat.S_ISREG(mode):
+        if not os.access(path, os.W_OK):
+            raise OutputError("cannot write: Permission denied", path=path)
+        return
+    parent = Path(os.path.realpath(path)).parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write: no such folder {parent}", path=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write: Permission denied", path=path)
+
+
 @contextlib.contextmanager
 def folder_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the folder ``out`` (waits for another klseg run)."""

@@ -43,6 +43,17 @@ def _kind_of(mode: int) -> str:
     return "is not a regular file"
 
 
+def exists(path: Path | str, error: type[InputError] = InputError) -> bool:
+    """Whether ``path`` exists; a folder we may not look into is an error, not "no"."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as err:
+        raise error(f"cannot read: {_why(err)}", path=path) from None
+    return True
+
+
 def check_regular(path: Path | str, error: type[InputError] = ReadError) -> os.stat_result:
     """The ``stat`` of ``path`` (links followed) when it is a regular file; else an error."""
     try:

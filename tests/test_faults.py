@@ -1,0 +1,564 @@
+"""Faults and hostile input, round two (issue #11): exit codes, one run's report, outputs
+klseg must not replace, files that shrink or never end, and text from files kept as text.
+
+Each test failed on the code before the fix; the concurrency and kill tests use real
+subprocesses, the truncation tests a second process that truncates the file mid-read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from klseg_cli.cli import app
+
+from .conftest import random_probs
+
+runner = CliRunner()
+H, W, C = 6, 8, 3
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def probs(h=H, w=W, c=C, seed=0, dtype=np.float32):
+    return random_probs(np.random.default_rng(seed), h * w, c, dtype=dtype).reshape(h, w, c)
+
+
+def mask(h=H, w=W, c=C):
+    return (np.arange(h * w) % c).reshape(h, w).astype(np.uint8)
+
+
+def save_pair(pred_dir: Path, gt_dir: Path, stem="a", pred=None, labels=None):
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    np.save(pred_dir / f"{stem}.npy", probs() if pred is None else pred)
+    Image.fromarray(mask() if labels is None else labels, mode="L").save(gt_dir / f"{stem}.png")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, code=2, *needles):
+    """Exactly one ``Error:`` line on stderr, the exit code, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def klseg(*args, env=None, user=None, timeout=60, **kw) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (optionally as another user, through ``setpriv``)."""
+    cmd = [sys.executable, "-m", "klseg_cli", *map(str, args)]
+    if user is not None:
+        cmd = ["setpriv", "--reuid", user, "--regid", "nogroup", "--clear-groups", *cmd]
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT, **kw
+    )
+
+
+def sub_one_line(proc, code=2, *needles):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# --- exit codes -------------------------------------------------------------------------
+
+
+def test_an_unexpected_exception_is_exit_3_with_one_line(tmp_path, monkeypatch):
+    save_pair(tmp_path / "p", tmp_path / "g")
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("klseg_cli.evaluation.evaluate", boom)
+    line = one_line(invoke("evaluate", tmp_path / "p", tmp_path / "g"), 3, "internal error")
+    assert "RuntimeError: a bug" in line and "--debug" in line
+    debug = invoke("evaluate", tmp_path / "p", tmp_path / "g", "--debug")
+    assert isinstance(debug.exception, RuntimeError)  # --debug: the traceback
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate"],  # missing arguments
+        ["evaluate", "a", "b", "--heatmaps", "many"],  # not an integer
+        ["evaluate", "a", "b", "--no-such-option"],
+        ["evaluate", "a", "b", "--input", "odds"],  # not a choice
+        ["nosuchcommand"],
+    ],
+)
+def test_click_usage_errors_are_one_line_exit_2(args):
+    one_line(invoke(*args), 2)
+
+
+def test_no_arguments_still_shows_the_help():
+    result = invoke()
+    assert "Usage" in result.output and "evaluate" in result.output
+
+
+def test_heatmaps_must_not_be_negative(tmp_path):
+    save_pair(tmp_path / "p", tmp_path / "g")
+    out = tmp_path / "out"
+    one_line(invoke("evaluate", tmp_path / "p", tmp_path / "g", "--out", out, "--heatmaps", -1))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("base", ["inf", "0.5", "1", "nan", "-2", "0", "two"])
+def test_log_base_must_be_finite_and_above_1(tmp_path, base):
+    save_pair(tmp_path / "p", tmp_path / "g")
+    result = invoke("evaluate", tmp_path / "p", tmp_path / "g", "--log-base", base,
+                    "--require", "kl_pooled <= 0")  # fmt: skip
+    one_line(result, 2, "--log-base")
+
+
+@pytest.mark.parametrize("base,factor", [("e", 1.0), ("2", 1 / np.log(2)), ("10", 1 / np.log(10))])
+def test_log_base_by_name(tmp_path, base, factor):
+    save_pair(tmp_path / "p", tmp_path / "g")
+    out = invoke("evaluate", tmp_path / "p", tmp_path / "g", "--log-base", base,
+                 "--format", "json")  # fmt: skip
+    ref = invoke("evaluate", tmp_path / "p", tmp_path / "g", "--format", "json")
+    assert out.exit_code == ref.exit_code == 0
+    kl, kl_e = (json.loads(r.stdout)["dataset"]["kl_pooled"] for r in (out, ref))
+    assert kl == pytest.approx(kl_e * factor, rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "-99999999999999999999"])
+def test_ignore_index_out_of_range_is_a_usage_error(tmp_path, value):
+    save_pair(tmp_path / "p", tmp_path / "g")
+    one_line(invoke("evaluate", tmp_path / "p", tmp_path / "g", "--ignore-index", value), 2)
+    one_line(invoke("heatmap", tmp_path / "p" / "a.npy", tmp_path / "g" / "a.png", "-o",
+                    tmp_path / "x.png", "--ignore-index", value), 2)  # fmt: skip
+
+
+# --- more than 256 classes on the NumPy path ----------------------------------------------
+
+
+def test_argmax_classes_with_many_classes():
+    from klseg_cli.metrics import argmax_classes
+
+    rng = np.random.default_rng(3)
+    for n_classes in (255, 256, 257, 300, 1000):
+        P = rng.random((n_classes, 500)).astype(np.float32)
+        P[:, 0] = 0.5  # a tie: lowest index wins
+        conf, pred = argmax_classes(P)
+        assert (pred == np.argmax(P, axis=0)).all() and (conf == P.max(axis=0)).all()
+
+
+def test_300_classes_evaluate_smoothing_and_heatmap(tmp_path):
+    n = 300
+    labels = (np.arange(H * W) * 7 % n).reshape(H, W).astype(np.uint16)
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    np.save(pred_dir / "a.npy", probs(c=n))
+    np.save(gt_dir / "a.npy", labels)
+    for extra in ([], ["--smoothing", "0.1"]):
+        result = invoke("evaluate", pred_dir, gt_dir, "--format", "json", *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["n_valid"] == H * W
+    hm = invoke("heatmap", pred_dir / "a.npy", gt_dir / "a.npy", "-o", tmp_path / "a.png",
+                "--panel")  # fmt: skip
+    assert hm.exit_code == 0, hm.output
+
+
+# --- label TIFFs: compressed, tiled, several series ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"compression": "zlib"},
+        {"tile": (16, 16)},
+        {"tile": (16, 16), "compression": "zlib"},
+        {"rowsperstrip": 5, "compression": "zlib"},
+    ],
+)
+def test_compressed_and_tiled_label_tiffs(tmp_path, kw):
+    h, w = 40, 36
+    labels = mask(h, w)
+    pred_dir, png_dir, tif_dir = tmp_path / "p", tmp_path / "png", tmp_path / "tif"
+    save_pair(pred_dir, png_dir, pred=probs(h, w), labels=labels)
+    tif_dir.mkdir()
+    tifffile.imwrite(tif_dir / "a.tif", labels, **kw)
+    a = invoke("evaluate", pred_dir, png_dir, "--format", "json")
+    b = invoke("evaluate", pred_dir, tif_dir, "--format", "json")
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    assert json.loads(a.stdout)["dataset"] == json.loads(b.stdout)["dataset"]
+    info = invoke("info", tif_dir / "a.tif")
+    assert info.exit_code == 0 and "TiffSegments" not in info.stdout
+    assert "label mask" in info.stdout and f"0: {np.count_nonzero(labels == 0)}" in info.stdout
+
+
+def test_a_tiff_with_two_images_is_refused_naming_them(tmp_path):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    save_pair(pred_dir, gt_dir)
+    with tifffile.TiffWriter(gt_dir / "a.tif") as tw:
+        tw.write(mask())
+        tw.write(np.zeros((3, 4), np.uint8))
+    (gt_dir / "a.png").unlink()
+    line = one_line(invoke("evaluate", pred_dir, gt_dir), 2, "a.tif", "2 images")
+    assert "(6, 8)" in line and "(3, 4)" in line
+    with tifffile.TiffWriter(pred_dir / "b.tif") as tw:  # a prediction map too
+        tw.write(probs(), photometric="minisblack")
+        tw.write(np.zeros((3, 4), np.float32))
+    one_line(invoke("info", pred_dir / "b.tif"), 2, "b.tif", "2 images")
+
+
+# --- a report is one run's report ---------------------------------------------------------
+
+
+def visible(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative), hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_old_heatmaps_are_removed_and_nothing_else(tmp_path):
+    pred_dir, gt_dir, out = tmp_path / "p", tmp_path / "g", tmp_path / "out"
+    for i, stem in enumerate(("a", "b", "c")):
+        save_pair(pred_dir, gt_dir, stem, pred=probs(seed=i))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--heatmaps", 3)
+    assert first.exit_code == 0, first.output
+    assert len(list((out / "heatmaps").glob("*.png"))) == 3
+    (out / "heatmaps" / "keep.png").write_bytes(b"not klseg's")
+    second = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--heatmaps", 1)
+    assert second.exit_code == 0
+    assert (
+        sorted(p.name for p in (out / "heatmaps").iterdir())
+        == [
+            "b_kl.png",  # the worst image only (seed 1 has the highest mean KL here)
+            "keep.png",
+        ]
+        or len(list((out / "heatmaps").glob("*_kl.png"))) == 1
+    )
+    third = invoke("evaluate", pred_dir, gt_dir, "--out", out)
+    assert third.exit_code == 0
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["keep.png"]
+    (out / "heatmaps" / "keep.png").unlink()
+    fourth = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--heatmaps", 1)
+    assert fourth.exit_code == 0
+    fifth = invoke("evaluate", pred_dir, gt_dir, "--out", out)
+    assert fifth.exit_code == 0 and not (out / "heatmaps").exists()  # emptied: removed
+    assert (out / "notes.txt").read_text() == "mine"
+    names = [n for n in visible(out) if n != "notes.txt"]
+    assert names == [".klseg-manifest.json", "per_class.csv", "per_image.csv", "summary.json"]
+
+
+def test_publish_report_takes_any_files_and_folders(tmp_path):
+    from klseg_cli.outputs import publish_report
+
+    def fill(folder):
+        (folder / "x.png").write_bytes(b"png")
+
+    out = tmp_path / "r"
+    publish_report(out, {"one.csv": "1\n", "summary.json": "{}\n"}, folders={"maps": fill})
+    assert visible(out) == [".klseg-manifest.json", "maps/x.png", "one.csv", "summary.json"]
+    publish_report(out, {"two.csv": "2\n", "summary.json": "{}\n"})
+    assert visible(out) == [".klseg-manifest.json", "summary.json", "two.csv"]
+
+
+WORKER = r"""
+import fcntl, os, sys
+from pathlib import Path
+from typer.testing import CliRunner
+from klseg_cli.cli import app
+from tests.test_faults import check_one_run
+
+pred, gt, out, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+runner = CliRunner()
+for _ in range(rounds):
+    r = runner.invoke(app, ["evaluate", pred, gt, "--out", str(out), "--heatmaps", "1",
+                            "--junit", str(out / "gate.xml"), "--require", "kl_pooled >= 0",
+                            "--format", "json"])
+    if r.exit_code != 0:
+        print(r.output, file=sys.stderr)
+        sys.exit(9)
+    fd = os.open(out, os.O_RDONLY)  # look while no writer holds the folder
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        check_one_run(out)
+    finally:
+        os.close(fd)
+"""
+
+
+def check_one_run(out: Path) -> str:
+    """The report in ``out`` is one run's: every file names the same run (its prefix)."""
+    summary = json.loads((out / "summary.json").read_text())
+    stems = {row["image"] for row in summary["images"]}
+    prefixes = {s.split("_")[0] for s in stems}
+    assert len(prefixes) == 1, stems
+    (prefix,) = prefixes
+    rows = list(csv.DictReader(io.StringIO((out / "per_image.csv").read_text())))
+    assert {r["image"] for r in rows} == stems
+    assert [float(r["kl"]) for r in rows] == [row["kl"] for row in summary["images"]]
+    classes = list(csv.DictReader(io.StringIO((out / "per_class.csv").read_text())))
+    assert [float(r["n_target"]) for r in classes] == [c["n_target"] for c in summary["classes"]]
+    maps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert len(maps) == 1 and maps[0].startswith(prefix), (maps, prefix)
+    junit = ET.parse(out / "gate.xml").getroot()
+    assert junit.find(".//system-out").text == f"kl_pooled = {summary['dataset']['kl_pooled']:.6g}"
+    leftovers = [
+        p.name for p in out.iterdir() if p.name.startswith(".") and "manifest" not in p.name
+    ]
+    assert not leftovers, leftovers
+    return prefix
+
+
+@pytest.mark.parametrize("n_writers", [2, 3])
+def test_concurrent_runs_into_one_folder_leave_one_runs_report(tmp_path, n_writers):
+    """Two or three processes, each evaluating its own data into one DIR, 30 rounds each;
+    after each of its runs a writer checks (holding the folder) that the report is one
+    run's, and so does the test at the end."""
+    out = tmp_path / "out"
+    args = []
+    for k in range(n_writers):
+        pred_dir, gt_dir = tmp_path / f"p{k}", tmp_path / f"g{k}"
+        for i in range(2 + k):  # different image counts, values and class counts
+            save_pair(pred_dir, gt_dir, f"w{k}_{i}", pred=probs(c=3 + k, seed=10 * k + i),
+                      labels=mask(c=3 + k))  # fmt: skip
+        args.append((pred_dir, gt_dir))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seen = set()
+    for _ in range(2):  # 2 batches x 15 rounds per writer: 30 rounds
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(p), str(g), str(out), "15"],
+                env=env,
+                cwd=ROOT,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for p, g in args
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        seen.add(check_one_run(out))
+    assert seen <= {f"w{k}" for k in range(n_writers)}
+
+
+KILLABLE = r"""
+import sys, time
+import klseg_cli.heatmap as hm
+from klseg_cli import cli
+
+real = hm.render
+def slow(*a, **k):
+    out = real(*a, **k)
+    sys.stderr.write("RENDERED\n"); sys.stderr.flush()
+    time.sleep(30)  # a long heatmap: the signal arrives here
+    return out
+hm.render = slow
+sys.argv = ["klseg"] + sys.argv[1:]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_run_killed_during_heatmaps_changes_nothing(tmp_path, sig, code):
+    pred_dir, gt_dir, out = tmp_path / "p", tmp_path / "g", tmp_path / "out"
+    for i in range(3):
+        save_pair(pred_dir, gt_dir, f"s{i}", pred=probs(seed=i))
+    first = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--heatmaps", 2)
+    assert first.exit_code == 0
+    before = {name: (out / name).read_bytes() for name in visible(out)}
+    for i in range(3):  # other data: a completed run would change every file
+        np.save(pred_dir / f"s{i}.npy", probs(seed=100 + i))
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "evaluate", str(pred_dir), str(gt_dir), "--out", str(out),
+         "--heatmaps", "2"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = proc.stderr.readline()
+    assert "RENDERED" in line, line + proc.stderr.read()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().startswith("Error: ") and "no report was written" in err
+    assert {name: (out / name).read_bytes() for name in visible(out)} == before
+
+
+# --- never overwrite what is not ours -----------------------------------------------------
+
+
+@pytest.fixture
+def pair_dirs(tmp_path):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    save_pair(pred_dir, gt_dir)
+    return pred_dir, gt_dir, tmp_path / "out"
+
+
+@pytest.mark.parametrize("name", ["summary.json", "per_image.csv", ".klseg-manifest.json"])
+def test_junit_or_markdown_on_a_report_file_is_a_usage_error(pair_dirs, name):
+    pred_dir, gt_dir, out = pair_dirs
+    for option in ("--junit", "--markdown"):
+        result = invoke("evaluate", pred_dir, gt_dir, "--out", out, option, out / name,
+                        "--require", "kl_pooled >= 0")  # fmt: skip
+        one_line(result, 2, option, name)
+        assert not out.exists()
+
+
+def test_junit_and_markdown_on_one_file_is_a_usage_error(pair_dirs, tmp_path):
+    pred_dir, gt_dir, _ = pair_dirs
+    same = tmp_path / "gate.txt"
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--junit", same, "--markdown", same,
+                    "--require", "kl_pooled >= 0"), 2, "--markdown")  # fmt: skip
+    link = tmp_path / "link.txt"
+    link.symlink_to(same)
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--junit", same, "--markdown", link,
+                    "--require", "kl_pooled >= 0"), 2, "--markdown")  # fmt: skip
+    assert not same.exists()
+
+
+def test_an_output_symlink_is_written_through_never_replaced(pair_dirs, tmp_path):
+    pred_dir, gt_dir, out = pair_dirs
+    real_dir = tmp_path / "elsewhere"
+    real_dir.mkdir()
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    junit.symlink_to(real_dir / "real.xml")  # dangling until written
+    (real_dir / "real.md").write_text("old")
+    md.symlink_to(real_dir / "real.md")
+    out.mkdir()
+    (real_dir / "summary.json").write_text("old")
+    (out / "summary.json").symlink_to(real_dir / "summary.json")
+    result = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--junit", junit, "--markdown",
+                    md, "--require", "kl_pooled >= 0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for link in (junit, md, out / "summary.json"):
+        assert link.is_symlink(), link
+    ET.parse(real_dir / "real.xml")
+    assert "klseg" in (real_dir / "real.md").read_text()
+    assert json.loads((real_dir / "summary.json").read_text())["n_images"] == 1
+    gate = invoke("gate", out / "summary.json", "--require", "kl_pooled >= 0", "--junit", junit)
+    assert gate.exit_code == 0 and junit.is_symlink()
+
+
+def test_a_fifo_output_is_written_as_a_stream(pair_dirs, tmp_path):
+    pred_dir, gt_dir, _ = pair_dirs
+    fifo = tmp_path / "pipe.xml"
+    os.mkfifo(fifo)
+    got = []
+
+    def reader():
+        with open(fifo, "rb") as fh:
+            got.append(fh.read())
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    result = invoke("evaluate", pred_dir, gt_dir, "--junit", fifo, "--require", "kl_pooled >= 0")
+    thread.join(timeout=20)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO, not a file put there
+    assert got and ET.fromstring(got[0]).tag == "testsuites"
+
+
+def test_a_link_to_a_special_file_is_streamed_into(pair_dirs, tmp_path):
+    pred_dir, gt_dir, _ = pair_dirs
+    null, full = tmp_path / "null.md", tmp_path / "full.md"
+    null.symlink_to("/dev/null")
+    full.symlink_to("/dev/full")
+    ok = invoke("evaluate", pred_dir, gt_dir, "--markdown", null, "--require", "kl_pooled >= 0")
+    assert ok.exit_code == 0 and null.is_symlink() and os.readlink(null) == "/dev/null"
+    disk_full = invoke("evaluate", pred_dir, gt_dir, "--markdown", full, "--require",
+                       "kl_pooled >= 0")  # fmt: skip
+    one_line(disk_full, 2, "full.md", "No space left on device")
+    assert full.is_symlink() and os.readlink(full) == "/dev/full"
+
+
+def test_output_os_errors_are_one_line_exit_2(pair_dirs, tmp_path):
+    pred_dir, gt_dir, _ = pair_dirs
+    gate = ("--require", "kl_pooled >= 0")
+    missing = tmp_path / "no" / "such" / "dir" / "gate.xml"
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--junit", missing, *gate), 2, missing)
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--out", "/proc/klseg-report"), 2,
+             "/proc/klseg-report")  # fmt: skip
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--markdown", "/proc/self/klseg.md", *gate),
+             2, "/proc/self/klseg.md")  # fmt: skip
+    one_line(invoke("heatmap", pred_dir / "a.npy", gt_dir / "a.png", "-o",
+                    missing.with_suffix(".png")), 2, "gate.png")  # fmt: skip
+    one_line(invoke("heatmap", pred_dir / "a.npy", gt_dir / "a.png", "-o", tmp_path / "x.png",
+                    "--raw", tmp_path / "x.png"), 2, "--raw")  # fmt: skip
+    summary = tmp_path / "s" / "summary.json"
+    assert invoke("evaluate", pred_dir, gt_dir, "--out", summary.parent).exit_code == 0
+    one_line(invoke("gate", summary, *gate, "--junit", "/proc/self/gate.xml"), 2, "gate.xml")
+    for path in ("/proc/self", "/proc"):  # nothing was left behind there either
+        assert not [n for n in os.listdir(path) if n.startswith(".")]
+
+
+def can_setpriv() -> bool:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                            "--clear-groups", sys.executable, "-c", "import klseg_cli"],
+                           capture_output=True, cwd=ROOT)  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder user ``nobody`` can enter (pytest's tmp_path is root's, mode 700)."""
+    path = Path(tempfile.mkdtemp(prefix="klseg-faults-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(not can_setpriv(), reason="needs root and setpriv to run as 'nobody'")
+def test_permission_errors_as_another_user(shared_dir):
+    """Run as ``nobody``: unreadable class file folder, prediction folder without x, an
+    --out and a --junit where nobody may write: each one line, exit 2, no traceback."""
+    pred_dir, gt_dir = shared_dir / "p", shared_dir / "g"
+    save_pair(pred_dir, gt_dir)
+    for p in (pred_dir, gt_dir, *pred_dir.iterdir(), *gt_dir.iterdir()):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    secret = shared_dir / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "classes.txt").write_text("a\nb\nc\n")
+    proc = klseg("evaluate", pred_dir, gt_dir, "--classes", secret / "classes.txt", user="nobody")
+    sub_one_line(proc, 2, "classes.txt", "Permission denied")
+    closed = shared_dir / "closed"
+    shutil.copytree(pred_dir, closed)
+    closed.chmod(0o644)  # readable, but no execute: its files cannot be opened
+    proc = klseg("evaluate", closed, gt_dir, user="nobody")
+    sub_one_line(proc, 2, "closed", "Permission denied")
+    proc = klseg("evaluate", pred_dir, gt_dir, "--out", secret / "report", user="nobody")
+    sub_one_line(proc, 2, "report", "Permission denied")
+    proc = klseg("evaluate", pred_dir, gt_dir, "--require", "kl_pooled >= 0", "--junit",
+                 secret / "gate.xml", user="nobody")  # fmt: skip
+    sub_one_line(proc, 2, "gate.xml", "Permission denied")
+    (pred_dir / "a.npy").chmod(0o600)  # root's file, unreadable to nobody
+    proc = klseg("evaluate", pred_dir, gt_dir, user="nobody")
+    sub_one_line(proc, 2, "a.npy", "Permission denied")
+    proc = klseg("info", pred_dir / "a.npy", user="nobody")
+    sub_one_line(proc, 2, "a.npy", "not readable")
