@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -562,3 +563,208 @@ def test_permission_errors_as_another_user(shared_dir):
     sub_one_line(proc, 2, "a.npy", "Permission denied")
     proc = klseg("info", pred_dir / "a.npy", user="nobody")
     sub_one_line(proc, 2, "a.npy", "not readable")
+
+
+# --- files that never end, are not files, or are too big ----------------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "fifo.npy"
+    os.mkfifo(path)
+    return path
+
+
+def test_special_files_as_inputs_are_not_regular_files(pair_dirs, fifo):
+    pred_dir, gt_dir, _ = pair_dirs
+    for bad in ("/dev/zero", fifo):
+        one_line(invoke("evaluate", bad, gt_dir / "a.png"), 2, bad, "not a regular file")
+        one_line(invoke("evaluate", pred_dir / "a.npy", bad), 2, bad, "not a regular file")
+        one_line(invoke("heatmap", bad, "-o", pred_dir / "x.png", "--metric", "entropy"), 2, bad)
+    png_fifo = fifo.with_name("fifo.png")
+    os.mkfifo(png_fifo)
+    one_line(invoke("evaluate", pred_dir / "a.npy", png_fifo), 2, "not a regular file")
+
+
+def test_info_on_a_fifo_returns_at_once(fifo):
+    proc = klseg("info", fifo, timeout=30)  # blocked forever before
+    sub_one_line(proc, 2, "fifo.npy", "FIFO")
+    proc = klseg("info", "/dev/zero", timeout=30)
+    sub_one_line(proc, 2, "/dev/zero")
+
+
+@pytest.fixture
+def summary_path(pair_dirs):
+    pred_dir, gt_dir, out = pair_dirs
+    assert invoke("evaluate", pred_dir, gt_dir, "--out", out).exit_code == 0
+    return out / "summary.json"
+
+
+def test_baseline_and_classes_from_special_or_huge_files(pair_dirs, summary_path, fifo):
+    pred_dir, gt_dir, _ = pair_dirs
+    gate = ("--require", "kl_pooled <= baseline")
+    for bad in ("/dev/zero", fifo):
+        one_line(invoke("gate", summary_path, *gate, "--baseline", bad), 2, bad)
+        one_line(invoke("gate", bad, "--require", "kl_pooled <= 1"), 2, bad)
+        one_line(invoke("evaluate", pred_dir, gt_dir, "--classes", bad), 2, bad)
+    huge = summary_path.with_name("huge.json")
+    with open(huge, "wb") as fh:  # sparse: 300 MB claimed, nothing stored
+        fh.truncate(300 << 20)
+    one_line(invoke("gate", summary_path, *gate, "--baseline", huge), 2, "huge.json", "MiB")
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--classes", huge), 2, "huge.json", "MiB")
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda s: s.update(settings=[1, 2]), "settings"),
+        (lambda s: s["classes"][0].pop("iou"), "classes[0]"),
+        (lambda s: s["classes"][0].pop("class_name"), "class_name"),
+        (lambda s: s["classes"].__setitem__(0, "road"), "classes[0]"),
+        (lambda s: s["dataset"].__setitem__("kl_pooled", "0.3"), "kl_pooled"),
+        (lambda s: s["classes"][1].__setitem__("iou", {"v": 1}), "iou"),
+        (lambda s: s["dataset"].__setitem__("kl_pooled", 10**400), "kl_pooled"),
+        (lambda s: s.__setitem__("n_images", "three"), "n_images"),
+    ],
+)
+def test_summary_schema_violations_are_one_line(summary_path, change, needle):
+    data = json.loads(summary_path.read_text())
+    change(data)
+    summary_path.write_text(json.dumps(data))
+    reqs = ("--require", "kl_pooled <= 9", "--require", "iou[0] >= 0", "--markdown", "/dev/null")
+    one_line(invoke("gate", summary_path, *reqs), 2, "summary.json", needle)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"dataset": {"kl_pooled": ' + "9" * 4301 + '}, "classes": []}', "[" * 100000]
+)
+def test_summaries_python_json_cannot_hold(summary_path, text):
+    summary_path.write_text(text)
+    one_line(invoke("gate", summary_path, "--require", "kl_pooled <= 9"), 2, "summary.json")
+
+
+# --- files truncated while klseg reads them: no SIGBUS -------------------------------------
+
+TRUNCATE_DURING = r"""
+import os, subprocess, sys
+import klseg_cli.evaluation as ev
+from klseg_cli import cli
+
+victim, when = sys.argv[1], sys.argv[2]
+
+def truncate():
+    # another process shrinks the file, as a pipeline rewriting it would
+    subprocess.run(["truncate", "-s", "200", victim], check=True)
+
+if when == "labels":  # after the files are opened, before the target's labels are checked
+    real = ev.check_labels
+    def hooked(*a, **k):
+        truncate()
+        return real(*a, **k)
+    ev.check_labels = hooked
+else:  # during the first pread of the file: the read comes back short
+    import klseg_cli.safeio as safeio
+    real_preadv = os.preadv
+    done = []
+    def preadv(fd, buffers, offset):
+        if not done:
+            done.append(1)
+            truncate()
+        return real_preadv(fd, buffers, offset)
+    safeio.os = type(os)("os_hooked")
+    safeio.os.__dict__.update(os.__dict__)
+    safeio.os.preadv = preadv
+sys.argv = ["klseg"] + sys.argv[3:]
+cli.main()
+"""
+
+
+def run_truncating(tmp_path, victim, when, *args):
+    script = tmp_path / "truncating.py"
+    script.write_text(TRUNCATE_DURING)
+    return subprocess.run(
+        [sys.executable, str(script), str(victim), when, *map(str, args)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tif"])
+def test_a_label_file_truncated_after_opening_is_no_sigbus(tmp_path, fmt):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    h, w = 512, 512
+    save_pair(pred_dir, gt_dir, pred=probs(h, w), labels=mask(h, w))
+    (gt_dir / "a.png").unlink()
+    victim = gt_dir / f"a.{fmt}"
+    if fmt == "npy":
+        np.save(victim, mask(h, w))
+    else:
+        tifffile.imwrite(victim, mask(h, w))
+    proc = run_truncating(tmp_path, victim, "labels", "evaluate", pred_dir, gt_dir)
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}"  # SIGBUS before
+    assert proc.returncode in (0, 2), proc.stderr  # read whole before the truncation: fine
+
+
+def test_a_label_npy_truncated_during_the_read_ended_early(tmp_path):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    h, w = 512, 512
+    save_pair(pred_dir, gt_dir, pred=probs(h, w), labels=mask(h, w))
+    (gt_dir / "a.png").unlink()
+    np.save(gt_dir / "a.npy", mask(h, w))
+    proc = run_truncating(tmp_path, gt_dir / "a.npy", "pread", "evaluate", pred_dir, gt_dir)
+    sub_one_line(proc, 2, "a.npy", "file ended early")
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_a_map_truncated_after_opening_ended_early(tmp_path, order):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    h, w = 256, 256
+    save_pair(pred_dir, gt_dir, pred=np.asarray(probs(h, w), order=order), labels=mask(h, w))
+    victim = pred_dir / "a.npy"
+    proc = run_truncating(tmp_path, victim, "labels", "evaluate", pred_dir, gt_dir)
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}"  # SIGBUS before (F)
+    sub_one_line(proc, 2, "a.npy", "file ended early")
+
+
+# --- Fortran-order maps: same numbers, linear time, bounded memory -------------------------
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw", "hw"])
+def test_fortran_order_maps_give_the_c_order_numbers(tmp_path, layout):
+    h, w, c = 37, 53, 4
+    p = probs(h, w, c, seed=5)
+    if layout == "chw":
+        p = np.moveaxis(p, -1, 0)
+    elif layout == "hw":
+        p, c = p[..., 1] / (p[..., 0] + p[..., 1]), 2
+    labels = mask(h, w, c)
+    outs = []
+    for order in ("C", "F"):
+        pred_dir, gt_dir = tmp_path / order / "p", tmp_path / order / "g"
+        save_pair(pred_dir, gt_dir, pred=np.asarray(p, order=order), labels=labels)
+        result = invoke("evaluate", pred_dir, gt_dir, "--format", "json", "--chunk-pixels", 100)
+        assert result.exit_code == 0, result.output
+        outs.append(json.loads(result.stdout))
+    assert outs[0]["dataset"] == outs[1]["dataset"] and outs[0]["images"] == outs[1]["images"]
+
+
+def test_fortran_order_maps_read_in_bounded_memory_and_linear_time(tmp_path):
+    import tracemalloc
+
+    from klseg_cli.readers import open_prediction
+
+    h, w, c = 2048, 1024, 4  # 32 MB of float32: each chunk copied the whole map before
+    np.save(tmp_path / "f.npy", np.asfortranarray(probs(h, w, c)))
+    pm = open_prediction(tmp_path / "f.npy", hw=(h, w))
+    step = 1 << 15
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    total = 0.0
+    for start in range(0, pm.n_pixels, step):
+        total += float(pm.block(start, min(start + step, pm.n_pixels)).sum(dtype=np.float64))
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total == pytest.approx(h * w, rel=1e-4)
+    assert peak < 24 << 20, f"peak {peak / 2**20:.0f} MiB for a 32 MiB map"
+    assert seconds < 10, seconds  # 64 chunks; the quadratic read took minutes at this size
