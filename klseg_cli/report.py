@@ -202,7 +202,8 @@ def requirements_table(rows: list[Mapping]):
         verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
         if row["reason"] in ("undefined", "baseline undefined"):
             verdict += f" ({row['reason']})"
-        table.add_row(escape(row["expr"]), fmt_g(row["value"]), fmt_g(row["threshold"]), verdict)
+        expr = escape(printable(row["expr"]))
+        table.add_row(expr, fmt_g(row["value"]), fmt_g(row["threshold"]), verdict)
     return table
 
 

@@ -768,3 +768,66 @@ def test_fortran_order_maps_read_in_bounded_memory_and_linear_time(tmp_path):
     assert total == pytest.approx(h * w, rel=1e-4)
     assert peak < 24 << 20, f"peak {peak / 2**20:.0f} MiB for a 32 MiB map"
     assert seconds < 10, seconds  # 64 chunks; the quadratic read took minutes at this size
+
+
+# --- untrusted text stays text ------------------------------------------------------------
+
+
+def test_markup_in_class_names_and_paths_is_shown_as_written(tmp_path):
+    pred_dir, gt_dir = tmp_path / "p[", tmp_path / "g"
+    save_pair(pred_dir, gt_dir, stem="]x")  # the path holds "p[/]x.npy"
+    save_pair(tmp_path / "extra", gt_dir, stem="]y")  # a target with no prediction: a warning
+    names = tmp_path / "names.txt"
+    names.write_text("[bold]road\n[/]\ncar[/bold]\n")
+    result = invoke("evaluate", pred_dir, gt_dir, "--classes", names, "--allow-missing",
+                    "--require", "iou[1] >= 0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for text in ("[bold]road", "car[/bold]", "[/]"):
+        assert text in result.stdout, text
+    assert "]y.png" in result.stderr  # the warning names the path, markup and all
+    info = invoke("info", pred_dir / "]x.npy")
+    assert info.exit_code == 0 and "p[/]x" in info.stdout  # the title wraps after this
+    hm = invoke("heatmap", pred_dir / "]x.npy", gt_dir / "]x.png", "-o", pred_dir / "]o.png")
+    assert hm.exit_code == 0 and "p[/]o.png" in hm.stderr.replace("\n", ""), hm.output
+
+
+def test_control_characters_in_class_names_keep_junit_well_formed(tmp_path):
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    save_pair(pred_dir, gt_dir)
+    names = tmp_path / "names.txt"
+    names.write_text("ro\x01ad\ncar\x1b[31m\nsky\x7f\n")
+    junit = tmp_path / "gate.xml"
+    result = invoke("evaluate", pred_dir, gt_dir, "--classes", names, "--junit", junit,
+                    "--require", "iou[ro\x01ad] >= 2", "--require", "dice[car\x1b[31m] >= 0",
+                    "--out", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    root = ET.parse(junit).getroot()  # well-formed XML 1.0
+    assert [c.get("name") for c in root.iter("testcase")] == [
+        "iou[ro\\x01ad] >= 2",
+        "dice[car\\x1b[31m] >= 0",
+    ]
+    assert "\x1b" not in result.stdout  # no terminal escape sequences from a file
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["classes"][0]["class_name"] == "ro\x01ad"  # JSON keeps the data exact
+
+
+def test_csv_cells_with_cr_and_formulas(tmp_path):
+    pred_dir, gt_dir, out = tmp_path / "p", tmp_path / "g", tmp_path / "out"
+    stems = ["a\rb", "=HYPERLINK(1)", "+1", "-2", "@SUM(A1)", "plain"]
+    for i, stem in enumerate(stems):
+        save_pair(pred_dir, gt_dir, stem, pred=probs(seed=i))
+    names = tmp_path / "names.txt"
+    names.write_text("=cmd|' /C calc'!A0\n-road\nsky\n")
+    result = invoke("evaluate", pred_dir, gt_dir, "--out", out, "--classes", names)
+    assert result.exit_code == 0, result.output
+    with open(out / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(stems)
+    shown = {r["image"] for r in rows}
+    assert shown == {"a\rb", "'=HYPERLINK(1)", "'+1", "'-2", "'@SUM(A1)", "plain"}
+    assert all(float(r["kl"]) >= 0 for r in rows)  # numbers are numbers, never prefixed
+    with open(out / "per_class.csv", newline="") as fh:
+        classes = [r["class_name"] for r in csv.DictReader(fh)]
+    assert classes == ["'=cmd|' /C calc'!A0", "'-road", "sky"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(r["image"] for r in summary["images"]) == sorted(stems)  # JSON: as is
