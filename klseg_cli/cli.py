@@ -3,7 +3,7 @@
 No maths and no file parsing here. Exit codes: 0 success, 1 a requirement failed, 2 a usage,
 input or output error (``KlsegError`` and Click's usage errors: one line on stderr), 3 an
 internal error (a bug: one line and a hint to rerun with ``--debug`` for the traceback),
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed by its reader.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class OneLineErrors(TyperGroup):
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except _click.exceptions.NoArgsIsHelpError as err:
-            err.show()  # `klseg` alone: the help text is the right answer
-            sys.exit(0)
+            err.show()  # `klseg` alone: the help text is the right answer (exit 2, as Click)
+            sys.exit(err.exit_code)
         except _click.exceptions.ClickException as err:
             sys.stderr.write(f"Error: {_one_line(err.format_message())}\n")
             sys.exit(err.exit_code)
@@ -122,12 +122,21 @@ def handle_errors(func):
         except KeyboardInterrupt as err:
             if debug:
                 raise
-            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            import signal
+
+            sigterm = isinstance(err, Terminated) or getattr(err, "signum", 0) == signal.SIGTERM
+            what = "terminated" if sigterm else "interrupted"
             if isinstance(err, ReportInterrupted):
                 done = f"the report in {err.report} was completed first"
             else:
                 done = "no report was written"
             raise fail(f"{what}; {done}", 143 if what == "terminated" else 130) from None
+        except BrokenPipeError:  # `klseg ... | head`: the reader left; not a failed gate
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the final flush must not fail again
+            raise typer.Exit(code=141) from None  # as a shell reports a SIGPIPE death
         except Exception as err:
             if debug:
                 raise

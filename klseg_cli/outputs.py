@@ -41,9 +41,9 @@ class ReportInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM that arrived while a report was being published; it was completed
     first (``report`` is the folder), so "no report was written" would be wrong."""
 
-    def __init__(self, report: Path) -> None:
+    def __init__(self, report: Path, signum: int = signal.SIGINT) -> None:
         super().__init__(str(report))
-        self.report = report
+        self.report, self.signum = report, signum
 
 
 def make_dir(out: Path) -> Path:
@@ -263,7 +263,7 @@ def publish_report(
                 for path, text in (also or {}).items():
                     write_text(path, text)
             if arrived:
-                raise ReportInterrupted(out)
+                raise ReportInterrupted(out, arrived[0])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in written]
