@@ -285,14 +285,18 @@ def test_publish_report_takes_any_files_and_folders(tmp_path):
 
 
 WORKER = r"""
-import fcntl, os, sys
+import fcntl, os, sys, time
 from pathlib import Path
 from typer.testing import CliRunner
 from klseg_cli.cli import app
 from tests.test_faults import check_one_run
 
 pred, gt, out, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+barrier, n_writers = Path(sys.argv[5]), int(sys.argv[6])
 runner = CliRunner()
+(barrier / str(os.getpid())).touch()  # start together, once everyone is imported
+while len(os.listdir(barrier)) < n_writers:
+    time.sleep(0.005)
 for _ in range(rounds):
     r = runner.invoke(app, ["evaluate", pred, gt, "--out", str(out), "--heatmaps", "1",
                             "--junit", str(out / "gate.xml"), "--require", "kl_pooled >= 0",
@@ -334,7 +338,7 @@ def check_one_run(out: Path) -> str:
 
 @pytest.mark.parametrize("n_writers", [2, 3])
 def test_concurrent_runs_into_one_folder_leave_one_runs_report(tmp_path, n_writers):
-    """Two or three processes, each evaluating its own data into one DIR, 30 rounds each;
+    """Two or three processes, each evaluating its own data into one DIR, 40 rounds each;
     after each of its runs a writer checks (holding the folder) that the report is one
     run's, and so does the test at the end."""
     out = tmp_path / "out"
@@ -349,10 +353,21 @@ def test_concurrent_runs_into_one_folder_leave_one_runs_report(tmp_path, n_write
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     seen = set()
-    for _ in range(2):  # 2 batches x 15 rounds per writer: 30 rounds
+    for batch in range(2):  # 2 batches x 20 rounds per writer: 40 rounds
+        barrier = tmp_path / f"barrier{batch}"
+        barrier.mkdir()
         procs = [
             subprocess.Popen(
-                [sys.executable, str(script), str(p), str(g), str(out), "15"],
+                [
+                    sys.executable,
+                    str(script),
+                    str(p),
+                    str(g),
+                    str(out),
+                    "20",
+                    str(barrier),
+                    str(n_writers),
+                ],
                 env=env,
                 cwd=ROOT,
                 stderr=subprocess.PIPE,
