@@ -897,3 +897,16 @@ def test_a_closed_stdout_is_not_exit_1(pair_dirs):
     reader.stdout.read()
     reader.wait(timeout=60)
     assert proc.returncode in (0, 141), err  # never 1 (a failed gate) or 3
+
+
+def test_junit_to_dev_stdout_streams_and_leaves_the_link(pair_dirs):
+    """As root, this replaced the system's /dev/stdout link with a file before the fix."""
+    pred_dir, gt_dir, _ = pair_dirs
+    before = os.readlink("/dev/stdout")
+    proc = klseg("evaluate", pred_dir, gt_dir, "--require", "kl_pooled >= 0", "--junit",
+                 "/dev/stdout", "--markdown", "/dev/stderr")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.islink("/dev/stdout") and os.readlink("/dev/stdout") == before
+    xml = proc.stdout[proc.stdout.index("<?xml") :]
+    assert ET.fromstring(xml.split("\n", 1)[1]).tag == "testsuites"
+    assert "## klseg: all requirements hold" in proc.stderr
