@@ -20,6 +20,7 @@ _EXPORTS = {
     "KlsegError": "errors",
     "LabelError": "errors",
     "MetricSettings": "metrics",
+    "OutputError": "errors",
     "ProbabilityError": "errors",
     "ReadError": "errors",
     "ShapeError": "errors",

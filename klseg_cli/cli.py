@@ -1,7 +1,9 @@
 """The ``klseg`` command: parse options, call the library, render, exit.
 
-No maths and no file parsing here. Library errors (``KlsegError``) become one line on stderr
-and exit code 2; anything else is a bug and shows its traceback.
+No maths and no file parsing here. Exit codes: 0 success, 1 a requirement failed, 2 a usage,
+input or output error (``KlsegError`` and Click's usage errors: one line on stderr), 3 an
+internal error (a bug: one line and a hint to rerun with ``--debug`` for the traceback),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed by its reader.
 """
 
 from __future__ import annotations
@@ -14,11 +16,47 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import KlsegError, UsageError
 
+EXIT_INTERNAL = 3
+"""An unexpected exception (a bug): never 1, which CI reads as a failed requirement."""
+
+
+def _one_line(text: str) -> str:
+    from .report import printable
+
+    return printable(" ".join(str(text).split()))
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors as one ``Error:`` line on stderr and exit 2 (Click prints the
+    usage, a hint and the message: three lines, or a box under rich)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from typer import _click
+
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as err:
+            err.show()  # `klseg` alone: the help text is the right answer (exit 2, as Click)
+            sys.exit(err.exit_code)
+        except _click.exceptions.ClickException as err:
+            sys.stderr.write(f"Error: {_one_line(err.format_message())}\n")
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            sys.stderr.write("Error: aborted\n")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="klseg",
     help="KL divergence, cross-entropy, IoU and calibration for segmentation probability maps.",
     no_args_is_help=True,
@@ -51,38 +89,84 @@ def _stderr_console():
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line on stderr and return the Exit to raise."""
-    sys.stderr.write(f"Error: {' '.join(str(message).split())}\n")
+    sys.stderr.write(f"Error: {_one_line(message)}\n")
     sys.stderr.flush()
     return typer.Exit(code=code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanup (temporary files and folders) runs."""
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def handle_errors(func):
-    """Turn KlsegError into one stderr line + exit 2, Ctrl-C into exit 130 (``--debug``: raise)."""
+    """KlsegError → one stderr line + its exit code (2); Ctrl-C → 130, SIGTERM → 143;
+    any other exception is a bug → one line + exit 3. ``--debug`` raises instead."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from .outputs import ReportInterrupted
+
         debug = kwargs.get("debug", False)
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, SystemExit):
+            raise
         except KlsegError as err:
             if debug:
                 raise
             raise fail(str(err), err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if debug:
                 raise
-            raise fail("interrupted; no report was written", 130) from None
+            import signal
+
+            sigterm = isinstance(err, Terminated) or getattr(err, "signum", 0) == signal.SIGTERM
+            what = "terminated" if sigterm else "interrupted"
+            if isinstance(err, ReportInterrupted):
+                done = f"the report in {err.report} was completed first"
+            else:
+                done = "no report was written"
+            raise fail(f"{what}; {done}", 143 if what == "terminated" else 130) from None
+        except BrokenPipeError:  # `klseg ... | head`: the reader left; not a failed gate
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the final flush must not fail again
+            raise typer.Exit(code=141) from None  # as a shell reports a SIGPIPE death
+        except Exception as err:
+            if debug:
+                raise
+            text = str(err)
+            text = text if len(text) <= 300 else text[:300] + "…"
+            hint = "rerun with --debug for a traceback"
+            raise fail(
+                f"internal error: {type(err).__name__}: {text}; {hint}", EXIT_INTERNAL
+            ) from None
 
     return wrapper
 
 
+LOG_BASES = {"e": math.e, "2": 2.0, "10": 10.0}
+
+
 def parse_log_base(text: str) -> float:
-    if text.strip().lower() == "e":
-        return math.e
+    """``e``, ``2``, ``10`` or a finite number above 1: a base ≤ 1 flips or zeroes every
+    divergence (0.5 makes KL negative, inf makes it 0) and would pass any ``<=`` gate."""
+    name = text.strip().lower()
+    if name in LOG_BASES:
+        return LOG_BASES[name]
     try:
-        value = float(text)
+        value = float(name)
     except ValueError:
-        raise UsageError(f"--log-base must be 'e' or a number such as 2, got {text!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 1):
+        raise UsageError(
+            f"--log-base must be e, 2, 10 or a finite number above 1, got {text!r}"
+        ) from None
     return value
 
 
@@ -181,7 +265,9 @@ SmoothingOpt = Annotated[
 ]
 InputOpt = Annotated[InputKind, typer.Option("--input", help="Maps hold probabilities or logits.")]
 EpsOpt = Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")]
-LogBaseOpt = Annotated[str, typer.Option("--log-base", help="'e' (nats) or 2 (bits).")]
+LogBaseOpt = Annotated[
+    str, typer.Option("--log-base", help="'e' (nats), 2 (bits), 10, or a number above 1.")
+]
 SoftGtOpt = Annotated[bool, typer.Option("--soft-gt", help="Targets are float probability maps.")]
 RenormalizeOpt = Annotated[
     bool,
@@ -251,29 +337,47 @@ CommonImagesOpt = Annotated[
 ]
 
 
-def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout) -> int:
-    """Print and write the requirement results; returns the exit code they call for (0 or 1)."""
+def gate_files(summary, rows, *, junit, markdown) -> dict:
+    """``{path: text}`` of the ``--junit`` and ``--markdown`` files asked for."""
+    from . import report
+
+    files = {}
+    if junit is not None:
+        files[junit] = report.junit_xml(rows)
+    if markdown is not None:
+        files[markdown] = report.markdown_report(summary, rows)
+    return files
+
+
+def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout,
+                 written=False) -> int:  # fmt: skip
+    """Print and write the requirement results; returns the exit code they call for (0 or 1).
+
+    ``written``: the --junit and --markdown files were written already (with the report).
+    """
     import os
 
     from rich.console import Console
 
     from . import report
-    from .atomic import atomic_path
+    from .atomic import write_text
 
     if rows:
         Console(stderr=json_on_stdout).print(report.requirements_table(rows))
-    if junit is not None:
-        with atomic_path(junit) as tmp:
-            tmp.write_text(report.junit_xml(rows), encoding="utf-8")
+    if not written:
+        for path, content in gate_files(summary, rows, junit=junit, markdown=markdown).items():
+            write_text(path, content)
     text = report.markdown_report(summary, rows)
-    if markdown is not None:
-        with atomic_path(markdown) as tmp:
-            tmp.write_text(text, encoding="utf-8")
     if github_summary:
         target = os.environ.get("GITHUB_STEP_SUMMARY")
         if target:
-            with open(target, "a", encoding="utf-8") as fh:
-                fh.write(text)
+            from .atomic import output_error
+
+            try:
+                with open(target, "a", encoding="utf-8") as fh:
+                    fh.write(text)
+            except OSError as err:
+                raise output_error(target, err) from None
         else:
             sys.stderr.write("warning: --github-summary: GITHUB_STEP_SUMMARY is not set\n")
     if os.environ.get("GITHUB_ACTIONS") == "true":
@@ -298,10 +402,22 @@ def _bootstrap_plan(require, bootstrap, baseline, base):
     return n_resamples, base_table
 
 
-def _check_paths_writable(*paths) -> None:
-    for path in paths:
-        if path is not None and path.is_dir():
-            raise UsageError(f"{path} is a folder; give a file name")
+def _check_paths_writable(junit, markdown, report_dir=None) -> None:
+    from .outputs import check_output_file
+
+    for option, path in (("--junit", junit), ("--markdown", markdown)):
+        if path is not None:
+            check_output_file(path, option, report_dir=report_dir)
+
+
+def _check_outputs(report_dir, report_files, inputs, **named) -> None:
+    """Before any work: no output is an input, a report file, or another output."""
+    from .outputs import check_distinct_outputs
+    from .report import refuse_overwriting_inputs
+
+    options = {"--" + k.replace("_", "-"): v for k, v in named.items()}
+    check_distinct_outputs(options, report_dir, report_files)
+    refuse_overwriting_inputs(list(options.values()), inputs)
 
 
 PLAN_OPTIONS = (
@@ -347,6 +463,7 @@ def evaluate(
             help="Also write KL heatmaps of the K images with the highest mean KL "
             "into OUT/heatmaps/.",
             metavar="K",
+            min=0,
         ),
     ] = 0,
     classes: ClassesOpt = None,
@@ -404,11 +521,15 @@ def evaluate(
     check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
-    _check_paths_writable(junit, markdown)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
+    _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
+                   markdown=markdown)  # fmt: skip
     if out is not None:
-        report.check_out_dir(out)
+        from .outputs import check_out_dir
+
+        check_out_dir(out)
+    _check_paths_writable(junit, markdown, out)
     options = plan_options(locals())
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
@@ -422,18 +543,18 @@ def evaluate(
             sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
         raise fail("no pair could be evaluated; no report was written")
     for path in result.unpaired_predictions:
-        err.print(f"[yellow]warning:[/] {path}: prediction has no target; skipped", highlight=False)
+        err.print(f"[yellow]warning:[/] {_text(path)}: prediction has no target; skipped",
+                  highlight=False)  # fmt: skip
     for path in result.missing_predictions:
         err.print(
-            f"[yellow]warning:[/] {path}: target has no prediction; left out", highlight=False
+            f"[yellow]warning:[/] {_text(path)}: target has no prediction; left out",
+            highlight=False,
         )
     summary = result.summary()
-    table = None
-    if n_resamples or out is not None:
+    if n_resamples:
         from .statsfile import StatsTable
 
         table = StatsTable.from_result(result)
-    if n_resamples:
         from rich.markup import escape
 
         from .intervals import add_intervals, requirement_needs
@@ -450,24 +571,23 @@ def evaluate(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
-    outputs = (
-        [out / name for name in (*report.REPORT_FILES, "stats.npz")] if out is not None else []
-    )
+    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
     report.refuse_overwriting_inputs([*outputs, junit, markdown], [*inputs, baseline])
+    gate_written = False
     if out is not None:
+        folders = {}
         if heatmaps:
             from .heatmap import HeatmapOptions, worst_images_heatmaps
 
-            worst_images_heatmaps(
-                result, out / "heatmaps", heatmaps, HeatmapOptions(metric="kl", colorbar=True)
-            )
-        from .atomic import atomic_path
-        from .statsfile import write_stats
+            def fill(folder):
+                options = HeatmapOptions(metric="kl", colorbar=True)
+                return worst_images_heatmaps(result, folder, heatmaps, options)
 
-        report.make_out_dir(out)
-        with atomic_path(out / "stats.npz") as tmp:  # renamed only once the reports are written
-            write_stats(table, tmp)
-            report.write_reports(summary, out, result=result)
+            folders["heatmaps"] = fill
+        # the gate files go out under the report's lock, so they match the report
+        also = gate_files(summary, summary["requirements"], junit=junit, markdown=markdown)
+        report.write_reports(summary, out, result=result, folders=folders, also=also)
+        gate_written = True
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
@@ -477,10 +597,11 @@ def evaluate(
         console.print(report.summary_table(summary))
         console.print(report.class_table(summary))
         if out is not None:
-            console.print(f"reports written to {out}/", highlight=False)
+            console.print(f"reports written to {_text(out)}/", highlight=False)
     code = gate_outputs(
         summary, summary["requirements"], junit=junit, markdown=markdown,
         github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
+        written=gate_written,
     ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
     for error in result.errors:
         sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
@@ -521,11 +642,11 @@ def gate(
 
         klseg gate report/summary.json --require "miou_pooled >= 0.7"
     """
-    from .report import refuse_overwriting_inputs, summary_json
+    from .report import summary_json
     from .requirements import check_requirements, load_summary
 
+    _check_outputs(None, (), [summary_path, baseline], junit=junit, markdown=markdown)
     _check_paths_writable(junit, markdown)
-    refuse_overwriting_inputs([junit, markdown], [summary_path, baseline])
     summary = load_summary(summary_path)
     if not require:
         stored = summary.get("requirements") or []
@@ -804,26 +925,30 @@ def heatmap(
         reduce=reduce.value,
     )  # fmt: skip
     plan = plan_options(locals())
+    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
-    if against is not None:
-        from .compare import make_pair_heatmaps
+    if against is not None and gt is not None:
+        raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
+    with _progress(err, "rendering") as tick:
+        try:
+            if against is not None:
+                from .compare import make_pair_heatmaps
 
-        if gt is not None:
-            raise UsageError("--against compares two predictions: give PRED and --against B, "
-                             "no GT")  # fmt: skip
-        with _progress(err, "rendering") as tick:
-            written = make_pair_heatmaps(
-                pred, against, out, options, raw=raw, on_start=tick.start,
-                on_image=tick.advance, **plan,
-            )  # fmt: skip
-    else:
-        with _progress(err, "rendering") as tick:
-            written = make_heatmaps(
-                pred, gt, out, options, raw=raw, on_start=tick.start, on_image=tick.advance,
-                **plan,
-            )  # fmt: skip
+                written = make_pair_heatmaps(
+                    pred, against, out, options, raw=raw, on_start=tick.start,
+                    on_image=tick.advance, **plan,
+                )  # fmt: skip
+            else:
+                written = make_heatmaps(
+                    pred, gt, out, options, raw=raw, on_start=tick.start,
+                    on_image=tick.advance, **plan,
+                )  # fmt: skip
+        except OSError as error:  # inputs raise ReadError: an OS error here is an output's
+            from .atomic import output_error
+
+            raise output_error(error.filename or out, error) from None
     for path in written:
-        err.print(f"wrote {path}", highlight=False)
+        err.print(f"wrote {_text(path)}", highlight=False)
 
 
 class _Ticker:
@@ -919,13 +1044,25 @@ def info(
         npz_key=npz_key,
         max_pixels=max_pixels,
     )
-    table = Table(title=str(file), show_header=False)
+    table = Table(title=_text(file), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in facts.items():
-        table.add_row(key, str(value))
+        table.add_row(_text(key), _text(value))
     Console().print(table)
 
 
+def _text(value) -> str:
+    """Text from files (paths, class names) for rich: markup escaped, controls visible."""
+    from rich.markup import escape
+
+    from .report import printable
+
+    return escape(printable(str(value)))
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)  # cleanup runs, as for Ctrl-C
     app()

@@ -2,6 +2,8 @@
 
     KlsegError                  base class; the CLI catches it and exits with its ``exit_code``
     ├── UsageError              options that do not fit together (exit 2)
+    ├── OutputError             an output that cannot be written: no folder, no permission,
+    │                           a full or read-only disk (exit 2)
     └── InputError              a file that cannot be used as given (exit 2)
         ├── ReadError           unreadable, truncated, or not the format its name says
         ├── ShapeError          shapes/layouts that do not fit together
@@ -9,7 +11,9 @@
         └── LabelError          labels outside 0..C-1 that are not ignore values
 
 Every message is one line that names the file (when there is one), the problem and, where
-possible, what to do about it. Anything else that escapes is a bug and shows a traceback.
+possible, what to do about it. Anything else that escapes is a bug: the CLI says "internal
+error" and exits 3 (``--debug`` shows the traceback), so CI never mistakes a crash for a
+failed requirement (exit 1).
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class KlsegError(Exception):
 
 class UsageError(KlsegError):
     """Options or arguments that do not fit together."""
+
+
+class OutputError(KlsegError):
+    """An output file or folder that cannot be written (named in the message)."""
 
 
 class InputError(KlsegError):

@@ -25,6 +25,7 @@ from .readers import (
     read_target,
     sum_tolerance,
 )
+from .safeio import exists, read_small_text
 from .stats import (
     IMAGE_COLUMNS,
     Stats,
@@ -407,13 +408,14 @@ def parse_classes(spec: str | None) -> tuple[str, ...]:
     if not spec:
         return ()
     path = Path(spec)
-    if path.is_file():
-        names = _class_names_file(path)
+    is_file = exists(path) and not path.is_dir()
+    if is_file:  # a FIFO, device, unreadable file: one error
+        names = _class_names_file(path, read_small_text(path, what="class-names file"))
     else:
         if spec.endswith((".txt", ".csv", ".json", ".names")) or "/" in spec:
             raise InputError("no such class-names file", path=spec)
         names = tuple(name.strip() for name in spec.split(","))
-    where = f"{path}: " if path.is_file() else ""
+    where = f"{path}: " if is_file else ""
     if any(not n for n in names):
         raise UsageError(f"{where}--classes has an empty name: {spec!r}")
     if len(set(names)) != len(names):
@@ -425,16 +427,16 @@ def parse_classes(spec: str | None) -> tuple[str, ...]:
 _ID_NAME = re.compile(r"^\s*(\d+)\s*[\s,:;=]\s*(\S.*?)\s*$")
 
 
-def _class_names_file(path: Path) -> tuple[str, ...]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read class names ({err})", path=path) from None
-    if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
+def _class_names_file(path: Path, text: str) -> tuple[str, ...]:
+    data, is_json = None, path.suffix.lower() == ".json"
+    if is_json or text.lstrip()[:1] in ("[", "{"):  # "[bold]road" lines are names, not JSON
         try:
             data = json.loads(text)
+            is_json = True
         except json.JSONDecodeError as err:
-            raise InputError(f"class names: not valid JSON ({err.msg})", path=path) from None
+            if is_json:
+                raise InputError(f"class names: not valid JSON ({err.msg})", path=path) from None
+    if is_json:
         if isinstance(data, list) and all(isinstance(n, str) for n in data):
             names = tuple(n.strip() for n in data)
         elif isinstance(data, dict):

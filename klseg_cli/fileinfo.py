@@ -100,8 +100,9 @@ def inspect_file(
         "dtype": str(arr.dtype),
         "read as": _read_as(arr),
     }
-    if arr.dtype.kind in "iub" and arr.ndim == 2:
-        return {**facts, **_label_facts(arr)}
+    if arr.dtype.kind in "iub" and arr.ndim == 2:  # read as a target: whole, with pread
+        facts["read as"] = "whole, into memory (a label mask)"
+        return {**facts, **_label_facts(read_target(path, max_pixels=max_pixels))}
     if arr.dtype.kind != "f":
         facts["verdict"] = f"{arr.dtype} values: neither a label mask nor a probability map"
         return facts

@@ -77,7 +77,8 @@ def load_label_map(spec: str | Path) -> LabelMap:
     name = str(spec)
     if name.lower() in BUILTIN_LABEL_MAPS:
         table, classes = BUILTIN_LABEL_MAPS[name.lower()]
-        return LabelMap(name.lower(), tuple(sorted(table.items())), classes)
+        ignored = {raw: (IGNORED if cls == 255 else cls) for raw, cls in table.items()}
+        return LabelMap(name.lower(), tuple(sorted(ignored.items())), classes)
     path = Path(spec)
     if not path.is_file():
         builtins = ", ".join(BUILTIN_LABEL_MAPS)

@@ -58,10 +58,12 @@ class MetricSettings:
             raise UsageError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         if self.input_kind not in ("probs", "logits"):
             raise UsageError(f"--input must be 'probs' or 'logits', got {self.input_kind!r}")
-        if not (self.log_base > 1 and math.isfinite(self.log_base)):
+        if not (math.isfinite(self.log_base) and self.log_base > 1):  # 0.5: KL < 0; inf: 0
             raise UsageError(
                 f"--log-base must be a finite number above 1 (e, 2, 10), got {self.log_base}"
             )
+        if any(not -(2**63) <= int(i) < 2**63 for i in self.ignore_index):
+            raise UsageError(f"--ignore-index values must fit in 64 bits, got {self.ignore_index}")
         if self.ece_bins < 1:
             raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -73,9 +75,6 @@ class MetricSettings:
             raise UsageError(
                 f"--exclude-class {bad[0]} is not a class id 0..{self.num_classes - 1}"
             )
-        huge = [v for v in self.ignore_index if not -(2**63) <= v < 2**63]
-        if huge:
-            raise UsageError(f"--ignore-index {huge[0]} is out of range for a label value")
         object.__setattr__(
             self,
             "labels",
@@ -130,6 +129,31 @@ class MetricSettings:
             "reduce_zero_label": self.reduce_zero_label,
             "exclude_classes": [self.names[c] for c in sorted(self.exclude_classes)],
         }
+
+    @classmethod
+    def from_dict(cls, d) -> MetricSettings:
+        """The settings ``as_dict`` wrote (summary.json's ``settings``, stats.npz's); keys
+        it does not know are left out."""
+        d = dict(d)
+        names = list(d.get("classes") or ())
+        kwargs = {
+            "num_classes": int(d["num_classes"]),
+            "class_names": tuple(names),
+            "input_kind": d.get("input", "probs"),
+            "ignore_index": tuple(d.get("ignore_index", (255,))),
+        }
+        for key in ("eps", "smoothing", "log_base", "soft_gt", "ece_bins", "renormalize",
+                    "reduce_zero_label"):  # fmt: skip
+            if key in d:
+                kwargs[key] = d[key]
+        if d.get("label_map"):
+            table = tuple(sorted((int(k), int(v)) for k, v in d["label_map"]["map"].items()))
+            kwargs["label_map"] = LabelMap(str(d["label_map"]["name"]), table)
+        excluded = d.get("exclude_classes") or ()
+        kwargs["exclude_classes"] = tuple(
+            names.index(c) if c in names else int(c) for c in excluded
+        )
+        return cls(**kwargs)
 
 
 def unit_label(log_base: float) -> str:
@@ -203,7 +227,7 @@ def argmax_classes(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred = np.zeros(n, dtype=small)
     term = np.empty(n, dtype=small)
     for c in range(1, C):
-        np.multiply(is_max[c], c, out=term, casting="unsafe")
+        np.multiply(is_max[c], small(c), out=term, casting="unsafe")  # c ≥ 256: no uint8
         pred += term
     pred = pred.astype(np.intp)
     ties = np.flatnonzero(n_max != 1)

@@ -62,7 +62,40 @@ def _unsupported(folder: Path, suffixes: tuple[str, ...], strip: str) -> dict[st
     return out
 
 
+def _kind(path: Path) -> str:
+    """``"file"``, ``"folder"`` or an InputError: missing, unreadable, or a FIFO/device."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError("no such file or folder", path=path) from None
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror or err}", path=path) from None
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "file"
+    raise InputError("is not a regular file or a folder (a FIFO, device or socket)", path=path)
+
+
 def pair_files(
+    pred: Path,
+    target: Path | None,
+    *,
+    pred_suffix: str = "",
+    gt_suffix: str = "",
+) -> Pairing:
+    """See ``_pair_files``; an OS error while listing a folder is an InputError naming it."""
+    try:
+        return _pair_files(pred, target, pred_suffix=pred_suffix, gt_suffix=gt_suffix)
+    except OSError as err:
+        where = err.filename if err.filename is not None else pred
+        raise InputError(f"cannot read: {err.strerror or err}", path=where) from None
+
+
+def _pair_files(
     pred: Path,
     target: Path | None,
     *,
@@ -76,18 +109,16 @@ def pair_files(
     every prediction with no target (for target-free metrics such as entropy).
     """
     pred, target = Path(pred), Path(target) if target is not None else None
-    if not pred.exists():
-        raise InputError("no such file or folder", path=pred)
-    if target is not None and not target.exists():
-        raise InputError("no such file or folder", path=target)
-    if pred.is_file():
-        if target is not None and target.is_dir():
+    pred_kind = _kind(pred)
+    target_kind = _kind(target) if target is not None else None
+    if pred_kind == "file":
+        if target_kind == "folder":
             raise UsageError(
                 f"{pred} is a file but {target} is a folder; pass two files or two folders"
             )
         stem = _strip(pred.name[: -len(pred.suffix)] if pred.suffix else pred.name, pred_suffix)
         return Pairing(pairs=[Pair(stem, pred, target)])
-    if target is not None and not target.is_dir():
+    if target_kind == "file":
         raise UsageError(
             f"{pred} is a folder but {target} is a file; pass two files or two folders"
         )

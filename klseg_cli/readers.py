@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LabelError, ReadError, ShapeError, UsageError
+from .fortran import fortran_rows
+from .labelio import one_series, read_label_npy, read_label_tiff
+from .safeio import check_regular
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff")
 TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff")
@@ -153,7 +156,7 @@ def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise ReadError("TIFF holds no image", path=path)
-            series = tif.series[0]
+            series = one_series(tif, path)  # several images: an error, never the first
             _check_size(tuple(series.shape), path, max_pixels)
             try:
                 return tifffile.memmap(path, mode="r")
@@ -279,8 +282,7 @@ def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFA
     """Open an array file as stored: ``.npy`` and plain TIFF memory-mapped, ``.npz`` loaded."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.exists():
-        raise ReadError("no such file", path=path)
+    check_regular(path)  # a FIFO or /dev/zero is refused, never opened (it would block)
     if suffix == ".npy":
         arr = _load_npy(path, max_pixels=max_pixels)
     elif suffix == ".npz":
@@ -427,6 +429,17 @@ class PredictionMap:
             if self.layout == "hwc":
                 return tiff.elements(start * C, stop * C).reshape(n, C)
             return tiff.elements(start, stop)
+        source = fortran_rows(self)
+        if source is not None:  # a Fortran-order .npy, band by band (fortran.py)
+            W = self.width
+            r0, r1 = start // W, -(-stop // W)
+            band = source.rows(r0, r1)
+            a, b = start - r0 * W, stop - r0 * W
+            if self.layout == "chw":
+                return band.reshape(band.shape[0], -1)[:, a:b]
+            if self.layout == "hwc":
+                return band.reshape(-1, band.shape[-1])[a:b]
+            return band.reshape(-1)[a:b]
         raw = self._raw()
         if raw is None:
             flat = self._flat()
@@ -601,16 +614,18 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     Soft targets are probability maps and are opened with ``open_prediction`` instead.
     """
     path = Path(path)
-    if not path.exists():
-        raise ReadError("no such file", path=path)
+    check_regular(path)  # a FIFO or /dev/zero is refused, never opened (it would block)
     suffix = path.suffix.lower()
     if suffix == ".png":
         return _read_png(path, max_pixels)
     if suffix not in (".npy", ".tif", ".tiff", ".npz"):
         raise ReadError(f"unsupported target file type {suffix!r}", path=path)
-    arr = load_array(path, max_pixels=max_pixels)
-    if isinstance(arr, TiffSegments):  # compressed or tiled: a mask is read whole
-        arr = arr.asarray()
+    if suffix == ".npy":  # read whole with pread: no memory map to SIGBUS on truncation
+        arr = read_label_npy(path, max_pixels=max_pixels)
+    elif suffix in (".tif", ".tiff"):  # decoded whole: any compression, tiles or strips
+        arr = read_label_tiff(path, max_pixels=max_pixels)
+    else:
+        arr = load_array(path, max_pixels=max_pixels)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         raise LabelError(
             f"is a colour mask of shape {tuple(arr.shape)}; save class indices (H, W)", path=path

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from .stats import CLASS_COLUMNS, IMAGE_COLUMNS
 
 REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
+    "stats.npz",
 )  # fmt: skip
 
 
@@ -36,22 +37,38 @@ def summary_json(summary: Mapping) -> str:
     return json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n"
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A text cell starting with one of these is a formula to a spreadsheet (CSV injection)."""
+
+
 def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value  # text from file names or class names, never a formula
     return str(value)
 
 
+def _csv_field(text: str) -> str:
+    """RFC 4180 quoting; unlike the csv module with a \\n line end, a lone \\r is quoted
+    too, so a stem holding one cannot break its row."""
+    if any(ch in text for ch in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
 def rows_csv(rows: Iterable[Mapping], columns: tuple[str, ...]) -> str:
-    """CSV text with exactly ``columns``; undefined numbers are empty cells."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
+    """CSV text with exactly ``columns``; undefined numbers are empty cells.
+
+    Text cells (image stems, class names) that start with ``= + - @`` (or a tab or CR) get
+    a leading ``'`` so a spreadsheet shows them as text instead of running them.
+    """
+    lines = [",".join(_csv_field(c) for c in columns)]
     for row in rows:
-        writer.writerow([_cell(row[c]) for c in columns])
-    return buf.getvalue()
+        lines.append(",".join(_csv_field(_cell(row[c])) for c in columns))
+    return "\n".join(lines) + "\n"
 
 
 def write_atomic(files: Mapping[Path, str]) -> None:
@@ -92,36 +109,47 @@ def make_out_dir(out: Path) -> Path:
 
 def confusion_csv(confusion, names) -> str:
     """The pooled confusion matrix: rows = target class, columns = predicted class."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["target \\ predicted", *names])
-    for name, row in zip(names, confusion):
-        writer.writerow([name, *(int(v) for v in row)])
-    return buf.getvalue()
+    return rows_csv(
+        ({"target \\ predicted": name, **{n: int(v) for n, v in zip(names, row)}}
+         for name, row in zip(names, confusion)),
+        ("target \\ predicted", *names),
+    )  # fmt: skip
 
 
-def report_files(summary: Mapping, result=None) -> dict[str, str]:
-    """File name → text of a report. ``result`` (an EvaluationResult) adds the files that
-    need more than the summary: ``confusion.csv`` and ``per_image_class.csv``."""
+def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
+    """File name → content of a report. ``result`` (an EvaluationResult) adds the files
+    that need more than the summary: ``confusion.csv``, ``per_image_class.csv`` and
+    ``stats.npz`` (the per-image sums, see ``statsfile``). ``summary.json`` comes last."""
     from .stats import IMAGE_CLASS_COLUMNS
 
-    files = {
+    files: dict[str, str | bytes] = {
         "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
         "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
-        "summary.json": summary_json(summary),
     }
     if result is not None:
+        from .statsfile import StatsTable, write_stats
+
         files["confusion.csv"] = confusion_csv(result.total.confusion, result.settings.names)
         files["per_image_class.csv"] = rows_csv(result.image_class_rows(), IMAGE_CLASS_COLUMNS)
+        buf = io.BytesIO()
+        write_stats(StatsTable.from_result(result), buf)
+        files["stats.npz"] = buf.getvalue()
+    files["summary.json"] = summary_json(summary)
     return files
 
 
-def write_reports(summary: Mapping, out: Path, *, result=None) -> list[Path]:
-    """Write the report files (``report_files``) into ``out``, atomically."""
-    out = make_out_dir(Path(out))
-    files = {out / name: text for name, text in report_files(summary, result).items()}
-    write_atomic(files)
-    return list(files)
+def write_reports(
+    summary: Mapping, out: Path, *, result=None, folders=None, also=None
+) -> list[Path]:
+    """Write the report files (``report_files``) into ``out``.
+
+    Published as one unit by ``outputs.publish_report`` (a lock on ``out``, a staging
+    folder, a manifest of klseg's files): ``folders`` (``{"heatmaps": fill}``) and ``also``
+    (``{junit_path: text}``) are written as part of the same unit.
+    """
+    from .outputs import publish_report
+
+    return publish_report(Path(out), report_files(summary, result), folders=folders, also=also)
 
 
 # --- terminal tables ----------------------------------------------------------------------
@@ -200,6 +228,7 @@ def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:
 def class_table(summary: Mapping):
     """Per-class results over the whole data set."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="per class", box=box.SIMPLE_HEAD)
@@ -209,7 +238,7 @@ def class_table(summary: Mapping):
     for row in summary["classes"]:
         table.add_row(
             str(row["class_id"]),
-            row["class_name"],
+            escape(printable(row["class_name"])),
             f"{row['n_target']:,}",
             *(fmt(row[k], 3) for k in ("iou", "dice", "precision", "recall", "kl", "ce")),
         )
@@ -242,14 +271,35 @@ def requirements_table(rows: list[Mapping]):
         verdict = "[green]PASS[/]" if row["passed"] else "[red]FAIL[/]"
         if row["reason"] in ("undefined", "baseline undefined"):
             verdict += f" ({row['reason']})"
-        value = fmt_interval(row)
-        table.add_row(escape(row["expr"]), value, fmt_g(row["threshold"]), verdict)
+        expr = escape(printable(row["expr"]))
+        table.add_row(expr, fmt_interval(row), fmt_g(row["threshold"]), verdict)
     return table
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x07``), for terminals."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` without the characters XML 1.0 forbids (most C0 controls, lone surrogates):
+    each is written as a visible escape such as ``\\x01``, so the XML stays well-formed."""
+    return _XML_BAD.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def junit_xml(rows: list[Mapping], *, suite: str = "klseg") -> str:
-    """JUnit XML: one testcase per requirement, a <failure> for each one that fails."""
+    """JUnit XML: one testcase per requirement, a <failure> for each one that fails.
+
+    Requirement texts hold class names from files: characters XML 1.0 forbids are escaped.
+    """
     import xml.etree.ElementTree as ET
+
+    rows = [{k: xml_safe(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
 
     failures = sum(not r["passed"] for r in rows)
     root = ET.Element("testsuites", name=suite, tests=str(len(rows)), failures=str(failures))

@@ -347,19 +347,22 @@ def load_summary(path) -> dict:
     import json
     from pathlib import Path
 
+    from .safeio import read_small_text
+    from .summaryfile import check_summary
+
     path = Path(path)
+    text = read_small_text(path, what="summary.json")  # bounded; FIFOs and devices refused
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("no such file", path=path) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read ({err})", path=path) from None
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(f"not valid JSON ({err.msg} at line {err.lineno})", path=path) from None
+    except (ValueError, RecursionError) as err:  # a 4300-digit int, 100000 nested brackets
+        raise InputError(f"not usable JSON ({str(err).split(';')[0]})", path=path) from None
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("dataset"), dict)
         or not isinstance(data.get("classes"), list)
     ):
         raise InputError("not a klseg summary.json (no 'dataset' and 'classes')", path=path)
+    check_summary(data, path)
     return data

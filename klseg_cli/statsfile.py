@@ -68,15 +68,8 @@ def stack_stats(stats: Sequence[Stats], template: Stats) -> dict[str, np.ndarray
 
 
 def settings_from_dict(d: Mapping) -> MetricSettings:
-    """``MetricSettings`` from summary.json's ``settings`` (keys it does not know are left)."""
-    renamed = {"input": "input_kind", "classes": "class_names"}
-    names = {f.name for f in dataclasses.fields(MetricSettings)}
-    kwargs = {}
-    for key, value in d.items():
-        key = renamed.get(key, key)
-        if key in names:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return MetricSettings(**kwargs)
+    """``MetricSettings`` from summary.json's ``settings`` (see ``MetricSettings.from_dict``)."""
+    return MetricSettings.from_dict(d)
 
 
 @dataclass

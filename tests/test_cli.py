@@ -56,7 +56,7 @@ def test_evaluate_writes_reports(tmp_path):
     out = tmp_path / "report"
     result = run(*sample_args("--out", out))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "confusion.csv",
         "per_class.csv",
         "per_image.csv",

@@ -576,3 +576,22 @@ def test_keep_going_with_every_pair_failing_writes_no_report(tmp_path):
     assert "no pair could be evaluated; no report was written" in r.stderr
     assert r.stderr.count("NaN") == 2  # each failure listed
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_settings_round_trip_through_summary_and_stats_npz(tmp_path, rng):
+    """stats.npz rebuilds the same summary for label maps, ignore-in-range and exclusions."""
+    from klseg_cli.statsfile import load_stats
+
+    h, w = 12, 16
+    raw = rng.choice(np.array([0, 7, 8, 26]), size=(h, w)).astype(np.uint8)
+    _pair(tmp_path, rng, raw, 19)
+    out = tmp_path / "r"
+    r = _cli("evaluate", tmp_path / "x.npy", tmp_path / "x.png", "--label-map", "cityscapes",
+             "--exclude-class", "road", "--ignore-index", "5", "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    again = load_stats(out / "stats.npz").to_result().summary()
+    assert MetricSettings.from_dict(summary["settings"]).as_dict() == summary["settings"]
+    assert again["settings"] == summary["settings"]
+    for key in ("miou_pooled", "macc_pooled", "fwiou_pooled", "kl_pooled"):
+        assert again["dataset"][key] == pytest.approx(summary["dataset"][key], nan_ok=True)
