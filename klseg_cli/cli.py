@@ -481,14 +481,16 @@ def evaluate(
         typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
     ] = False,
     jobs: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             "--jobs",
             "-j",
-            help="Images evaluated in parallel (threads with the klseg[fast] kernel, else "
-            "processes); results are identical for any value.",
+            help="Images evaluated in parallel (threads with the compiled kernel, else "
+            "processes); results are identical for any value. [default: the available "
+            "cores, at most one per image; 1 for small maps without the kernel]",
+            show_default=False,
         ),
-    ] = 1,
+    ] = None,
     pred_suffix: PredSuffixOpt = "",
     gt_suffix: GtSuffixOpt = "",
     npz_key: NpzKeyOpt = None,

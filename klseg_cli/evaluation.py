@@ -611,6 +611,51 @@ def _evaluate_one(pair: Pair, settings: MetricSettings, read: ReadOptions):
         return err
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_jobs(job: Job, jobs: int | None) -> tuple[int, str]:
+    """(workers, backend) for ``--jobs`` (None: automatic).
+
+    Automatic: one worker per available core, at most one per image. Threads (the kernel)
+    cost nothing to start; worker processes (the NumPy path) cost about half a second
+    each, so small maps, done in less, run in this process.
+    """
+    pairs = job.pairing.pairs
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if len(pairs) < 2 or jobs == 1:
+        return 1, "serial"
+    backend = parallel_backend(job)
+    if jobs is None:
+        if backend == "processes" and not _large_maps(job):
+            return 1, "serial"
+        jobs = available_cores()
+    workers = min(jobs, len(pairs))
+    return (workers, backend) if workers > 1 else (1, "serial")
+
+
+def _large_maps(job: Job) -> bool:
+    """Whether the first map is large enough (as the kernel's threshold) to be worth a
+    worker process."""
+    try:
+        pred = open_prediction(
+            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
+            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
+            max_pixels=job.read.max_pixels,
+        )  # fmt: skip
+    except InputError:
+        return False
+    return pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+
+
 def parallel_backend(job: Job) -> str:
     """How ``--jobs`` runs images in parallel: ``"threads"`` or ``"processes"``.
 
@@ -634,19 +679,19 @@ def parallel_backend(job: Job) -> str:
     return "threads" if uses_kernel(pred, job.settings, job.read.accelerate) else "processes"
 
 
-def _results(job: Job, jobs: int):
+def _results(job: Job, jobs: int | None):
     """(pair, ImageResult or InputError) for every pair, in pair order, for any ``jobs``.
 
-    Parallelism is over images (see ``parallel_backend`` for threads or processes).
-    Results are merged in pair order, so any ``jobs`` gives the same numbers.
+    Parallelism is over images (see ``resolve_jobs``: threads or processes). Results are
+    merged in pair order, so any ``jobs`` gives the same numbers.
     """
     pairs = job.pairing.pairs
-    if jobs <= 1 or len(pairs) < 2:
+    workers, backend = resolve_jobs(job, jobs)
+    if backend == "serial":
         for pair in pairs:
             yield pair, _evaluate_one(pair, job.settings, job.read)
         return
-    workers = min(jobs, len(pairs))
-    if parallel_backend(job) == "threads":
+    if backend == "threads":
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="klseg")
@@ -672,7 +717,7 @@ def evaluate(
     target: str | Path,
     *,
     keep_going: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
     on_image: Callable[[Pair], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     **options,
@@ -682,7 +727,9 @@ def evaluate(
     ``options`` are those of ``plan`` (classes, eps, smoothing, ignore_index, input_kind,
     log_base, soft_gt, layout, suffixes, allow_missing, npz_key, max_pixels, chunk_pixels).
     With ``keep_going``, a pair that cannot be read is recorded in ``errors`` and skipped.
-    ``jobs`` > 1 evaluates images in that many processes; the results are identical.
+    ``jobs``: images evaluated at once (threads with the kernel, else processes); None, the
+    default, uses every available core where that pays (``resolve_jobs``). The results are
+    identical for any value.
 
     Example (in a notebook)::
 
@@ -690,7 +737,7 @@ def evaluate(
         result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
         result.summary()["dataset"]["miou_pooled"]
     """
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     job = plan(pred, target, **options)
     if on_start is not None:

@@ -595,3 +595,27 @@ def test_settings_round_trip_through_summary_and_stats_npz(tmp_path, rng):
     assert again["settings"] == summary["settings"]
     for key in ("miou_pooled", "macc_pooled", "fwiou_pooled", "kl_pooled"):
         assert again["dataset"][key] == pytest.approx(summary["dataset"][key], nan_ok=True)
+
+
+def test_jobs_default_uses_the_cores_where_it_pays(tmp_path, rng, monkeypatch):
+    """#14: --jobs defaults to the available cores (capped by the images): threads for
+    kernel-sized maps, but no worker processes for small maps on the NumPy path."""
+    from klseg_cli import evaluation as ev
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for stem in "abc":
+        np.save(tmp_path / "p" / f"{stem}.npy", random_probs(rng, 48, 3).reshape(6, 8, 3))
+        Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "g" / f"{stem}.png")
+    job = ev.plan(tmp_path / "p", tmp_path / "g")
+    monkeypatch.setattr(ev, "available_cores", lambda: 16)
+    assert ev.resolve_jobs(job, None) == (1, "serial")  # small maps: not worth a process
+    assert ev.resolve_jobs(job, 2) == (2, "processes")
+    assert ev.resolve_jobs(job, 1) == (1, "serial")
+    if _fast.AVAILABLE:
+        monkeypatch.setattr(ev, "FAST_MIN_VALUES", 1)
+        assert ev.resolve_jobs(job, None) == (3, "threads")  # capped by the 3 images
+        monkeypatch.setattr(ev, "available_cores", lambda: 2)
+        assert ev.resolve_jobs(job, None) == (2, "threads")
+    with pytest.raises(UsageError):
+        ev.resolve_jobs(job, 0)
