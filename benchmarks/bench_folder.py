@@ -1,11 +1,13 @@
 """Folder throughput: klseg evaluate on N Cityscapes-sized maps vs. just loading them.
 
-    python benchmarks/bench_folder.py [--n 40] [--height 1024 --width 2048 --classes 19]
+    python benchmarks/bench_folder.py [--n 24] [--height 1024 --width 2048 --classes 19]
 
 Writes N float32 (H, W, C) .npy maps and uint8 PNG targets into a temporary folder, then
 measures in one run, each time right after reading every file once (the page cache on
 these machines is trimmed within seconds, so "warm" has to be renewed):
   - ``np.load`` of every map (the floor), before and after the klseg runs;
+  - a plain Python process that ``np.load``s and sums every map (start-up included: the
+    command klseg evaluate is compared with);
   - ``klseg evaluate`` as a command with --jobs 1 and --jobs 2 (start-up included);
   - ``klseg_cli.evaluate`` in one warm process with jobs=1 and jobs=2 (start-up excluded:
     the throughput of the work itself).
@@ -29,7 +31,7 @@ from PIL import Image
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--classes", type=int, default=19)
@@ -65,6 +67,10 @@ def main() -> None:
             out = fn()
             return time.perf_counter() - t0, out
 
+        def plain_process():
+            code = "import sys, numpy as np\nfor f in sys.argv[1:]: np.load(f).sum()"
+            subprocess.run([sys.executable, "-c", code, *map(str, files)], check=True)
+
         def command(jobs):
             proc = subprocess.run(
                 [sys.executable, "-m", "klseg_cli", "evaluate", str(root / "pred"),
@@ -80,11 +86,13 @@ def main() -> None:
 
         in_process(1)  # load the kernel once
         t_load, _ = timed(load_all)
+        t_plain, _ = timed(plain_process)
         t1, s1 = timed(lambda: command(1))
         t2, s2 = timed(lambda: command(2))
         p1, r1 = timed(lambda: in_process(1))
         p2, r2 = timed(lambda: in_process(2))
         t_load2, _ = timed(load_all)
+
         def numbers(summary):  # NaN (in process) and null (JSON) both mean "undefined"
             text = json.dumps([summary["dataset"], summary["classes"]])
             return json.loads(text.replace("NaN", "null"))
@@ -92,7 +100,9 @@ def main() -> None:
         same = all(numbers(s) == numbers(s1) for s in (s2, r1, r2))
         floor = min(t_load, t_load2)
         print(f"np.load all: {t_load:6.2f} s before, {t_load2:.2f} s after (floor {floor:.2f} s)")
-        print(f"command --jobs 1: {t1:6.2f} s = {t1 / floor:5.2f}x load")
+        print(f"python -c 'np.load(f).sum()' of every file: {t_plain:6.2f} s")
+        print(f"command --jobs 1: {t1:6.2f} s = {t1 / floor:5.2f}x load, "
+              f"{t1 / t_plain:5.2f}x the load-and-sum process")  # fmt: skip
         print(f"command --jobs 2: {t2:6.2f} s = {t2 / floor:5.2f}x load; jobs 1 / jobs 2 = "
               f"{t1 / t2:4.2f}x")  # fmt: skip
         print(f"in process, jobs=1: {p1:6.2f} s = {p1 / floor:5.2f}x load")

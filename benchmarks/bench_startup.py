@@ -1,4 +1,5 @@
-"""Start-up cost: ``klseg --help`` against ``python -c "import typer, rich"``.
+"""Start-up cost: ``klseg --help`` and ``klseg evaluate`` of one small pair (the first
+sample map, 96×128×5) against ``python -c "import typer, rich"``.
 
     python benchmarks/bench_startup.py [--runs 20]
 
@@ -12,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def wall(cmd: list[str]) -> float:
@@ -27,17 +29,23 @@ def main() -> None:
     base_cmd = [sys.executable, "-c", "import typer, rich"]
     help_cmd = [sys.executable, "-m", "klseg_cli", "--help"]
     eval_help = [sys.executable, "-m", "klseg_cli", "evaluate", "--help"]
-    for cmd in (base_cmd, help_cmd):  # warm the file cache
+    sample = Path(__file__).resolve().parent.parent / "sample_data"
+    one_pair = [sys.executable, "-m", "klseg_cli", "evaluate",
+                str(sample / "predictions" / "scene_00.npy"),
+                str(sample / "ground_truth" / "scene_00.png")]  # fmt: skip
+    for cmd in (base_cmd, help_cmd, one_pair):  # warm the file cache
         wall(cmd)
-    base, klseg, sub = [], [], []
+    base, klseg, sub, pair = [], [], [], []
     for _ in range(args.runs):
         base.append(wall(base_cmd))
         klseg.append(wall(help_cmd))
         sub.append(wall(eval_help))
-    b, k, s = (statistics.median(x) for x in (base, klseg, sub))
-    print(f"import typer, rich:    {b * 1e3:6.1f} ms")
-    print(f"klseg --help:          {k * 1e3:6.1f} ms = {k / b:4.2f}x")
-    print(f"klseg evaluate --help: {s * 1e3:6.1f} ms = {s / b:4.2f}x")
+        pair.append(wall(one_pair))
+    b, k, s, e = (statistics.median(x) for x in (base, klseg, sub, pair))
+    print(f"import typer, rich:       {b * 1e3:6.1f} ms")
+    print(f"klseg --help:             {k * 1e3:6.1f} ms = {k / b:4.2f}x")
+    print(f"klseg evaluate --help:    {s * 1e3:6.1f} ms = {s / b:4.2f}x")
+    print(f"klseg evaluate one pair:  {e * 1e3:6.1f} ms = {e / b:4.2f}x")
 
 
 if __name__ == "__main__":
