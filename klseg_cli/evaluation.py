@@ -257,6 +257,7 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     # labels that fit int32 go to the kernel as they are; wider ones (and mapped ones) as codes
     plain = settings.labels.plain and np.can_cast(labels.dtype, np.int32)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
+    buffer = None
     for start in range(0, pred.n_pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pred.n_pixels)
         raw = labels[start:stop]
@@ -266,10 +267,12 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
             if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
                 continue
             P = pred.block(start, stop)
-        else:
-            P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
+        else:  # read into this worker's buffer, reused for every chunk
+            read = pred.pixel_rows if pixel_major else pred.block
+            P = buffer = read(start, stop, out=buffer)
             if _fast.add_chunk(total, P, y, settings, tolerance, pixel_major=pixel_major):
                 continue
+            buffer = None  # P goes on to the NumPy path: read the next chunk elsewhere
             if pixel_major:
                 P = np.ascontiguousarray(P.T)
         _, P, y = _valid_pixels(P, settings.labels.codes(raw))

@@ -416,8 +416,12 @@ class PredictionMap:
                 )
             got += n
 
-    def _read_rows(self, start: int, stop: int) -> np.ndarray:
-        """The stored values of pixels [start, stop): (n, C) for HWC, (C, n) for CHW, (n,)."""
+    def _read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored values of pixels [start, stop): (n, C) for HWC, (C, n) for CHW, (n,).
+
+        ``out``: a buffer to read a plain file's bytes into when it has the right shape and
+        dtype (a worker reuses one for every chunk: no fresh pages to fault in each time).
+        """
         if isinstance(self.array, TiffSegments):
             tiff, n, C = self.array, stop - start, self.num_classes
             if self.layout == "chw":
@@ -447,16 +451,17 @@ class PredictionMap:
         filename, offset = raw
         dtype = self.array.dtype
         n, C = stop - start, self.num_classes
+        shape = (C, n) if self.layout == "chw" else (n, C) if self.layout == "hwc" else (n,)
+        if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=dtype)
         fd = os.open(filename, os.O_RDONLY)
         try:
             if self.layout == "chw":
-                out = np.empty((C, n), dtype=dtype)
                 for c in range(C):
                     self._pread_into(
                         fd, offset + (c * self.n_pixels + start) * dtype.itemsize, out[c]
                     )
                 return out
-            out = np.empty((n, C) if self.layout == "hwc" else n, dtype=dtype)
             width = C if self.layout == "hwc" else 1
             self._pread_into(fd, offset + start * width * dtype.itemsize, out)
             return out
@@ -479,20 +484,24 @@ class PredictionMap:
             return a.reshape(a.shape[0], -1)
         return None
 
-    def pixel_rows(self, start: int, stop: int) -> np.ndarray:
-        """HWC only: pixels [start, stop) as stored, (n, C) contiguous, in the compute dtype."""
+    def pixel_rows(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """HWC only: pixels [start, stop) as stored, (n, C) contiguous, in the compute dtype
+        (``out``: a buffer to reuse, see ``_read_rows``)."""
         if self.layout != "hwc":
             raise ValueError("pixel_rows serves HWC maps")
-        rows = self._read_rows(start, stop)
+        rows = self._read_rows(start, stop, out)
         return np.ascontiguousarray(rows, dtype=self.compute_dtype)
 
-    def block(self, start: int, stop: int, *, logits: bool = False) -> np.ndarray:
-        """Pixels [start, stop) in row-major order as a (C, n) array in the compute dtype."""
+    def block(
+        self, start: int, stop: int, *, logits: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Pixels [start, stop) in row-major order as a (C, n) array in the compute dtype
+        (``out``: a buffer a CHW file's chunk may be read into, see ``_read_rows``)."""
         dtype = self.compute_dtype
         if self.layout == "chw":
             # A contiguous copy: the class planes of a view lie H·W·itemsize apart, often a
             # power of two, and walking 19 such streams at once thrashes the cache's sets.
-            rows = self._read_rows(start, stop)
+            rows = self._read_rows(start, stop, out)
             return (
                 rows.astype(dtype, copy=False)
                 if rows.flags.c_contiguous
