@@ -206,11 +206,26 @@ def image_stats(
     if not isinstance(target, PredictionMap) and uses_kernel(pred, settings, accelerate):
         return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
-    for _, _, _, P, tgt in iter_chunks(
+    for start, stop, valid, P, tgt in iter_chunks(
         pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
-        total = total + Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
+        terms = _terms(pred, P, tgt, settings, tolerance)
+        chunk = Stats.from_terms(terms, settings)
+        if settings.calibration_views:
+            _add_views(chunk, terms, target, start, stop, valid, settings)
+        total = total + chunk
     return total
+
+
+def _add_views(chunk: Stats, terms, target, start, stop, valid, settings) -> None:
+    """The calibration-view sums of a chunk (the band from the label image's rows)."""
+    from .calibration_views import add_view_sums, boundary_band
+
+    band = None
+    if not isinstance(target, PredictionMap):
+        band = boundary_band(target, start, stop, settings.boundary_band, settings.num_classes)
+        band = band if valid is None else band[valid]
+    add_view_sums(chunk, terms, band, settings)
 
 
 def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool | None) -> bool:
@@ -261,6 +276,11 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
 
 def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
     try:
+        if settings.temperature != 1.0:  # the calibrated map, as --write would store it
+            from .calibration import scaled_chunk
+
+            P, settings = scaled_chunk(P, settings, pred.array.dtype, tolerance)
+            tolerance = None  # checked before scaling
         return pixel_terms(P, target, settings, tolerance=tolerance)
     except KlsegError as err:
         raise err.with_path(pred.path) from None
@@ -377,6 +397,9 @@ def plan(
     npz_key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+    temperature: float = 1.0,
+    calibration_views: bool = False,
+    boundary_band: int = 3,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
     if isinstance(classes, str) or classes is None:
@@ -423,6 +446,9 @@ def plan(
         soft_gt=soft_gt,
         class_names=names,
         renormalize=renormalize,
+        temperature=temperature,
+        calibration_views=calibration_views,
+        boundary_band=boundary_band,
     )
     return Job(pairing, settings, read)
 

@@ -43,6 +43,9 @@ class MetricSettings:
     ece_bins: int = DEFAULT_ECE_BINS
     class_names: tuple[str, ...] = field(default=())
     renormalize: bool = False
+    temperature: float = 1.0  # p ↦ softmax(log p̃ / T) before anything else (DESIGN §7)
+    calibration_views: bool = False  # adaptive, class-wise, boundary/interior ECE sums
+    boundary_band: int = 3  # pixels within this distance of another class are "boundary"
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -57,6 +60,10 @@ class MetricSettings:
             raise UsageError(f"--log-base must be positive and not 1, got {self.log_base}")
         if self.ece_bins < 1:
             raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.boundary_band < 1:
+            raise UsageError(f"--boundary-band must be at least 1, got {self.boundary_band}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UsageError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
@@ -89,6 +96,9 @@ class MetricSettings:
             "soft_gt": self.soft_gt,
             "ece_bins": self.ece_bins,
             "renormalize": self.renormalize,
+            "temperature": self.temperature,
+            "calibration_views": self.calibration_views,
+            "boundary_band": self.boundary_band,
         }
 
 
@@ -106,6 +116,7 @@ class PixelTerms:
     pred: np.ndarray  # argmax, ties to the lowest class index
     label: np.ndarray  # hard label (argmax of a soft target)
     n_clipped: int
+    p: np.ndarray | None = None  # (C, n) probabilities, for the class-wise calibration sums
 
 
 def _safe_log(x: np.ndarray) -> np.ndarray:
@@ -360,6 +371,7 @@ def pixel_terms(
         pred=pred,
         label=y,
         n_clipped=n_clipped,
+        p=p,
     )
 
 
@@ -410,6 +422,7 @@ def _soft_terms(p, L, Lt, Q, settings, confidence, pred, entropy, sums, log_eps)
         pred=pred,
         label=y,
         n_clipped=n_clipped,
+        p=p,
     )
 
 

@@ -26,8 +26,10 @@ OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operat
 CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
-    "soft_gt", "ece_bins", "renormalize",
+    "soft_gt", "ece_bins", "renormalize", "temperature", "boundary_band",
 )  # fmt: skip
+SETTING_DEFAULTS = {"temperature": 1.0, "boundary_band": 3}
+"""Values of settings that summaries written before them lack."""
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -130,9 +132,10 @@ def parse_requirement(text: str) -> Requirement:
 
 def dataset_keys() -> list[str]:
     """The names in ``summary.json``'s ``dataset`` object (known before any computing)."""
-    from .stats import IMAGE_MEAN_METRICS
+    from .stats import IMAGE_MEAN_METRICS, POOLED_ONLY_METRICS
 
-    return [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
+    keys = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
+    return keys + [f"{m}_pooled" for m in POOLED_ONLY_METRICS]
 
 
 def check_names(texts: Sequence[str]) -> list[Requirement]:
@@ -190,7 +193,8 @@ def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
     """Human-readable differences in the settings that change numbers."""
     diffs = []
     for key in SETTINGS_THAT_CHANGE_NUMBERS:
-        a, b = current.get(key), baseline.get(key)
+        a = current.get(key, SETTING_DEFAULTS.get(key))
+        b = baseline.get(key, SETTING_DEFAULTS.get(key))
         if a != b:
             diffs.append(f"{key}: {b!r} in the baseline, {a!r} now")
     return diffs

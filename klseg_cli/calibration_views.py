@@ -1,0 +1,197 @@
+"""Calibration views beyond top-label ECE (DESIGN §7): sums per chunk, formulas at the end.
+
+Every view is kept as per-bin sums that merge by ``+`` (fields of ``stats.Stats``), so it
+costs constant memory however many pixels are seen, and ratios are taken once at the end:
+
+- ``mce``: the largest |acc_b − conf_b| over the non-empty top-label bins (the ECE bins
+  already hold what it needs; always computed).
+- ``ece_adaptive``: equal-mass bins. Confidences go into a fine fixed histogram whose bins
+  are log-spaced in 1 − confidence (FINE_SUB bins per octave from 2⁻²⁴ up, plus one bin
+  for 1 − confidence < 2⁻²⁴, i.e. a float32 confidence of 1), dense where a segmentation
+  model's confidences crowd (near 1). Walking the fine bins by increasing confidence, a fine
+  bin whose first pixel has rank r (0-based, of N) joins adaptive bin ⌊B·r/N⌋: the B bins
+  hold equal pixel counts up to the width of one fine bin.
+- ``ece_classwise``: for every class c, the B-bin ECE of the one-vs-rest probability p_c
+  against 1[y = c] over all valid pixels (Kull et al. 2019), averaged over the classes
+  (ignore values inside 0..C−1 are left out of the mean).
+- ``ece_boundary`` / ``ece_interior``: top-label ECE of the valid pixels within K pixels
+  (Chebyshev distance, ``--boundary-band K``) of a valid pixel of another target class, and
+  of the rest. The band comes from the label image, a few rows at a time.
+
+Other tools' names and bins differ: MONAI's ``CalibrationErrorMetric`` calls the unweighted
+mean of the per-bin gaps "ACE" (average calibration error), not an adaptive ECE; and
+torchmetrics' bins are [l, u) plus an extra bin for a confidence of exactly 1.0, where klseg
+(and DESIGN §2) use ((b−1)/B, b/B].
+
+The adaptive, class-wise and boundary sums (``--calibration-views``) cost about as much as
+a few more passes over the map; without that option they stay zero and their metrics NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .metrics import MetricSettings, PixelTerms, ece_bin_index
+
+if TYPE_CHECKING:  # stats imports this module
+    from .stats import Stats
+
+FINE_OCTAVES = 24
+"""Octaves of 1 − confidence covered, from 2⁻²⁴ (a float32 confidence just below 1) to 1."""
+FINE_SUB = 32
+"""Fine bins per octave: a fine bin spans 2.2% of 1 − confidence."""
+FINE_BINS = 1 + FINE_OCTAVES * FINE_SUB
+"""769 fine bins; bin 0 holds 1 − confidence < 2⁻²⁴, higher bins lower confidences."""
+
+VIEW_METRICS = ("ece_adaptive", "ece_classwise", "ece_boundary", "ece_interior")
+"""Metrics that need ``--calibration-views`` (``mce`` is always computed)."""
+
+
+def fine_bin_index(confidence: np.ndarray) -> np.ndarray:
+    """Fine-histogram bin of each confidence: exponent and top mantissa bits of 1 − conf.
+
+    1 − conf is taken in float64 (exact for float32 confidences) and rounded to float32; its
+    bits give the octave and FINE_SUB sub-bins at once, without a logarithm.
+    """
+    u = (1.0 - confidence.astype(np.float64)).astype(np.float32)
+    np.maximum(u, 0.0, out=u)
+    bits = u.view(np.int32).astype(np.int64)
+    octave = (bits >> 23) - 127 + FINE_OCTAVES  # 0 for [2⁻²⁴, 2⁻²³)
+    sub = (bits >> (23 - int(math.log2(FINE_SUB)))) & (FINE_SUB - 1)
+    idx = 1 + octave * FINE_SUB + sub
+    idx[octave < 0] = 0
+    np.clip(idx, 0, FINE_BINS - 1, out=idx)
+    return idx
+
+
+def add_view_sums(
+    stats: Stats, terms: PixelTerms, band: np.ndarray | None, settings: MetricSettings
+) -> None:
+    """Fill the view sums of ``stats`` (a chunk's, fresh from ``Stats.from_terms``).
+
+    ``band`` masks the chunk's valid pixels that lie in the boundary band (None: unknown,
+    e.g. for soft targets; the band sums then stay zero).
+    """
+    C, bins = settings.num_classes, settings.ece_bins
+    conf, y = terms.confidence, terms.label
+    correct = y == terms.pred
+    k = fine_bin_index(conf)
+    stats.fine_count += np.bincount(k, minlength=FINE_BINS)
+    stats.fine_conf += np.bincount(k, weights=conf, minlength=FINE_BINS)
+    stats.fine_correct += np.bincount(k[correct], minlength=FINE_BINS)
+    p = terms.p
+    if p is not None and p.shape[1]:
+        b = ece_bin_index(p.reshape(-1), bins).reshape(p.shape)
+        b += (np.arange(C) * bins)[:, None]
+        stats.classwise_count += np.bincount(b.reshape(-1), minlength=C * bins).reshape(C, bins)
+        stats.classwise_prob += np.bincount(
+            b.reshape(-1), weights=p.reshape(-1), minlength=C * bins
+        ).reshape(C, bins)
+        hit = b.reshape(-1).take(y * p.shape[1] + np.arange(p.shape[1]))  # cell of (y_i, p_yi)
+        stats.classwise_hit += np.bincount(hit, minlength=C * bins).reshape(C, bins)
+    if band is not None and band.any():
+        bb = ece_bin_index(conf[band], bins)
+        stats.band_count += np.bincount(bb, minlength=bins)
+        stats.band_conf += np.bincount(bb, weights=conf[band], minlength=bins)
+        stats.band_correct += np.bincount(bb[correct[band]], minlength=bins)
+
+
+def _window_extreme(a: np.ndarray, k: int, op) -> np.ndarray:
+    """max (or min) over the (2k+1)×(2k+1) window around each element (edges: the window
+    is cut at the border), by two separable passes of shifted comparisons."""
+    out = a.copy()
+    for axis in (0, 1):
+        src = out.copy()
+        n = src.shape[axis]
+        for s in range(1, k + 1):
+            if s >= n:
+                break
+            lo = [slice(None)] * 2
+            hi = [slice(None)] * 2
+            lo[axis], hi[axis] = slice(0, n - s), slice(s, n)
+            op(out[tuple(lo)], src[tuple(hi)], out=out[tuple(lo)])
+            op(out[tuple(hi)], src[tuple(lo)], out=out[tuple(hi)])
+    return out
+
+
+def boundary_band(
+    labels: np.ndarray, start: int, stop: int, k: int, num_classes: int
+) -> np.ndarray:
+    """Boundary-band mask of flat pixels [start, stop) of the (H, W) label image.
+
+    A pixel is in the band when a valid pixel (label 0..C−1) of another class lies within
+    Chebyshev distance k: then the window maximum and minimum of the valid labels differ.
+    Only the rows the chunk touches, plus k rows either side, are looked at.
+    """
+    H, W = labels.shape
+    r0, r1 = start // W, (stop - 1) // W + 1
+    a0, a1 = max(0, r0 - k), min(H, r1 + k)
+    rows = np.asarray(labels[a0:a1]).astype(np.int64)
+    valid = (rows >= 0) & (rows < num_classes)
+    hi = _window_extreme(np.where(valid, rows, -1), k, np.maximum)
+    lo = _window_extreme(np.where(valid, rows, num_classes), k, np.minimum)
+    band = (hi != lo)[r0 - a0 : r1 - a0].reshape(-1)
+    return band[start - r0 * W : stop - r0 * W]
+
+
+# --- formulas from merged sums -----------------------------------------------------------
+
+
+def ece_from_bins(count, conf, correct) -> float:
+    """Σ_b (n_b/N)·|acc_b − conf_b| = Σ_b |Σcorrect_b − Σconf_b| / N; NaN when N = 0."""
+    count = np.asarray(count, dtype=np.float64)
+    n = count.sum()
+    if n == 0:
+        return math.nan
+    return float(np.abs(np.asarray(correct, np.float64) - conf)[count > 0].sum() / n)
+
+
+def mce_from_bins(count, conf, correct) -> float:
+    """max over the non-empty bins of |acc_b − conf_b|; NaN when every bin is empty."""
+    count = np.asarray(count, dtype=np.float64)
+    nz = count > 0
+    if not nz.any():
+        return math.nan
+    gap = np.abs(np.asarray(correct, np.float64)[nz] - np.asarray(conf)[nz]) / count[nz]
+    return float(gap.max())
+
+
+def adaptive_bins(stats: Stats, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, Σconf, Σcorrect) of ``bins`` equal-mass bins, merged from the fine histogram."""
+    count = stats.fine_count[::-1]  # by increasing confidence
+    conf = stats.fine_conf[::-1]
+    correct = stats.fine_correct[::-1]
+    n = int(count.sum())
+    before = np.concatenate(([0], np.cumsum(count)[:-1]))
+    j = np.minimum((bins * before) // max(n, 1), bins - 1).astype(np.intp)
+    return (
+        np.bincount(j, weights=count, minlength=bins).astype(np.int64),
+        np.bincount(j, weights=conf, minlength=bins),
+        np.bincount(j, weights=correct, minlength=bins).astype(np.int64),
+    )
+
+
+def view_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
+    """``mce`` and (with ``calibration_views``) the views of VIEW_METRICS; NaN when undefined."""
+    out = {"mce": mce_from_bins(stats.ece_count, stats.ece_conf, stats.ece_correct)}
+    out.update(dict.fromkeys(VIEW_METRICS, math.nan))
+    if not settings.calibration_views:
+        return out
+    out["ece_adaptive"] = ece_from_bins(*adaptive_bins(stats, settings.ece_bins))
+    per_class = [
+        ece_from_bins(stats.classwise_count[c], stats.classwise_prob[c], stats.classwise_hit[c])
+        for c in range(settings.num_classes)
+        if c not in settings.ignore_index
+    ]
+    out["ece_classwise"] = float(np.mean(per_class)) if per_class else math.nan
+    if not settings.soft_gt:
+        out["ece_boundary"] = ece_from_bins(stats.band_count, stats.band_conf, stats.band_correct)
+        out["ece_interior"] = ece_from_bins(
+            stats.ece_count - stats.band_count,
+            stats.ece_conf - stats.band_conf,
+            stats.ece_correct - stats.band_correct,
+        )
+    return out
