@@ -31,6 +31,10 @@ import numpy as np
 from .errors import ProbabilityError, UsageError
 from .metrics import MetricSettings, _safe_log, check_probabilities, class_dot, class_sum
 
+VIEW_NAMES = tuple(
+    f"{m}_pooled" for m in ("ece_adaptive", "ece_classwise", "ece_boundary", "ece_interior")
+)
+"""Dataset metrics that need ``--calibration-views`` (see calibration_views.VIEW_METRICS)."""
 SAMPLE_PIXELS = 1 << 17
 """At most this many pixels (× C float32 values) are kept for the starting point."""
 T_MIN, T_MAX = 1e-3, 1e3
