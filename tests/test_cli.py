@@ -57,8 +57,10 @@ def test_evaluate_writes_reports(tmp_path):
     result = run(*sample_args("--out", out))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.csv",
         "per_class.csv",
         "per_image.csv",
+        "reliability.png",
         "summary.json",
     ]
     image_lines = (out / "per_image.csv").read_text().splitlines()
