@@ -54,7 +54,7 @@ def _write_npy(pred, settings: MetricSettings, path: Path, chunk_pixels: int) ->
             stop = min(start + step, n)
             P = pred.block(start, stop, logits=logits)
             try:
-                Q, _ = scaled_chunk(P, settings, dtype, tolerance)
+                Q, _ = scaled_chunk(P, settings, dtype, tolerance, two_d=pred.layout == "hw")
             except KlsegError as err:
                 raise err.with_path(pred.path) from None
             if pred.layout == "hwc":
@@ -65,8 +65,7 @@ def _write_npy(pred, settings: MetricSettings, path: Path, chunk_pixels: int) ->
                     os.pwrite(fd, Q[c].astype(dtype).tobytes(),
                               offset + (c * n + start) * dtype.itemsize)  # fmt: skip
             else:  # a 2-D map: P(class 1), or the logit of class 1 against class 0
-                one = Q[1] - Q[0] if logits else Q[1]
-                os.pwrite(fd, one.astype(dtype).tobytes(), offset + start * dtype.itemsize)
+                os.pwrite(fd, Q[1].astype(dtype).tobytes(), offset + start * dtype.itemsize)
 
 
 def _npz_member(path: Path, key: str | None) -> tuple[str, int]:

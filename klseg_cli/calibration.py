@@ -137,23 +137,37 @@ def scaled_chunk(
     settings: MetricSettings,
     stored_dtype,
     tolerance: float | None,
+    *,
+    two_d: bool = False,
 ) -> tuple[np.ndarray, MetricSettings]:
-    """A chunk with the temperature applied, as the calibrated map would be stored.
+    """A chunk with the temperature applied, as the calibrated map would be stored and read.
 
     Returns ``(P', settings')``: for probabilities P' = softmax(log p̃ / T), for logits the
-    logits log p̃ / T (whose softmax is that); rounded to ``stored_dtype`` (so that numbers
-    computed on the fly equal those of the maps ``klseg calibrate --write`` stores), and
-    settings without the temperature and renormalization to evaluate P' with.
+    logits log p̃ / T (whose softmax is that); rounded to ``stored_dtype``, and for a 2-D
+    (binary) map (``two_d``) rebuilt from class 1's stored value as the reader does, so that
+    numbers computed on the fly equal those of the maps ``klseg calibrate --write`` stores.
+    ``settings'`` has no temperature and no renormalization: evaluate P' with it.
     """
     L = log_ptilde(P, settings, tolerance)
     L *= L.dtype.type(1.0 / settings.temperature)
     inner = replace(settings, temperature=1.0, renormalize=False)
-    if settings.input_kind == "logits":
+    logits = settings.input_kind == "logits"
+    if logits:
         out = L
     else:
         L -= L.max(axis=0)
         out = np.exp(L, out=L)
         out /= class_sum(out)
+    if two_d:  # stored: P(class 1), or the logit of class 1 against class 0
+        v = (out[1] - out[0]) if logits else out[1]
+        v = v.astype(stored_dtype).astype(out.dtype)
+        pair = np.empty_like(out)
+        if logits:
+            pair[0] = 0.0
+        else:
+            np.subtract(1.0, v, out=pair[0])
+        pair[1] = v
+        return pair, inner
     if np.dtype(stored_dtype) != out.dtype:
         out = out.astype(stored_dtype).astype(out.dtype)
     return out, inner

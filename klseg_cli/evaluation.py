@@ -279,7 +279,9 @@ def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
         if settings.temperature != 1.0:  # the calibrated map, as --write would store it
             from .calibration import scaled_chunk
 
-            P, settings = scaled_chunk(P, settings, pred.array.dtype, tolerance)
+            P, settings = scaled_chunk(
+                P, settings, pred.array.dtype, tolerance, two_d=pred.layout == "hw"
+            )
             tolerance = None  # checked before scaling
         return pixel_terms(P, target, settings, tolerance=tolerance)
     except KlsegError as err:
