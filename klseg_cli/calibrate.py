@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
-from .calibration import PassResult, TemperatureFit, fit_temperature, iter_fit_chunks, split_holdout
+from .calibration import PairData, PassResult, TemperatureFit, fit_temperature, split_holdout
 from .errors import InputError, UsageError
 from .evaluation import EvaluationResult, Job, ReadOptions, _results, plan
 from .metrics import MetricSettings
@@ -137,9 +137,8 @@ def calibrate(
     else:
         fit_pairs, hold_pairs = pairs, []
     hint = _pixel_count(fit_pairs, settings, read)
-    fit = fit_temperature(
-        lambda: iter_fit_chunks(fit_pairs, settings, read), n_pixels_hint=hint, on_pass=on_pass
-    )
+    data = PairData(fit_pairs, settings, read, n_pixels=hint)
+    fit = fit_temperature(data, on_pass=on_pass)
     after = replace(settings, temperature=fit.temperature)
     run = CalibrationRun(fit, settings, read, holdout=holdout, seed=seed)
     for name, part in (("fit", fit_pairs), ("holdout", hold_pairs)):

@@ -25,10 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
-from .errors import ProbabilityError, UsageError
+from .errors import KlsegError, ProbabilityError, UsageError
 from .metrics import MetricSettings, _safe_log, check_probabilities, class_dot, class_sum
 
 VIEW_NAMES = tuple(
@@ -204,21 +205,59 @@ class TemperatureFit:
 
 Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, float]]]
 """A fresh iterator, each call, over every chunk's (log p̃ (C, n), Σq log p̃ (n,), Σq log q)."""
+SAMPLE_BLOCK = 2048
+"""Pixels per block read for the starting point (one Cityscapes row)."""
 
 
-def _sums(chunks: Iterable, a: float, sample: list | None, stride: int):
-    """One pass: (N, Σq log q, F·, F'·, F''·) at a; keeps every stride-th pixel in sample."""
-    n = 0
-    neg_h = f = g = h = 0.0
-    for L, qL, nh in chunks:
-        if sample is not None and L.shape[1]:
-            first = (-n) % stride
-            sample.append((L[:, first::stride].copy(), qL[first::stride].copy()))
-        n += L.shape[1]
-        neg_h += nh
-        df, dg, dh = chunk_objective(L, qL, a)
-        f, g, h = f + df, g + dg, h + dh
-    return n, neg_h, f, g, h
+class FitData(Protocol):
+    """What ``fit_temperature`` needs from a data set."""
+
+    def pass_at(self, a: float) -> tuple[int, float, float, float, float]:
+        """One pass over every valid pixel at a = 1/T: (N, Σq log q, ΣNLL, ΣNLL', ΣNLL'')."""
+
+    def sample(self) -> Callable[[float], tuple[float, float]] | None:
+        """(ΣNLL', ΣNLL'') at a over a few spread-out pixels held in memory (at most about
+        SAMPLE_PIXELS), or None: what the starting point is found on."""
+
+
+@dataclass
+class ChunkData:
+    """``FitData`` over arrays: ``chunks()`` yields (log p̃, Σq log p̃, Σq log q) triples."""
+
+    chunks: Chunks
+    n_pixels_hint: int = SAMPLE_PIXELS
+
+    def pass_at(self, a: float):
+        n = 0
+        neg_h = f = g = h = 0.0
+        for L, qL, nh in self.chunks():
+            n += L.shape[1]
+            neg_h += nh
+            df, dg, dh = chunk_objective(L, qL, a)
+            f, g, h = f + df, g + dg, h + dh
+        return n, neg_h, f, g, h
+
+    def sample(self):
+        stride = max(1, -(-self.n_pixels_hint // SAMPLE_PIXELS))
+        out = []
+        for L, qL, _ in self.chunks():
+            out.append((L[:, ::stride].copy(), qL[::stride].copy()))
+        return _numpy_sample(out)
+
+
+def _numpy_sample(parts: list) -> Callable[[float], tuple[float, float]] | None:
+    """The sample evaluator over (log p̃, Σq log p̃) pieces."""
+    parts = [p for p in parts if p[1].size]
+    if not parts:
+        return None
+    Ls = np.concatenate([p[0] for p in parts], axis=1)
+    qs = np.concatenate([p[1] for p in parts])
+
+    def evaluate(a: float) -> tuple[float, float]:
+        _, g, h = chunk_objective(Ls, qs, a)
+        return g, h
+
+    return evaluate
 
 
 def _newton(evaluate: Callable[[float], tuple[float, float]], a: float, lo, hi, *,
@@ -252,65 +291,48 @@ def _newton(evaluate: Callable[[float], tuple[float, float]], a: float, lo, hi, 
     return a, False
 
 
-def _sample_optimum(sample: list) -> float:
-    """a = 1/T minimising the objective on the kept sample (in memory; a starting point)."""
-    Ls = np.concatenate([s[0] for s in sample], axis=1)
-    qs = np.concatenate([s[1] for s in sample])
-
-    def sample_eval(a):
-        _, sg, sh = chunk_objective(Ls, qs, a)
-        return sg, sh
-
-    return _newton(sample_eval, 1.0, None, None, tol=1e-9, max_steps=60)[0]
+def _sample_optimum(evaluate: Callable[[float], tuple[float, float]]) -> float:
+    """a = 1/T minimising the objective on the sample (in memory; only a starting point, so
+    1e-6 is precise enough: the sample's own noise is larger)."""
+    return _newton(evaluate, 1.0, None, None, tol=1e-6, max_steps=60)[0]
 
 
 def fit_temperature(
-    chunks: Chunks,
+    data: FitData,
     *,
-    n_pixels_hint: int,
     max_passes: int = 30,
     on_pass: Callable[[PassResult], None] | None = None,
 ) -> TemperatureFit:
-    """The T > 0 minimising Σ KL(q‖softmax(log p̃ / T)) over every pixel ``chunks`` yields.
+    """The T > 0 minimising Σ KL(q‖softmax(log p̃ / T)) over every valid pixel of ``data``.
 
-    ``n_pixels_hint`` (e.g. the total pixel count from the headers) sets the sample stride.
-    Each call of ``chunks`` is one pass over the data; ``on_pass`` hears about each.
+    ``data`` is a ``PairData`` (files) or a ``ChunkData`` (arrays); ``on_pass`` hears
+    about each pass over the data. The starting point is the optimum of a small sample
+    (read first, in memory); the passes then make it exact for every pixel.
     """
-    stride = max(1, -(-n_pixels_hint // SAMPLE_PIXELS))
-    sample: list = []
     fit = TemperatureFit(temperature=1.0, n_valid=0)
-
-    def record(a, n, neg_h, f, g, h):
-        r = PassResult(1.0 / a, (f + neg_h) / n, g / n, h / n)
-        fit.passes.append(r)
-        if on_pass is not None:
-            on_pass(r)
-
-    n, neg_h, f, g, h = _sums(chunks(), 1.0, sample, stride)
-    if n == 0:
-        raise UsageError("no valid pixels to fit a temperature on")
-    fit.n_valid = n
-    record(1.0, n, neg_h, f, g, h)
-    lo, hi = (1.0, None) if g < 0 else (None, 1.0)
-
-    # starting point: the sample's optimum (in memory, cheap), kept inside the bracket
-    a0 = _sample_optimum(sample)
+    sample = data.sample()
+    a0 = _sample_optimum(sample) if sample is not None else 1.0
     del sample
-    if g == 0.0:
-        return fit
-    if (lo is not None and a0 <= lo) or (hi is not None and a0 >= hi):
-        a0 = 1.0 - g / h if h > 0 else (4.0 if g < 0 else 0.25)  # a Newton step from T = 1
+    if not (math.isfinite(a0) and a0 > 0):
+        a0 = 1.0
+    a0 = min(max(a0, 1.0 / T_MAX), 1.0 / T_MIN)
 
     def full_eval(a):
         if len(fit.passes) >= max_passes:
             raise UsageError(f"the temperature did not converge in {max_passes} passes")
-        n2, nh2, f2, g2, h2 = _sums(chunks(), a, None, 1)
-        if n2 != n:
+        n, neg_h, f, g, h = data.pass_at(a)
+        if n == 0:
+            raise UsageError("no valid pixels to fit a temperature on")
+        if fit.n_valid and n != fit.n_valid:
             raise UsageError("the data changed between passes")
-        record(a, n, nh2, f2, g2, h2)
-        return g2, h2
+        fit.n_valid = n
+        r = PassResult(1.0 / a, (f + neg_h) / n, g / n, h / n)
+        fit.passes.append(r)
+        if on_pass is not None:
+            on_pass(r)
+        return g, h
 
-    a, at_bound = _newton(full_eval, a0, lo, hi, tol=STEP_TOL, max_steps=max_passes)
+    a, at_bound = _newton(full_eval, a0, None, None, tol=STEP_TOL, max_steps=max_passes)
     fit.temperature = 1.0 / a
     fit.at_bound = at_bound
     return fit
@@ -335,22 +357,165 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def iter_fit_chunks(pairs, settings: MetricSettings, read) -> Iterator:
     """(log p̃, Σq log p̃, Σq log q) of every chunk of every pair's valid pixels: one pass."""
-    from .errors import KlsegError
-    from .evaluation import _tolerance, iter_chunks, open_pair
-
     for pair in pairs:
-        opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes,
-                           read=read)  # fmt: skip
-        if opened.target is None:
-            raise UsageError(f"{pair.pred}: calibration needs a target")
-        tolerance = _tolerance(opened.pred, settings)
-        for _, _, _, P, tgt in iter_chunks(
-            opened.pred, opened.target, settings, chunk_pixels=read.chunk_pixels,
-            target_path=pair.target,
-        ):  # fmt: skip
+        opened = _open(pair, settings, read)
+        yield from _numpy_chunks(pair, opened, settings, read)
+
+
+def _open(pair, settings: MetricSettings, read):
+    from .evaluation import open_pair
+
+    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes,
+                       read=read)  # fmt: skip
+    if opened.target is None:
+        raise UsageError(f"{pair.pred}: calibration needs a target")
+    return opened
+
+
+def _numpy_chunks(pair, opened, settings: MetricSettings, read) -> Iterator:
+    from .evaluation import _tolerance, iter_chunks
+
+    tolerance = _tolerance(opened.pred, settings)
+    for _, _, _, P, tgt in iter_chunks(
+        opened.pred, opened.target, settings, chunk_pixels=read.chunk_pixels,
+        target_path=pair.target,
+    ):  # fmt: skip
+        try:
+            L = log_ptilde(P, settings, tolerance)
+        except KlsegError as err:
+            raise err.with_path(pair.pred) from None
+        qL, neg_h = target_terms(L, tgt, settings)
+        yield L, qL, neg_h
+
+
+@dataclass
+class PairData:
+    """``FitData`` over the files of ``pairs``: the compiled pass (``_fast_fit``) for the
+    maps the evaluation kernel would take, the NumPy pass for the rest."""
+
+    pairs: list
+    settings: MetricSettings
+    read: object  # evaluation.ReadOptions
+    n_pixels: int = 0  # of all predictions, from their headers: spreads the sample
+
+    def pass_at(self, a: float):
+        from .evaluation import uses_kernel
+
+        n = 0
+        neg_h = f = g = h = 0.0
+        for pair in self.pairs:
+            opened = _open(pair, self.settings, self.read)
+            if isinstance(opened.target, np.ndarray) and uses_kernel(
+                opened.pred, self.settings, self.read.accelerate
+            ):
+                r = _kernel_pass(pair, opened, self.settings, self.read, a)
+            else:
+                chunks = _numpy_chunks(pair, opened, self.settings, self.read)
+                r = ChunkData(lambda chunks=chunks: chunks).pass_at(a)
+            n += r[0]
+            neg_h, f, g, h = neg_h + r[1], f + r[2], g + r[3], h + r[4]
+        return n, neg_h, f, g, h
+
+    def sample(self):
+        """Pixels spread evenly over the images (or over every k-th image when there are
+        many), read in blocks: whole small images are read in order and thinned. Values are
+        not checked here — the passes check every one."""
+        from . import _fast_fit
+        from .evaluation import chunk_for
+
+        settings, read = self.settings, self.read
+        budget = max(SAMPLE_BLOCK, min(SAMPLE_PIXELS, (1 << 22) // settings.num_classes))
+        total = max(self.n_pixels, 1)
+        block = max(256, min(SAMPLE_BLOCK, budget // max(len(self.pairs), 1)))
+        every = max(1, -(-len(self.pairs) * block // budget))
+        raw, parts, kernel = [], [], True
+        logits = settings.input_kind == "logits"
+        for pair in self.pairs[::every]:
             try:
-                L = log_ptilde(P, settings, tolerance)
+                opened = _open(pair, settings, read)
+            except KlsegError:  # the passes report it
+                continue
+            pred, target = opened.pred, opened.target
+            kernel = kernel and isinstance(target, np.ndarray) and _fast_fit.supported(
+                settings, pred.compute_dtype)  # fmt: skip
+            npx = pred.n_pixels
+            want = max(1, round(budget * npx / total * every))
+            if want * 4 >= npx:  # a small image: read it in order, keep every k-th pixel
+                step = chunk_for(read.chunk_pixels, pred.num_classes)
+                starts, thin = range(0, npx, step), max(1, npx // want)
+            else:
+                step = chunk_for(block, pred.num_classes)
+                k = max(1, want // step)
+                starts, thin = np.linspace(0, npx - step, k).astype(np.int64).tolist(), 1
+            for start in starts:
+                stop = min(start + step, npx)
+                with np.errstate(all="ignore"):
+                    P = pred.block(start, stop, logits=logits)[:, ::thin]
+                    if isinstance(target, np.ndarray):
+                        y = np.asarray(target.reshape(-1)[start:stop][::thin]).astype(np.intp)
+                        keep = (y >= 0) & (y < settings.num_classes)
+                        P, tgt = P[:, keep], y[keep]
+                    else:
+                        tgt = target.block(start, stop)[:, ::thin]
+                    raw.append((np.ascontiguousarray(P, dtype=np.float32), tgt))
+        if not raw:
+            return None
+        if kernel:  # the compiled pass on the sample's probabilities and labels
+            Ps = np.concatenate([r[0] for r in raw], axis=1)
+            ys = np.concatenate([r[1] for r in raw])
+
+            def evaluate(a: float) -> tuple[float, float]:
+                ok, _, _, g, h = _fast_fit.chunk_sums(Ps, ys, a, settings, 1e30)
+                return (g, h) if ok else (math.nan, math.nan)
+
+            return evaluate
+        for P, tgt in raw:
+            with np.errstate(all="ignore"):
+                L = log_ptilde(P, settings, None)
+                qL, _ = target_terms(L, tgt, settings)
+            ok = np.isfinite(qL)
+            parts.append((L[:, ok], qL[ok]))
+        return _numpy_sample(parts)
+
+
+def _kernel_pass(pair, opened, settings, read, a):
+    """One pair through the compiled pass; a chunk it refuses goes through NumPy (which
+    raises the error, or computes it when the bad values are all under ignored pixels)."""
+    from . import _fast_fit
+    from .evaluation import _tolerance, chunk_for
+    from .readers import check_labels, valid_labels
+
+    pred, C = opened.pred, settings.num_classes
+    labels = opened.target.reshape(-1)
+    check_labels(labels, C, settings.ignore_index, pair.target)
+    tolerance = _tolerance(pred, settings)
+    step = chunk_for(read.chunk_pixels, pred.num_classes)
+    planes = pred.planes_in_memory()
+    pixel_major = pred.layout == "hwc"
+    n = 0
+    f = g = h = 0.0
+    for start in range(0, pred.n_pixels, step):
+        stop = min(start + step, pred.n_pixels)
+        y = labels[start:stop]
+        if planes is not None:
+            ok, k, df, dg, dh = _fast_fit.chunk_sums(planes, y, a, settings, tolerance,
+                                                     start=start)  # fmt: skip
+            P = planes[:, start:stop]
+        else:
+            P = pred.pixel_rows(start, stop) if pixel_major else pred.block(start, stop)
+            ok, k, df, dg, dh = _fast_fit.chunk_sums(P, y, a, settings, tolerance,
+                                                     pixel_major=pixel_major)  # fmt: skip
+            if pixel_major:
+                P = P.T
+        if not ok:  # the NumPy path diagnoses the chunk (or computes it)
+            idx = np.flatnonzero(valid_labels(np.asarray(y), C))
+            try:
+                L = log_ptilde(np.ascontiguousarray(P[:, idx]), settings, tolerance)
             except KlsegError as err:
                 raise err.with_path(pair.pred) from None
-            qL, neg_h = target_terms(L, tgt, settings)
-            yield L, qL, neg_h
+            qL, _ = target_terms(L, np.asarray(y)[idx].astype(np.intp), settings)
+            k = idx.size
+            df, dg, dh = chunk_objective(L, qL, a)
+        n += k
+        f, g, h = f + df, g + dg, h + dh
+    return n, 0.0, f, g, h

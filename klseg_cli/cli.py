@@ -546,7 +546,8 @@ def calibrate(
     fit = run.fit
     bound = " (at the search bound: the optimum lies beyond)" if fit.at_bound else ""
     console.print(
-        f"T = {fit.temperature:.6g}{bound}  ({fit.n_passes} passes over "
+        f"T = {fit.temperature:.6g}{bound}  ({fit.n_passes} pass"
+        f"{'es' if fit.n_passes != 1 else ''} over "
         f"{fit.n_valid:,} valid pixels)",
         highlight=False,
     )
