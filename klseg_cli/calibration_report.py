@@ -20,7 +20,8 @@ def before_after_table(run, part):
     unit = "bits" if run.settings.log_base == 2 else "nats"
     n_valid = part.before.total.n_valid
     title = f"{part.name} part: {len(part.pairs)} images, {n_valid:,} valid pixels"
-    table = Table(title=title, caption=f"pooled; kl, ce in {unit}", box=box.SIMPLE_HEAD)
+    table = Table(title=title, caption=f"pooled over the part's pixels; kl, ce in {unit}",
+                  box=box.SIMPLE_HEAD, min_width=52)  # fmt: skip
     for col in ("metric", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for name, (before, after) in part.table().items():
@@ -37,9 +38,9 @@ def write_calibration_outputs(run, out: Path) -> list[Path]:
     t = run.temperature
     panels = []
     for part in run.parts:
-        label = "holdout" if part.name == "holdout" else "fit"
-        panels.append((stats_bins(part.before.total), f"{label}, before (T = 1)"))
-        panels.append((stats_bins(part.after.total), f"{label}, after (T = {t:.4g})"))
+        label = f"{part.name}, " if len(run.parts) > 1 else ""
+        panels.append((stats_bins(part.before.total), f"{label}before (T = 1)"))
+        panels.append((stats_bins(part.after.total), f"{label}after (T = {t:.4g})"))
     png = write_reliability_png(out / "reliability.png", panels)
     return [json_path, png]
 
