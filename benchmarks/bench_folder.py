@@ -85,6 +85,7 @@ def main() -> None:
         p1, r1 = timed(lambda: in_process(1))
         p2, r2 = timed(lambda: in_process(2))
         t_load2, _ = timed(load_all)
+
         def numbers(summary):  # NaN (in process) and null (JSON) both mean "undefined"
             text = json.dumps([summary["dataset"], summary["classes"]])
             return json.loads(text.replace("NaN", "null"))

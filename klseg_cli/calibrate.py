@@ -122,7 +122,8 @@ def calibrate(
 
     Example::
 
-        run = klseg_cli.calibrate("val/preds", "val/labels", holdout=0.3)
+        from klseg_cli.calibrate import calibrate
+        run = calibrate("val/preds", "val/labels", holdout=0.3)
         run.temperature, run.part("holdout").table()["kl"]
     """
     if jobs < 1:
