@@ -128,7 +128,8 @@ def write_calibrated(
         raise UsageError(f"--write {out}: cannot create folder ({err.strerror or err})") from None
     written = []
     for pair in pairs:
-        opened = open_pair(pair, soft_gt=False, num_classes=settings.num_classes, read=read)
+        opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes,
+                           read=read)  # fmt: skip
         pred = opened.pred
         dest = out / Path(pair.pred).name
         suffix = dest.suffix.lower()

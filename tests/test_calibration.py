@@ -126,6 +126,24 @@ def test_smoothing_and_soft_targets_fit_the_kl_minimum(tmp_path):
     ref = minimize_scalar(f, bounds=(0.1, 10), method="bounded", options={"xatol": 1e-10}).x
     assert t == pytest.approx(ref, rel=1e-5)
     assert t == pytest.approx(2.0, rel=0.02)
+    res = run("calibrate", pred, gt, "--soft-gt", "--smoothing", "0", "--write", tmp_path / "w",
+              "--out", tmp_path / "o")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    after = json.loads((tmp_path / "o" / "calibration.json").read_text())["parts"]["fit"]["after"]
+    again = jsonable(evaluate(tmp_path / "w", gt, soft_gt=True).summary()["dataset"])
+    assert again == after["dataset"]
+    # label smoothing: the objective is KL against the smoothed target
+    labels = q.argmax(axis=1).reshape(h, w).astype(np.uint8)
+    np.save(gt / "x.npy", labels)
+    eps_ = 0.1
+    t = calibrate(pred, gt, smoothing=eps_).temperature
+    Qs = np.full((h * w, C), eps_ / C)
+    Qs[np.arange(h * w), labels.reshape(-1)] += 1 - eps_
+    ref = minimize_scalar(
+        lambda t: np.sum(logsumexp(L / t, axis=1) - (Qs * L).sum(axis=1) / t),
+        bounds=(0.1, 10), method="bounded", options={"xatol": 1e-10},
+    ).x  # fmt: skip
+    assert t == pytest.approx(ref, rel=1e-5)
 
 
 def test_holdout_images_never_enter_the_fit(tmp_path, monkeypatch):
@@ -347,3 +365,31 @@ def test_compiled_pass_gives_the_numpy_optimum(tmp_path, layout, fmt):
         temps.append(fit_temperature(data).temperature)
     assert temps[1] == pytest.approx(temps[0], rel=1e-6)
     assert temps[0] == pytest.approx(1 / 0.6, rel=0.02)
+
+
+def test_compiled_chunk_sums_match_numpy(rng):
+    from klseg_cli import _fast_fit
+    from klseg_cli.calibration import chunk_objective, log_ptilde, target_terms
+    from klseg_cli.metrics import MetricSettings
+
+    from .conftest import random_probs
+
+    if not _fast_fit.AVAILABLE:
+        pytest.skip("numba not installed")
+    s = MetricSettings(num_classes=7)
+    P = np.ascontiguousarray(random_probs(rng, 5000, 7, saturate=0.2).T)
+    y = rng.integers(0, 7, 5000).astype(np.uint8)
+    y[::10] = 255
+    keep = y != 255
+    L = log_ptilde(P[:, keep], s, 1e-3)
+    qL, _ = target_terms(L, y[keep].astype(np.intp), s)
+    for a in (0.05, 0.6, 1.0, 2.5, 30.0):
+        ok, n, f, g, h = _fast_fit.chunk_sums(P, y, a, s, 1e-3)
+        ref = chunk_objective(L, qL, a)
+        assert ok and n == int(keep.sum())
+        assert f == pytest.approx(ref[0], rel=2e-6)
+        assert g == pytest.approx(ref[1], rel=2e-5, abs=1e-3)
+        assert h == pytest.approx(ref[2], rel=5e-5)  # both within ~2e-5 of float64
+    bad = P.copy()
+    bad[0, 3] = -0.5
+    assert not _fast_fit.chunk_sums(bad, y, 1.0, s, 1e-3)[0]
