@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import UsageError
-from .stats import CLASS_COLUMNS, IMAGE_COLUMNS, POOLED_ONLY_METRICS
+from .stats import CALIBRATION_METRICS, CLASS_COLUMNS, IMAGE_COLUMNS
 
 REPORT_FILES = ("per_image.csv", "per_class.csv", "summary.json")
 
@@ -140,7 +140,7 @@ def summary_table(summary: Mapping):
         table.add_row(
             name, fmt(dataset.get(f"{name}_pooled")), fmt(dataset.get(f"{name}_image_mean"))
         )
-    for name in POOLED_ONLY_METRICS:  # calibration views: shown when computed
+    for name in CALIBRATION_METRICS:  # calibration views: shown when computed
         value = dataset.get(f"{name}_pooled")
         if value is not None and math.isfinite(value):
             table.add_row(name, fmt(value), "")

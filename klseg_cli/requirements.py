@@ -132,10 +132,10 @@ def parse_requirement(text: str) -> Requirement:
 
 def dataset_keys() -> list[str]:
     """The names in ``summary.json``'s ``dataset`` object (known before any computing)."""
-    from .stats import IMAGE_MEAN_METRICS, POOLED_ONLY_METRICS
+    from .stats import CALIBRATION_METRICS, IMAGE_MEAN_METRICS
 
     keys = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
-    return keys + [f"{m}_pooled" for m in POOLED_ONLY_METRICS]
+    return keys + [f"{m}_pooled" for m in CALIBRATION_METRICS]
 
 
 def check_names(texts: Sequence[str]) -> list[Requirement]:

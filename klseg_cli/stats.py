@@ -240,7 +240,7 @@ CLASS_COLUMNS = (
     "iou", "dice", "precision", "recall", "kl", "ce",
 )  # fmt: skip
 IMAGE_MEAN_METRICS = IMAGE_COLUMNS[4:]
-POOLED_ONLY_METRICS = ("mce", *VIEW_METRICS)
+CALIBRATION_METRICS = ("mce", *VIEW_METRICS)
 """Calibration metrics reported pooled only (``mce_pooled``, ``ece_adaptive_pooled``...)."""
 
 

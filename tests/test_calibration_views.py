@@ -218,3 +218,22 @@ def test_requirements_on_the_new_names(tmp_path, rng):
     assert summary["settings"]["calibration_views"] is True
     res = runner.invoke(app, ["evaluate", str(pred), str(gt), "--require", "ece_bogus < 1"])
     assert res.exit_code == 2
+
+
+def test_batched_formulas_match_view_metrics(tmp_path, rng):
+    """The batched formulas (for resampling per-image sums) give view_metrics' numbers."""
+    from dataclasses import fields
+
+    from klseg_cli.calibration_views import view_metrics, view_metrics_batch
+
+    pred, gt, _ = make_blocks(tmp_path, rng)
+    res = evaluate(pred, gt, calibration_views=True)
+    images = [img.stats for img in res.images]
+    sets = [images[0], images[0] + images[1], images[0] + images[1] + images[2], images[2]]
+    totals = {f.name: np.stack([getattr(s, f.name) for s in sets])
+              for f in fields(images[0]) if f.name != "n_clipped"}  # fmt: skip
+    batch = view_metrics_batch(totals, res.settings)
+    for r, st in enumerate(sets):
+        one = view_metrics(st, res.settings)
+        for name, value in one.items():
+            assert batch[name][r] == pytest.approx(value, rel=1e-12, nan_ok=True), name
