@@ -137,6 +137,9 @@ def draw_reliability(count, conf, correct, *, title: str, width: int = 420):
         hgt = hist_h * math.log10(1.0 + count[b]) / peak
         draw.rectangle([x0, h0 + hist_h - hgt, x1, h0 + hist_h], fill=HIST)
     draw.line([(px(0), h0 + hist_h), (px(1), h0 + hist_h)], fill=AXIS, width=S)
+    if count.max() > 0:  # the scale of the strip: its tallest bar
+        peak_label = f"tallest: {int(count.max()):,} px"
+        draw.text((px(0) + 4 * S, h0 - 2 * S), peak_label, fill=AXIS, font=f_small)
     for t in np.linspace(0, 1, 6):
         label = f"{t:.1f}"
         tw = draw.textlength(label, font=f_small)
