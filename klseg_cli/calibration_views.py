@@ -68,12 +68,19 @@ def fine_bin_index(confidence: np.ndarray) -> np.ndarray:
 
 
 def add_view_sums(
-    stats: Stats, terms: PixelTerms, band: np.ndarray | None, settings: MetricSettings
+    stats: Stats,
+    terms: PixelTerms,
+    band: np.ndarray | None,
+    settings: MetricSettings,
+    *,
+    compiled: bool = False,
 ) -> None:
     """Fill the view sums of ``stats`` (a chunk's, fresh from ``Stats.from_terms``).
 
     ``band`` masks the chunk's valid pixels that lie in the boundary band (None: unknown,
-    e.g. for soft targets; the band sums then stay zero).
+    e.g. for soft targets; the band sums then stay zero). ``compiled``: the class-wise
+    bins (C values a pixel) by a numba loop (``_fast_fit.classwise_sums``) instead of
+    NumPy's float64 bin indices and bincounts — the same integers and sums.
     """
     C, bins = settings.num_classes, settings.ece_bins
     conf, y = terms.confidence, terms.label
@@ -83,7 +90,12 @@ def add_view_sums(
     stats.fine_conf += np.bincount(k, weights=conf, minlength=FINE_BINS)
     stats.fine_correct += np.bincount(k[correct], minlength=FINE_BINS)
     p = terms.p
-    if p is not None and p.shape[1]:
+    if p is not None and p.shape[1] and compiled:
+        from ._fast_fit import classwise_sums
+
+        classwise_sums(p, y, bins, stats.classwise_count, stats.classwise_prob,
+                       stats.classwise_hit)  # fmt: skip
+    elif p is not None and p.shape[1]:
         b = ece_bin_index(p.reshape(-1), bins).reshape(p.shape)
         b += (np.arange(C) * bins)[:, None]
         stats.classwise_count += np.bincount(b.reshape(-1), minlength=C * bins).reshape(C, bins)
@@ -117,24 +129,54 @@ def _window_extreme(a: np.ndarray, k: int, op) -> np.ndarray:
     return out
 
 
-def boundary_band(
-    labels: np.ndarray, start: int, stop: int, k: int, num_classes: int
-) -> np.ndarray:
-    """Boundary-band mask of flat pixels [start, stop) of the (H, W) label image.
+def _band_rows(labels: np.ndarray, r0: int, r1: int, k: int, num_classes: int) -> np.ndarray:
+    """Boundary-band mask (flat) of rows [r0, r1) of the label image, from rows r0−k … r1+k.
 
     A pixel is in the band when a valid pixel (label 0..C−1) of another class lies within
     Chebyshev distance k: then the window maximum and minimum of the valid labels differ.
-    Only the rows the chunk touches, plus k rows either side, are looked at.
     """
-    H, W = labels.shape
-    r0, r1 = start // W, (stop - 1) // W + 1
+    H = labels.shape[0]
     a0, a1 = max(0, r0 - k), min(H, r1 + k)
-    rows = np.asarray(labels[a0:a1]).astype(np.int64)
-    valid = (rows >= 0) & (rows < num_classes)
-    hi = _window_extreme(np.where(valid, rows, -1), k, np.maximum)
-    lo = _window_extreme(np.where(valid, rows, num_classes), k, np.minimum)
-    band = (hi != lo)[r0 - a0 : r1 - a0].reshape(-1)
-    return band[start - r0 * W : stop - r0 * W]
+    small = np.int16 if num_classes < 32767 else np.int64
+    rows = np.asarray(labels[a0:a1])
+    valid = (rows >= 0) & (rows < num_classes) if rows.dtype.kind == "i" else rows < num_classes
+    rows = rows.astype(small)
+    hi = _window_extreme(np.where(valid, rows, small(-1)), k, np.maximum)
+    lo = _window_extreme(np.where(valid, rows, small(num_classes)), k, np.minimum)
+    return (hi != lo)[r0 - a0 : r1 - a0].reshape(-1)
+
+
+def boundary_band(
+    labels: np.ndarray, start: int, stop: int, k: int, num_classes: int
+) -> np.ndarray:
+    """Boundary-band mask of flat pixels [start, stop) of the (H, W) label image."""
+    W = labels.shape[1]
+    r0, r1 = start // W, (stop - 1) // W + 1
+    return _band_rows(labels, r0, r1, k, num_classes)[start - r0 * W : stop - r0 * W]
+
+
+class BandMask:
+    """The boundary band of one label image, served for flat pixel ranges in any order.
+
+    Computed for blocks of about ``block_pixels`` pixels of whole rows (plus k rows of halo
+    either side) and kept while the chunks walk through the block: memory is one block.
+    """
+
+    def __init__(self, labels: np.ndarray, k: int, num_classes: int,
+                 block_pixels: int = 1 << 18) -> None:  # fmt: skip
+        self.labels, self.k, self.num_classes = labels, k, num_classes
+        self.width = labels.shape[1]
+        self.block_rows = max(1, block_pixels // max(self.width, 1))
+        self._block: tuple[int, int, np.ndarray] | None = None
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        W = self.width
+        r0, r1 = start // W, (stop - 1) // W + 1
+        if self._block is None or r0 < self._block[0] or r1 > self._block[1]:
+            b1 = min(self.labels.shape[0], max(r1, r0 + self.block_rows))
+            self._block = (r0, b1, _band_rows(self.labels, r0, b1, self.k, self.num_classes))
+        b0, _, mask = self._block
+        return mask[start - b0 * W : stop - b0 * W]
 
 
 # --- formulas from merged sums -----------------------------------------------------------

@@ -206,26 +206,38 @@ def image_stats(
     if not isinstance(target, PredictionMap) and uses_kernel(pred, settings, accelerate):
         return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
+    views = _views(pred, target, settings, accelerate) if settings.calibration_views else None
     for start, stop, valid, P, tgt in iter_chunks(
         pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
         terms = _terms(pred, P, tgt, settings, tolerance)
         chunk = Stats.from_terms(terms, settings)
-        if settings.calibration_views:
-            _add_views(chunk, terms, target, start, stop, valid, settings)
+        if views is not None:
+            views(chunk, terms, start, stop, valid)
         total = total + chunk
     return total
 
 
-def _add_views(chunk: Stats, terms, target, start, stop, valid, settings) -> None:
-    """The calibration-view sums of a chunk (the band from the label image's rows)."""
-    from .calibration_views import add_view_sums, boundary_band
+def _views(pred: PredictionMap, target, settings: MetricSettings, accelerate):
+    """A function adding a chunk's calibration-view sums (``--calibration-views``): the
+    boundary band from the label image, the class-wise bins compiled for large maps."""
+    from . import _fast
+    from .calibration_views import BandMask, add_view_sums
 
     band = None
     if not isinstance(target, PredictionMap):
-        band = boundary_band(target, start, stop, settings.boundary_band, settings.num_classes)
-        band = band if valid is None else band[valid]
-    add_view_sums(chunk, terms, band, settings)
+        band = BandMask(target, settings.boundary_band, settings.num_classes)
+    large = pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+    compiled = _fast.AVAILABLE and accelerate is not False and (large or accelerate is True)
+
+    def add(chunk: Stats, terms, start: int, stop: int, valid) -> None:
+        mask = None
+        if band is not None:
+            mask = band(start, stop)
+            mask = mask if valid is None else mask[valid]
+        add_view_sums(chunk, terms, mask, settings, compiled=compiled)
+
+    return add
 
 
 def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool | None) -> bool:

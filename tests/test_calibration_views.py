@@ -237,3 +237,26 @@ def test_batched_formulas_match_view_metrics(tmp_path, rng):
         one = view_metrics(st, res.settings)
         for name, value in one.items():
             assert batch[name][r] == pytest.approx(value, rel=1e-12, nan_ok=True), name
+
+
+def test_compiled_classwise_bins_equal_numpy(rng):
+    """The numba loop for the class-wise bins gives NumPy's integers and sums."""
+    from klseg_cli import _fast
+    from klseg_cli.evaluation import image_stats
+    from klseg_cli.metrics import MetricSettings
+    from klseg_cli.readers import PredictionMap
+
+    if not _fast.AVAILABLE:
+        pytest.skip("numba not installed")
+    h, w = 37, 53
+    p = random_probs(rng, h * w, C, saturate=0.2).reshape(h, w, C)
+    p[0, 0] = [1 / 15, 2 / 15, 0.4, 1 - 0.4 - 3 / 15]  # values on bin edges
+    lab = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    lab[5] = 255
+    pm = PredictionMap(path="x", array=p, layout="hwc")
+    s = MetricSettings(num_classes=C, calibration_views=True)
+    a = image_stats(pm, lab, s, chunk_pixels=300, accelerate=False)
+    b = image_stats(pm, lab, s, chunk_pixels=300, accelerate=True)
+    assert np.array_equal(a.classwise_count, b.classwise_count)
+    assert np.array_equal(a.classwise_hit, b.classwise_hit)
+    assert np.allclose(a.classwise_prob, b.classwise_prob, rtol=1e-12)
