@@ -18,8 +18,9 @@ costs constant memory however many pixels are seen, and ratios are taken once at
   (Chebyshev distance, ``--boundary-band K``) of a valid pixel of another target class, and
   of the rest. The band comes from the label image, a few rows at a time.
 
-Other tools' names and bins differ: MONAI's ``CalibrationErrorMetric`` calls the unweighted
-mean of the per-bin gaps "ACE" (average calibration error), not an adaptive ECE; and
+Other tools' names and bins differ: MONAI's ``CalibrationErrorMetric`` (MONAI#8707) calls
+the unweighted mean of the per-bin gaps "ACE" (average calibration error), not an adaptive
+ECE; and
 torchmetrics' bins are [l, u) plus an extra bin for a confidence of exactly 1.0, where klseg
 (and DESIGN §2) use ((b−1)/B, b/B].
 
