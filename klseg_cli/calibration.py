@@ -29,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .calibration_views import class_codes
 from .errors import KlsegError, ProbabilityError, UsageError
 from .metrics import MetricSettings, _safe_log, check_probabilities, class_dot, class_sum
 
@@ -452,8 +453,8 @@ class PairData:
                 with np.errstate(all="ignore"):
                     P = pred.block(start, stop, logits=logits)[:, ::thin]
                     if isinstance(target, np.ndarray):
-                        y = np.asarray(target.reshape(-1)[start:stop][::thin]).astype(np.intp)
-                        keep = (y >= 0) & (y < settings.num_classes)
+                        y = class_codes(target.reshape(-1)[start:stop][::thin], settings)
+                        keep = y >= 0
                         P, tgt = P[:, keep], y[keep]
                     else:
                         tgt = target.block(start, stop)[:, ::thin]
@@ -483,7 +484,7 @@ def _kernel_pass(pair, opened, settings, read, a):
     raises the error, or computes it when the bad values are all under ignored pixels)."""
     from . import _fast_fit
     from .evaluation import _tolerance, chunk_for
-    from .readers import check_labels, valid_labels
+    from .readers import check_labels
 
     pred, C = opened.pred, settings.num_classes
     labels = opened.target.reshape(-1)
@@ -496,7 +497,7 @@ def _kernel_pass(pair, opened, settings, read, a):
     f = g = h = 0.0
     for start in range(0, pred.n_pixels, step):
         stop = min(start + step, pred.n_pixels)
-        y = labels[start:stop]
+        y = class_codes(labels[start:stop], settings)
         if planes is not None:
             ok, k, df, dg, dh = _fast_fit.chunk_sums(planes, y, a, settings, tolerance,
                                                      start=start)  # fmt: skip
@@ -508,12 +509,12 @@ def _kernel_pass(pair, opened, settings, read, a):
             if pixel_major:
                 P = P.T
         if not ok:  # the NumPy path diagnoses the chunk (or computes it)
-            idx = np.flatnonzero(valid_labels(np.asarray(y), C))
+            idx = np.flatnonzero(y >= 0)
             try:
                 L = log_ptilde(np.ascontiguousarray(P[:, idx]), settings, tolerance)
             except KlsegError as err:
                 raise err.with_path(pair.pred) from None
-            qL, _ = target_terms(L, np.asarray(y)[idx].astype(np.intp), settings)
+            qL, _ = target_terms(L, y[idx], settings)
             k = idx.size
             df, dg, dh = chunk_objective(L, qL, a)
         n += k

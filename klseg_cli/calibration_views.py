@@ -51,6 +51,19 @@ VIEW_METRICS = ("ece_adaptive", "ece_classwise", "ece_boundary", "ece_interior")
 """Metrics that need ``--calibration-views`` (``mce`` is always computed)."""
 
 
+def class_codes(labels: np.ndarray, settings: MetricSettings) -> np.ndarray:
+    """Class ids (0..C−1) of raw target labels, −1 where a pixel counts nowhere: the one
+    place where the calibration code turns labels into classes."""
+    y = np.asarray(labels).astype(np.int64)
+    y[(y < 0) | (y >= settings.num_classes)] = -1
+    return y
+
+
+def mean_classes(settings: MetricSettings) -> list[int]:
+    """The classes a class mean covers: ignore values inside 0..C−1 are left out."""
+    return [c for c in range(settings.num_classes) if c not in settings.ignore_index]
+
+
 def fine_bin_index(confidence: np.ndarray) -> np.ndarray:
     """Fine-histogram bin of each confidence: exponent and top mantissa bits of 1 − conf.
 
@@ -130,30 +143,29 @@ def _window_extreme(a: np.ndarray, k: int, op) -> np.ndarray:
     return out
 
 
-def _band_rows(labels: np.ndarray, r0: int, r1: int, k: int, num_classes: int) -> np.ndarray:
+def _band_rows(labels: np.ndarray, r0: int, r1: int, k: int, settings: MetricSettings):
     """Boundary-band mask (flat) of rows [r0, r1) of the label image, from rows r0−k … r1+k.
 
     A pixel is in the band when a valid pixel (label 0..C−1) of another class lies within
     Chebyshev distance k: then the window maximum and minimum of the valid labels differ.
     """
-    H = labels.shape[0]
+    H, C = labels.shape[0], settings.num_classes
     a0, a1 = max(0, r0 - k), min(H, r1 + k)
-    small = np.int16 if num_classes < 32767 else np.int64
-    rows = np.asarray(labels[a0:a1])
-    valid = (rows >= 0) & (rows < num_classes) if rows.dtype.kind == "i" else rows < num_classes
-    rows = rows.astype(small)
-    hi = _window_extreme(np.where(valid, rows, small(-1)), k, np.maximum)
-    lo = _window_extreme(np.where(valid, rows, small(num_classes)), k, np.minimum)
+    small = np.int16 if C < 32767 else np.int64
+    rows = class_codes(labels[a0:a1], settings).astype(small)
+    valid = rows >= 0
+    hi = _window_extreme(rows, k, np.maximum)  # −1 (no class) never wins a maximum
+    lo = _window_extreme(np.where(valid, rows, small(C)), k, np.minimum)
     return (hi != lo)[r0 - a0 : r1 - a0].reshape(-1)
 
 
 def boundary_band(
-    labels: np.ndarray, start: int, stop: int, k: int, num_classes: int
+    labels: np.ndarray, start: int, stop: int, k: int, settings: MetricSettings
 ) -> np.ndarray:
     """Boundary-band mask of flat pixels [start, stop) of the (H, W) label image."""
     W = labels.shape[1]
     r0, r1 = start // W, (stop - 1) // W + 1
-    return _band_rows(labels, r0, r1, k, num_classes)[start - r0 * W : stop - r0 * W]
+    return _band_rows(labels, r0, r1, k, settings)[start - r0 * W : stop - r0 * W]
 
 
 class BandMask:
@@ -163,9 +175,9 @@ class BandMask:
     either side) and kept while the chunks walk through the block: memory is one block.
     """
 
-    def __init__(self, labels: np.ndarray, k: int, num_classes: int,
+    def __init__(self, labels: np.ndarray, k: int, settings: MetricSettings,
                  block_pixels: int = 1 << 18) -> None:  # fmt: skip
-        self.labels, self.k, self.num_classes = labels, k, num_classes
+        self.labels, self.k, self.settings = labels, k, settings
         self.width = labels.shape[1]
         self.block_rows = max(1, block_pixels // max(self.width, 1))
         self._block: tuple[int, int, np.ndarray] | None = None
@@ -175,7 +187,7 @@ class BandMask:
         r0, r1 = start // W, (stop - 1) // W + 1
         if self._block is None or r0 < self._block[0] or r1 > self._block[1]:
             b1 = min(self.labels.shape[0], max(r1, r0 + self.block_rows))
-            self._block = (r0, b1, _band_rows(self.labels, r0, b1, self.k, self.num_classes))
+            self._block = (r0, b1, _band_rows(self.labels, r0, b1, self.k, self.settings))
         b0, _, mask = self._block
         return mask[start - b0 * W : stop - b0 * W]
 
@@ -226,8 +238,7 @@ def view_metrics(stats: Stats, settings: MetricSettings) -> dict[str, float]:
     out["ece_adaptive"] = ece_from_bins(*adaptive_bins(stats, settings.ece_bins))
     per_class = [
         ece_from_bins(stats.classwise_count[c], stats.classwise_prob[c], stats.classwise_hit[c])
-        for c in range(settings.num_classes)
-        if c not in settings.ignore_index
+        for c in mean_classes(settings)
     ]
     out["ece_classwise"] = float(np.mean(per_class)) if per_class else math.nan
     if not settings.soft_gt:
@@ -280,7 +291,7 @@ def view_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray
         return np.bincount(flat, weights=v.reshape(-1), minlength=R * bins).reshape(R, bins)
 
     out["ece_adaptive"] = ece_rows(gather(fc), gather(fconf), gather(fcorr))
-    keep = [c for c in range(settings.num_classes) if c not in settings.ignore_index]
+    keep = mean_classes(settings)
     if keep:
         per_class = ece_rows(arr("classwise_count")[:, keep], arr("classwise_prob")[:, keep],
                              arr("classwise_hit")[:, keep])  # fmt: skip

@@ -226,7 +226,7 @@ def _views(pred: PredictionMap, target, settings: MetricSettings, accelerate):
 
     band = None
     if not isinstance(target, PredictionMap):
-        band = BandMask(target, settings.boundary_band, settings.num_classes)
+        band = BandMask(target, settings.boundary_band, settings)
     large = pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
     compiled = _fast.AVAILABLE and accelerate is not False and (large or accelerate is True)
 

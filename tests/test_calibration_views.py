@@ -180,10 +180,13 @@ def test_fine_bins_and_band_edges():
     assert k.tolist() == [ref_fine_bin(float(c)) for c in conf.tolist()]
     assert k[0] == 0 and k[2] == 1 and k[5] == FINE_BINS - 1
     lab = np.array([[0, 0, 0, 1], [0, 0, 0, 1], [255, 0, 0, 1]])
-    band = boundary_band(lab, 0, 12, 1, 2).reshape(3, 4)
+    from klseg_cli.metrics import MetricSettings
+
+    two = MetricSettings(num_classes=2)
+    band = boundary_band(lab, 0, 12, 1, two).reshape(3, 4)
     assert band.tolist() == [[False, False, True, True], [False, False, True, True],
                              [False, False, True, True]]  # fmt: skip
-    assert boundary_band(lab, 5, 10, 1, 2).tolist() == band.reshape(-1)[5:10].tolist()
+    assert boundary_band(lab, 5, 10, 1, two).tolist() == band.reshape(-1)[5:10].tolist()
 
 
 def test_reliability_outputs(tmp_path, rng):
