@@ -10,11 +10,12 @@ s = logsumexp(z), each pixel contributes
 
 so F is convex in a, and F, F', F'' are pixel sums: each pass over the data (chunk by
 chunk, float32 work, float64 sums, memory bounded by the chunk) gives them exactly at one
-a. A safeguarded Newton iteration on a (a bracket [lo, hi] with F'(lo) < 0 < F'(hi),
-bisection when a step leaves it) finds the minimum over *all* valid pixels. The first pass
-(at T = 1) also keeps a strided sample of at most SAMPLE_PIXELS pixels; the sample's own
-optimum, found in memory, is only the starting point of the full-data Newton steps, so the
-result does not depend on it — it saves passes (typically 3 in all instead of 5–6).
+a. A safeguarded Newton iteration on a (a bracket [lo, hi] with F'(lo) < 0 < F'(hi) once
+known, bisection when a step leaves it) finds the minimum over *all* valid pixels. It
+starts from the optimum of a small sample (at most SAMPLE_PIXELS pixels in blocks spread
+over the images, read first and solved in memory); the sample only decides where the
+full-data steps begin, not where they end, and saves passes (typically 1–2 in all
+instead of 5–6 from T = 1).
 
 log p̃ is what DESIGN §2 scores: log max(p, eps) for probabilities, log-softmax clipped at
 log eps for logits. The calibrated map is softmax(log p̃ / T).
