@@ -108,8 +108,10 @@ def write_calibrated(
 ) -> list[Path]:
     """Write the calibrated map of every pair's prediction into ``out`` (same file names).
 
-    Refuses to replace any existing file (klseg never overwrites what it did not create):
-    give an empty or new folder.
+    All or nothing: every map goes to a temporary file first and they are renamed into
+    place only when all are complete (a bad value anywhere, even under an ignored pixel,
+    is an error here: the written map must be a map). Refuses to replace any existing file
+    (klseg never overwrites what it did not create): give an empty or new folder.
     """
     from .evaluation import open_pair
 
@@ -122,38 +124,50 @@ def write_calibrated(
     for name in names:
         if (out / name).exists():
             raise UsageError(f"--write: {out / name} exists already; give an empty folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--write {out}: cannot create folder ({err.strerror or err})") from None
     written = []
-    for pair in pairs:
-        opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes,
-                           read=read)  # fmt: skip
-        pred = opened.pred
-        dest = out / Path(pair.pred).name
-        suffix = dest.suffix.lower()
-        with atomic_path(dest) as tmp:
-            if suffix == ".npy":
-                _write_npy(pred, settings, tmp, read.chunk_pixels)
-            else:
-                fd, scratch = tempfile.mkstemp(suffix=".npy", dir=out, prefix=".klseg-")
-                os.close(fd)
-                try:
-                    _write_npy(pred, settings, Path(scratch), read.chunk_pixels)
-                    if suffix == ".npz":
-                        key, compression = _npz_member(pair.pred, read.npz_key)
-                        with zipfile.ZipFile(tmp, "w", compression=compression,
-                                             allowZip64=True) as zf:  # fmt: skip
-                            zf.write(scratch, arcname=f"{key}.npy")
-                    elif suffix in (".tif", ".tiff"):
-                        _write_tiff(Path(scratch), Path(pair.pred), tmp)
-                    else:
-                        raise ReadError(f"cannot write {suffix} files", path=dest)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(scratch)
-        written.append(dest)
-        if on_image is not None:
-            on_image(pair)
+    try:
+        with contextlib.ExitStack() as stack:
+            for pair in pairs:
+                opened = open_pair(pair, soft_gt=settings.soft_gt,
+                                   num_classes=settings.num_classes, read=read)  # fmt: skip
+                dest = out / Path(pair.pred).name
+                tmp = stack.enter_context(atomic_path(dest))
+                _write_one(opened.pred, pair, settings, read, out, dest, tmp)
+                written.append(dest)
+                if on_image is not None:
+                    on_image(pair)
+            # leaving the stack renames every file, or on an error removes every temporary
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return written
+
+
+def _write_one(pred, pair, settings: MetricSettings, read, out: Path, dest: Path, tmp: Path):
+    """One calibrated map into the temporary file ``tmp`` (named for ``dest``)."""
+    suffix = dest.suffix.lower()
+    if suffix == ".npy":
+        _write_npy(pred, settings, tmp, read.chunk_pixels)
+        return
+    fd, scratch = tempfile.mkstemp(suffix=".npy", dir=out, prefix=".klseg-")
+    os.close(fd)
+    try:
+        _write_npy(pred, settings, Path(scratch), read.chunk_pixels)
+        if suffix == ".npz":
+            key, compression = _npz_member(pair.pred, read.npz_key)
+            with zipfile.ZipFile(tmp, "w", compression=compression, allowZip64=True) as zf:
+                zf.write(scratch, arcname=f"{key}.npy")
+        elif suffix in (".tif", ".tiff"):
+            _write_tiff(Path(scratch), Path(pair.pred), tmp)
+        else:
+            raise ReadError(f"cannot write {suffix} files", path=dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)

@@ -559,11 +559,9 @@ def calibrate(
         console.print(before_after_table(run, part))
     inputs = [p for part in run.parts for pair in part.pairs for p in (pair.pred, pair.target)]
     if out is not None:
-        from .calibration_report import CALIBRATE_FILES, write_calibration_outputs
+        from .calibration_report import CALIBRATE_FILES
 
         report.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
-        write_calibration_outputs(run, out)
-        console.print(f"calibration written to {out}/", highlight=False)
     if write is not None:
         from dataclasses import replace
 
@@ -575,6 +573,11 @@ def calibrate(
             pairs, replace(run.settings, temperature=fit.temperature), run.read, write
         )
         console.print(f"{len(written)} calibrated maps written to {write}/", highlight=False)
+    if out is not None:  # after the maps: a map that cannot be written leaves no report
+        from .calibration_report import write_calibration_outputs
+
+        write_calibration_outputs(run, out)
+        console.print(f"calibration written to {out}/", highlight=False)
 
 
 class Metric(str, Enum):

@@ -393,3 +393,27 @@ def test_compiled_chunk_sums_match_numpy(rng):
     bad = P.copy()
     bad[0, 3] = -0.5
     assert not _fast_fit.chunk_sums(bad, y, 1.0, s, 1e-3)[0]
+
+
+def test_bad_input_fails_cleanly_and_writes_nothing(tmp_path):
+    rng = np.random.default_rng(13)
+    pred, gt, _ = make_set(tmp_path, rng, t_gen=0.6, hw=(20, 20), n_images=3)
+    out, maps = tmp_path / "o", tmp_path / "m"
+    good = np.load(pred / "img2.npy")
+    labels = np.load(gt / "img2.npy")
+    for ignored in (False, True):
+        bad = good.copy()
+        r, c = np.argwhere((labels == 255) == ignored)[0]
+        bad[r, c, 0] = 7.0  # not a probability: the fit fails, or (ignored) the writing
+        np.save(pred / "img2.npy", bad)
+        res = run("calibrate", pred, gt, "--out", out, "--write", maps)
+        assert res.exit_code == 2
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error")]
+        assert len(errors) == 1 and "img2.npy: not a probability map" in errors[0]
+        assert not out.exists() and not maps.exists()  # all or nothing
+        assert ("pass 1" in res.stderr) == ignored  # the fit itself skips ignored pixels
+    (tmp_path / "file").write_text("x")
+    res = run("calibrate", pred, gt, "--out", tmp_path / "file")
+    assert res.exit_code == 2 and "existing file" in res.stderr
+    res = run("calibrate", pred, gt, "--write", tmp_path / "file")
+    assert res.exit_code == 2 and "existing file" in res.stderr
