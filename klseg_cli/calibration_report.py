@@ -19,7 +19,8 @@ def before_after_table(run, part):
 
     unit = "bits" if run.settings.log_base == 2 else "nats"
     n_valid = part.before.total.n_valid
-    title = f"{part.name} part: {len(part.pairs)} images, {n_valid:,} valid pixels"
+    n = len(part.pairs)
+    title = f"{part.name} part: {n} image{'s' if n != 1 else ''}, {n_valid:,} valid pixels"
     table = Table(title=title, caption=f"pooled over the part's pixels; kl, ce in {unit}",
                   box=box.SIMPLE_HEAD, min_width=52)  # fmt: skip
     for col in ("metric", "before", "after", "change"):

@@ -551,7 +551,9 @@ def calibrate(
         f"{fit.n_valid:,} valid pixels)",
         highlight=False,
     )
-    sizes = ", ".join(f"{p.name}: {len(p.pairs)} images" for p in run.parts)
+    sizes = ", ".join(
+        f"{p.name}: {len(p.pairs)} image{'s' if len(p.pairs) != 1 else ''}" for p in run.parts
+    )
     console.print(sizes, highlight=False)
     for part in run.parts:
         from .calibration_report import before_after_table
