@@ -361,6 +361,8 @@ def supported(settings, dtype) -> bool:
         and not settings.soft_gt
         and settings.smoothing == 0.0
         and not settings.renormalize
+        and getattr(settings, "temperature", 1.0) == 1.0  # calibrated maps: NumPy path
+        and not getattr(settings, "calibration_views", False)  # view sums: NumPy path
         and np.dtype(dtype) == np.float32
     )
 

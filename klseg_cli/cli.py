@@ -428,6 +428,17 @@ PLAN_OPTIONS = (
 """The options every computing command shares (parameters of ``evaluation.plan``)."""
 
 
+def calibration_options(temperature, views: bool, band: int, reqs) -> dict:
+    """``plan`` keywords of evaluate's calibration options; a requirement that names a
+    calibration view turns the views on (a gate never fails for want of a flag)."""
+    from .calibrate import load_temperature
+    from .calibration import VIEW_NAMES
+
+    views = views or any(r.klass is None and r.metric in VIEW_NAMES for r in reqs)
+    t = load_temperature(temperature) if temperature is not None else 1.0
+    return {"temperature": t, "calibration_views": views, "boundary_band": band}
+
+
 def plan_options(params: dict) -> dict:
     """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
     opts = {name: params[name] for name in PLAN_OPTIONS}
@@ -508,6 +519,35 @@ def evaluate(
     bootstrap: BootstrapOpt = None,
     seed: SeedOpt = None,
     common_images: CommonImagesOpt = False,
+    temperature: Annotated[
+        Optional[str],
+        typer.Option(
+            "--temperature",
+            metavar="T|calibration.json",
+            help="Apply a fitted temperature on the fly: p -> softmax(log p / T). A number, "
+            "or the calibration.json of klseg calibrate.",
+        ),
+    ] = None,
+    calibration_views: Annotated[
+        bool,
+        typer.Option(
+            "--calibration-views",
+            help="Also compute ece_adaptive, ece_classwise, ece_boundary, ece_interior "
+            "(NumPy path; on by itself when a --require names one).",
+        ),
+    ] = False,
+    boundary_band: Annotated[
+        int,
+        typer.Option(
+            "--boundary-band",
+            metavar="K",
+            help="Pixels within K pixels of another target class count as boundary.",
+        ),
+    ] = 3,
+    reliability: Annotated[
+        Optional[Path],
+        typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -520,19 +560,24 @@ def evaluate(
     from .evaluation import evaluate as run
     from .requirements import check_names, load_summary
 
-    check_names(require or ())  # a malformed or misnamed gate fails before any work
+    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
-                   markdown=markdown)  # fmt: skip
+                   markdown=markdown, reliability=reliability)  # fmt: skip
     if out is not None:
         from .outputs import check_out_dir
 
         check_out_dir(out)
     _check_paths_writable(junit, markdown, out)
+    if reliability is not None:
+        from .outputs import check_output_file
+
+        check_output_file(reliability, "--reliability", report_dir=out)
     options = plan_options(locals())
+    options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
@@ -574,7 +619,12 @@ def evaluate(
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    report.refuse_overwriting_inputs([*outputs, junit, markdown], [*inputs, baseline])
+    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
+                                     [*inputs, baseline])  # fmt: skip
+    if reliability is not None:
+        from .calibration_report import write_reliability_outputs
+
+        write_reliability_outputs(result, reliability)
     gate_written = False
     if out is not None:
         folders = {}
@@ -811,6 +861,132 @@ def compare(
         github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
     ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
     raise typer.Exit(code=code)
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    pred: Annotated[
+        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+    ],
+    gt: Annotated[
+        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write calibration.json and reliability.png here."),
+    ] = None,
+    write: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--write",
+            metavar="DIR",
+            help="Write the calibrated maps here (same names, format and layout).",
+        ),
+    ] = None,
+    holdout: Annotated[
+        Optional[float],
+        typer.Option(
+            "--holdout",
+            metavar="F",
+            help="Leave this share of the images (a seeded choice) out of the fit and "
+            "report before/after on them.",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --holdout split.")] = 0,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = 1e-7,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Images evaluated in parallel (before/after).")
+    ] = 1,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit a temperature T that minimises the pooled KL(target || softmax(log p / T)).
+
+    The relative-entropy optimization over a temperature (post-hoc calibration), exact over
+    every valid pixel. Prints T, the passes over the data, and metrics before and after;
+    accuracy and IoU do not change. Apply T later with evaluate --temperature.
+
+    Example:
+
+        klseg calibrate val/preds val/labels --holdout 0.3 --out calib/
+    """
+    from rich.console import Console
+
+    from . import report
+    from .calibrate import calibrate as run_calibration
+
+    if out is not None:
+        from .outputs import check_out_dir
+
+        check_out_dir(out)
+    if write is not None and write.exists() and not write.is_dir():
+        raise UsageError(f"--write {write} is an existing file; give a folder")
+    options = plan_options(locals())
+    err = _stderr_console()
+
+    def on_pass(p) -> None:
+        err.print(f"pass {len(run_passes) + 1}: T = {p.temperature:.6g}, mean KL "
+                  f"{p.kl_mean:.6g}", highlight=False)  # fmt: skip
+        run_passes.append(p)
+
+    run_passes: list = []
+    run = run_calibration(pred, gt, holdout=holdout, seed=seed, jobs=jobs, on_pass=on_pass,
+                          **options)  # fmt: skip
+    console = Console()
+    fit = run.fit
+    bound = " (at the search bound: the optimum lies beyond)" if fit.at_bound else ""
+    console.print(
+        f"T = {fit.temperature:.6g}{bound}  ({fit.n_passes} pass"
+        f"{'es' if fit.n_passes != 1 else ''} over "
+        f"{fit.n_valid:,} valid pixels)",
+        highlight=False,
+    )
+    sizes = ", ".join(
+        f"{p.name}: {len(p.pairs)} image{'s' if len(p.pairs) != 1 else ''}" for p in run.parts
+    )
+    console.print(sizes, highlight=False)
+    for part in run.parts:
+        from .calibration_report import before_after_table
+
+        console.print(before_after_table(run, part))
+    inputs = [p for part in run.parts for pair in part.pairs for p in (pair.pred, pair.target)]
+    if out is not None:
+        from .calibration_report import CALIBRATE_FILES
+
+        report.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
+    if write is not None:
+        from dataclasses import replace
+
+        from .calibrated_maps import write_calibrated
+
+        pairs = [pair for part in run.parts for pair in part.pairs]
+        pairs.sort(key=lambda p: p.stem)
+        written = write_calibrated(
+            pairs, replace(run.settings, temperature=fit.temperature), run.read, write
+        )
+        console.print(f"{len(written)} calibrated maps written to {write}/", highlight=False)
+    if out is not None:  # after the maps: a map that cannot be written leaves no report
+        from .calibration_report import write_calibration_outputs
+
+        write_calibration_outputs(run, out)
+        console.print(f"calibration written to {out}/", highlight=False)
 
 
 class Metric(str, Enum):

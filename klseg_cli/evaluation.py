@@ -222,11 +222,38 @@ def image_stats(
     if not isinstance(target, PredictionMap) and uses_kernel(pred, settings, accelerate):
         return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
-    for _, _, _, P, tgt in iter_chunks(
+    views = _views(pred, target, settings, accelerate) if settings.calibration_views else None
+    for start, stop, valid, P, tgt in iter_chunks(
         pred, target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
-        total = total + Stats.from_terms(_terms(pred, P, tgt, settings, tolerance), settings)
+        terms = _terms(pred, P, tgt, settings, tolerance)
+        chunk = Stats.from_terms(terms, settings)
+        if views is not None:
+            views(chunk, terms, start, stop, valid)
+        total = total + chunk
     return total
+
+
+def _views(pred: PredictionMap, target, settings: MetricSettings, accelerate):
+    """A function adding a chunk's calibration-view sums (``--calibration-views``): the
+    boundary band from the label image, the class-wise bins compiled for large maps."""
+    from . import _fast
+    from .calibration_views import BandMask, add_view_sums
+
+    band = None
+    if not isinstance(target, PredictionMap):
+        band = BandMask(target, settings.boundary_band, settings)
+    large = pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+    compiled = _fast.AVAILABLE and accelerate is not False and (large or accelerate is True)
+
+    def add(chunk: Stats, terms, start: int, stop: int, valid) -> None:
+        mask = None
+        if band is not None:
+            mask = band(start, stop)
+            mask = mask if valid is None else mask[valid]
+        add_view_sums(chunk, terms, mask, settings, compiled=compiled)
+
+    return add
 
 
 def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool | None) -> bool:
@@ -284,6 +311,13 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
 
 def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
     try:
+        if settings.temperature != 1.0:  # the calibrated map, as --write would store it
+            from .calibration import scaled_chunk
+
+            P, settings = scaled_chunk(
+                P, settings, pred.array.dtype, tolerance, two_d=pred.layout == "hw"
+            )
+            tolerance = None  # checked before scaling
         return pixel_terms(P, target, settings, tolerance=tolerance)
     except KlsegError as err:
         raise err.with_path(pred.path) from None
@@ -509,6 +543,9 @@ def plan(
     label_map: str | Path | LabelMap | None = None,
     reduce_zero_label: bool = False,
     exclude_class: Sequence[str | int] = (),
+    temperature: float = 1.0,
+    calibration_views: bool = False,
+    boundary_band: int = 3,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
     if isinstance(classes, str) or classes is None:
@@ -562,6 +599,9 @@ def plan(
         label_map=label_map,
         reduce_zero_label=reduce_zero_label,
         exclude_classes=resolve_classes(exclude_class, names, num_classes, "--exclude-class"),
+        temperature=temperature,
+        calibration_views=calibration_views,
+        boundary_band=boundary_band,
     )
     job = Job(pairing, settings, read)
     if input_kind == "logits":

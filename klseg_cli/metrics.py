@@ -47,6 +47,9 @@ class MetricSettings:
     label_map: LabelMap | None = None
     reduce_zero_label: bool = False
     exclude_classes: tuple[int, ...] = ()  # left out of the class means (--exclude-class)
+    temperature: float = 1.0  # p ↦ softmax(log p̃ / T) before anything else (DESIGN §7)
+    calibration_views: bool = False  # adaptive, class-wise, boundary/interior ECE sums
+    boundary_band: int = 3  # pixels within this distance of another class are "boundary"
     labels: LabelSpec = field(init=False, compare=False, repr=False)  # raw label → class
 
     def __post_init__(self) -> None:
@@ -66,6 +69,10 @@ class MetricSettings:
             raise UsageError(f"--ignore-index values must fit in 64 bits, got {self.ignore_index}")
         if self.ece_bins < 1:
             raise UsageError(f"need at least one ECE bin, got {self.ece_bins}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.boundary_band < 1:
+            raise UsageError(f"--boundary-band must be at least 1, got {self.boundary_band}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UsageError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
@@ -128,6 +135,9 @@ class MetricSettings:
             "label_map": self.label_map.as_dict() if self.label_map is not None else None,
             "reduce_zero_label": self.reduce_zero_label,
             "exclude_classes": [self.names[c] for c in sorted(self.exclude_classes)],
+            "temperature": self.temperature,
+            "calibration_views": self.calibration_views,
+            "boundary_band": self.boundary_band,
         }
 
     @classmethod
@@ -143,7 +153,8 @@ class MetricSettings:
             "ignore_index": tuple(d.get("ignore_index", (255,))),
         }
         for key in ("eps", "smoothing", "log_base", "soft_gt", "ece_bins", "renormalize",
-                    "reduce_zero_label"):  # fmt: skip
+                    "reduce_zero_label", "temperature", "calibration_views",
+                    "boundary_band"):  # fmt: skip
             if key in d:
                 kwargs[key] = d[key]
         if d.get("label_map"):
@@ -179,6 +190,7 @@ class PixelTerms:
     pred: np.ndarray  # argmax, ties to the lowest class index
     label: np.ndarray  # hard label (argmax of a soft target)
     n_clipped: int
+    p: np.ndarray | None = None  # (C, n) probabilities, for the class-wise calibration sums
 
 
 def _safe_log(x: np.ndarray) -> np.ndarray:
@@ -455,6 +467,7 @@ def pixel_terms(
         pred=pred,
         label=y,
         n_clipped=n_clipped,
+        p=p,
     )
 
 
@@ -500,6 +513,7 @@ def _soft_terms(p, L, Q, settings, confidence, pred, entropy, sums, log_eps) -> 
         pred=pred,
         label=y,
         n_clipped=n_clipped,
+        p=p,
     )
 
 

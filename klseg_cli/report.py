@@ -12,11 +12,11 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import UsageError
-from .stats import CLASS_COLUMNS, IMAGE_COLUMNS
+from .stats import CALIBRATION_METRICS, CLASS_COLUMNS, IMAGE_COLUMNS
 
 REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
-    "stats.npz",
+    "stats.npz", "reliability.png", "calibration.csv",
 )  # fmt: skip
 
 
@@ -134,6 +134,9 @@ def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
         buf = io.BytesIO()
         write_stats(StatsTable.from_result(result), buf)
         files["stats.npz"] = buf.getvalue()
+        from .calibration_report import reliability_files
+
+        files.update(reliability_files(result))
     files["summary.json"] = summary_json(summary)
     return files
 
@@ -206,13 +209,18 @@ def summary_table(summary: Mapping):
 
 
 def dataset_rows(dataset: Mapping):
-    """(name, pooled key, image-mean key or None) for each metric of a ``dataset``."""
+    """(name, pooled key, image-mean key or None) for each metric of a ``dataset`` (the
+    calibration views only where they were computed)."""
     from .stats import POOLED_ONLY_METRICS
 
     for name in IMAGE_COLUMNS[4:]:
         yield name, f"{name}_pooled", f"{name}_image_mean"
     for name in POOLED_ONLY_METRICS:
         if f"{name}_pooled" in dataset:
+            yield name, f"{name}_pooled", None
+    for name in CALIBRATION_METRICS:  # calibration views: shown when computed
+        value = dataset.get(f"{name}_pooled")
+        if isinstance(value, float) and math.isfinite(value):
             yield name, f"{name}_pooled", None
 
 

@@ -35,8 +35,12 @@ CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
     "soft_gt", "ece_bins", "renormalize", "label_map", "reduce_zero_label", "exclude_classes",
+    "temperature", "boundary_band",
 )  # fmt: skip
-_SETTING_DEFAULTS = {"label_map": None, "reduce_zero_label": False, "exclude_classes": []}
+SETTING_DEFAULTS = {
+    "label_map": None, "reduce_zero_label": False, "exclude_classes": [], "temperature": 1.0,
+    "boundary_band": 3,
+}  # fmt: skip
 """Values of settings that summaries written before they existed lack."""
 
 _TOKEN = re.compile(
@@ -266,8 +270,8 @@ def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
     """Human-readable differences in the settings that change numbers."""
     diffs = []
     for key in SETTINGS_THAT_CHANGE_NUMBERS:
-        default = _SETTING_DEFAULTS.get(key)
-        a, b = current.get(key, default), baseline.get(key, default)
+        a = current.get(key, SETTING_DEFAULTS.get(key))
+        b = baseline.get(key, SETTING_DEFAULTS.get(key))
         if a != b:
             diffs.append(f"{key}: {b!r} in the baseline, {a!r} now")
     return diffs

@@ -10,10 +10,11 @@ averaged from per-chunk ratios.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .calibration_views import FINE_BINS, VIEW_METRICS, view_metrics, view_metrics_batch
 from .metrics import PIXEL_METRICS, MetricSettings, PixelTerms, ece_bin_index
 
 
@@ -29,6 +30,26 @@ class Stats:
     ece_conf: np.ndarray  # (bins,) float64, Σ confidence
     ece_correct: np.ndarray  # (bins,) int64
     n_clipped: int = 0
+    # Calibration views (``--calibration-views``, DESIGN §7; zero unless computed), all merged
+    # by +: a fine histogram of confidences for equal-mass bins (FINE_BINS log-spaced bins
+    # of 1 − confidence, see calibration_views.fine_bin_index) ...
+    fine_count: np.ndarray | None = None  # (FINE_BINS,) int64
+    fine_conf: np.ndarray | None = None  # (FINE_BINS,) float64, Σ confidence
+    fine_correct: np.ndarray | None = None  # (FINE_BINS,) int64
+    # ... one-vs-rest bins of every class's probability p_c against 1[y = c] ...
+    classwise_count: np.ndarray | None = None  # (C, bins) int64
+    classwise_prob: np.ndarray | None = None  # (C, bins) float64, Σ p_c
+    classwise_hit: np.ndarray | None = None  # (C, bins) int64, Σ 1[y = c]
+    # ... and the top-label bins of the pixels in the boundary band (interior = all − band).
+    band_count: np.ndarray | None = None  # (bins,) int64
+    band_conf: np.ndarray | None = None  # (bins,) float64
+    band_correct: np.ndarray | None = None  # (bins,) int64
+
+    def __post_init__(self) -> None:
+        C, bins = self.confusion.shape[0], self.ece_count.shape[0]
+        for name, (shape, dtype) in _view_fields(C, bins).items():
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(shape, dtype=dtype))
 
     @classmethod
     def zeros(cls, num_classes: int, ece_bins: int) -> Stats:
@@ -78,16 +99,8 @@ class Stats:
         )
 
     def __add__(self, other: Stats) -> Stats:
-        return Stats(
-            sums=self.sums + other.sums,
-            confusion=self.confusion + other.confusion,
-            class_kl=self.class_kl + other.class_kl,
-            class_ce=self.class_ce + other.class_ce,
-            ece_count=self.ece_count + other.ece_count,
-            ece_conf=self.ece_conf + other.ece_conf,
-            ece_correct=self.ece_correct + other.ece_correct,
-            n_clipped=self.n_clipped + other.n_clipped,
-        )
+        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                        for f in fields(self)})  # fmt: skip
 
     @property
     def n_valid(self) -> int:
@@ -96,28 +109,40 @@ class Stats:
     def to_dict(self) -> dict:
         """Plain lists and numbers: cheap to serialise and ship between processes."""
         return {
-            "sums": self.sums.tolist(),
-            "confusion": self.confusion.tolist(),
-            "class_kl": self.class_kl.tolist(),
-            "class_ce": self.class_ce.tolist(),
-            "ece_count": self.ece_count.tolist(),
-            "ece_conf": self.ece_conf.tolist(),
-            "ece_correct": self.ece_correct.tolist(),
-            "n_clipped": self.n_clipped,
+            f.name: getattr(self, f.name).tolist() if f.name != "n_clipped" else self.n_clipped
+            for f in fields(self)
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Stats:
-        return cls(
-            sums=np.asarray(d["sums"], dtype=np.float64),
-            confusion=np.asarray(d["confusion"], dtype=np.int64),
-            class_kl=np.asarray(d["class_kl"], dtype=np.float64),
-            class_ce=np.asarray(d["class_ce"], dtype=np.float64),
-            ece_count=np.asarray(d["ece_count"], dtype=np.int64),
-            ece_conf=np.asarray(d["ece_conf"], dtype=np.float64),
-            ece_correct=np.asarray(d["ece_correct"], dtype=np.int64),
-            n_clipped=int(d["n_clipped"]),
-        )
+        """The inverse of ``to_dict``; view sums missing from an older dict are zeros."""
+        out = {"n_clipped": int(d["n_clipped"])}
+        for f in fields(cls):
+            if f.name != "n_clipped" and d.get(f.name) is not None:
+                out[f.name] = np.asarray(d[f.name], dtype=_DTYPES.get(f.name, np.float64))
+        return cls(**out)
+
+
+_DTYPES = {
+    name: np.int64
+    for name in ("confusion", "ece_count", "ece_correct", "fine_count", "fine_correct",
+                 "classwise_count", "classwise_hit", "band_count", "band_correct")
+}  # fmt: skip
+"""Count fields (int64); every other array of a Stats holds float64 sums."""
+
+
+_VIEW_FIELDS = (
+    ("fine_count", "fine"), ("fine_conf", "fine"), ("fine_correct", "fine"),
+    ("classwise_count", "classwise"), ("classwise_prob", "classwise"),
+    ("classwise_hit", "classwise"),
+    ("band_count", "bins"), ("band_conf", "bins"), ("band_correct", "bins"),
+)  # fmt: skip
+
+
+def _view_fields(num_classes: int, bins: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of each calibration-view field of a Stats."""
+    shapes = {"fine": (FINE_BINS,), "classwise": (num_classes, bins), "bins": (bins,)}
+    return {name: (shapes[kind], _DTYPES.get(name, np.float64)) for name, kind in _VIEW_FIELDS}
 
 
 # --- final formulas: ratios from merged totals -------------------------------------------
@@ -268,6 +293,7 @@ def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarra
     weights = np.asarray(nt_m, dtype=np.float64)
     out["fwiou"] = safe_divide(np.where(weights > 0, weights * iou, 0.0).sum(axis=-1),
                                weights.sum(axis=-1))  # fmt: skip
+    out.update(view_metrics_batch(totals, settings))
     return out
 
 
@@ -287,6 +313,8 @@ IMAGE_CLASS_COLUMNS = (
     "image", "class_id", "class_name", "n_target", "n_pred", "tp", "fp", "fn",
     "iou", "dice", "kl", "ce",
 )  # fmt: skip
+CALIBRATION_METRICS = ("mce", *VIEW_METRICS)
+"""Calibration metrics reported pooled only (``mce_pooled``, ``ece_adaptive_pooled``...)."""
 
 
 def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettings) -> dict:
@@ -302,13 +330,15 @@ def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettin
         out[f"{name}_image_mean"] = nanmean([row[name] for row in image_rows])
     for name in POOLED_ONLY_METRICS:
         out[f"{name}_pooled"] = pooled[name]
+    for name, value in view_metrics(total, settings).items():
+        out[f"{name}_pooled"] = value
     return out
 
 
 def dataset_metric_names() -> list[str]:
     """Every key of summary.json's ``dataset`` object, in its order."""
     names = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
-    return names + [f"{m}_pooled" for m in POOLED_ONLY_METRICS]
+    return names + [f"{m}_pooled" for m in (*POOLED_ONLY_METRICS, *CALIBRATION_METRICS)]
 
 
 def class_means_cover(settings: MetricSettings) -> dict:

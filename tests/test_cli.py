@@ -57,10 +57,12 @@ def test_evaluate_writes_reports(tmp_path):
     result = run(*sample_args("--out", out))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "calibration.csv",
         "confusion.csv",
         "per_class.csv",
         "per_image.csv",
         "per_image_class.csv",
+        "reliability.png",
         "stats.npz",
         "summary.json",
     ]
