@@ -65,8 +65,9 @@ if AVAILABLE:
 
             @classmethod
             def from_function(cls, py_func, py_file):
-                if os.path.abspath(py_file) != os.path.abspath(__file__):
-                    return None
+                here = os.path.dirname(os.path.abspath(__file__))
+                if os.path.dirname(os.path.abspath(py_file)) != here:
+                    return None  # another package's function: numba's own locators
                 return super().from_function(py_func, py_file)
 
         _caching.CacheImpl._locator_classes.insert(0, _PackageCacheLocator)
@@ -404,11 +405,12 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
 
 
 def precompile() -> bool:
-    """Compile the kernel for the one signature klseg calls it with, into numba's cache
-    (``__pycache__`` beside this file). Run when the package is built (``setup.py``), so a
-    fresh install loads machine code instead of spending seconds compiling on its first
-    large map; numba checks the cache against this file's contents, its own version and
-    the CPU, and compiles afresh if any differs. Returns False without numba."""
+    """Compile the kernels (evaluation, and calibrate's compiled pass) for the signatures
+    klseg calls them with, into numba's cache (``CACHE_DIR``). Run when the package is built
+    (``setup.py``), so a fresh install loads machine code instead of spending seconds
+    compiling on its first large map; numba checks the cache against each source file's
+    contents, its own version and the CPU, and compiles afresh if any differs. Returns
+    False without numba."""
     if not AVAILABLE:
         return False
     from .metrics import MetricSettings
@@ -420,6 +422,13 @@ def precompile() -> bool:
     y = np.array([0, 1, 2, 255], dtype=np.uint8)
     add_chunk(total, P, y, settings, 1e-3)
     add_chunk(total, np.ascontiguousarray(P.T), y, settings, 1e-3, pixel_major=True)
+    from . import _fast_fit  # klseg calibrate's compiled pass and class-wise bins
+
+    codes = settings.labels.codes(y)
+    _fast_fit.chunk_sums(P, codes, 1.0, settings, 1e-3)
+    _fast_fit.chunk_sums(np.ascontiguousarray(P.T), codes, 1.0, settings, 1e-3, pixel_major=True)
+    bins = np.zeros((3, 15), np.int64)
+    _fast_fit.classwise_sums(P, codes, 15, bins, np.zeros((3, 15)), np.zeros((3, 15), np.int64))
     return True
 
 

@@ -199,7 +199,10 @@ def chunk_sums(P: np.ndarray, y: np.ndarray, a: float, settings, tolerance: floa
     NumPy path (which then raises the error).
     """
     P = np.ascontiguousarray(P, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("="))
+    if not np.can_cast(y.dtype, np.int32):  # wide labels: masked ones become −1 first
+        C = P.shape[1] if pixel_major else P.shape[0]
+        y = np.where((y >= 0) & (y < C), y, -1)
+    y = np.ascontiguousarray(y, dtype=np.int32)  # one compiled specialisation
     ok, n, f, g, h = _chunk(P, start, y, pixel_major, float(a),
                             np.float32(math.log(settings.eps)), np.float32(tolerance))  # fmt: skip
     return bool(ok), int(n), float(f), float(g), float(h)
