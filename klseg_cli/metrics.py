@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .defaults import DEFAULT_EPS
 from .errors import ProbabilityError, UsageError
 
 PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
 """Per-pixel quantities that are summed and reported as means (in this order)."""
 
-DEFAULT_EPS = 1e-7
 DEFAULT_ECE_BINS = 15
 
 
@@ -316,6 +316,8 @@ def pixel_terms(
     q_lo, q_hi = settings.q_lo, settings.q_hi
     if q_lo == 0.0:
         ce = -Lt_y
+        # H(q) = 0, so CE = KL ≥ 0; clamped like KL (p_y may exceed 1 within the tolerance)
+        np.maximum(ce, 0.0, out=ce)
         kl = ce.copy()
         kl_reverse = None
         # JS against a one-hot target depends only on p_y and the row sum S:

@@ -170,3 +170,14 @@ def evaluate_reference(
         dataset[f"{k}_pooled"] = pooled[k]
         dataset[f"{k}_image_mean"] = nanmean([r[k] for r in rows])
     return rows, classes, dataset
+
+
+def ece_bin_counts(conf, bins=15):
+    """Pixels per ECE bin ((b−1)/bins, b/bins], b = 1..bins, edges computed in float64:
+    a confidence equal to an edge as written (0.2, 0.6, 0.75) lies in the lower bin."""
+    conf = np.asarray(conf, dtype=np.float64)
+    counts = np.zeros(bins, dtype=np.int64)
+    for b in range(1, bins + 1):
+        lo, hi = (b - 1) / bins, b / bins
+        counts[b - 1] = int(((conf > lo) & (conf <= hi)).sum())
+    return counts
