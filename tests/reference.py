@@ -114,25 +114,45 @@ def image_metrics(vals, labels, C, log_base=math.e, bins=15):
 
 
 def evaluate_reference(
-    images, C, *, smoothing=0.0, eps=1e-7, ignore=(255,), log_base=math.e, logits=False
+    images,
+    C,
+    *,
+    smoothing=0.0,
+    eps=1e-7,
+    ignore=(255,),
+    log_base=math.e,
+    logits=False,
+    soft=False,
+    bins=15,
 ):
-    """images: list of (stem, pred_pixels (N, C) float64, labels (N,) int).
+    """images: list of (stem, pred_pixels (N, C) float64, labels (N,) int), or with ``soft``
+    (stem, pred_pixels, target_pixels (N, C) float64), whose hard label is the argmax.
 
-    Returns (per_image rows, per_class rows, dataset dict) like klseg's reports.
+    Returns (per_image rows, per_class rows, dataset dict) like klseg's reports; each row
+    also holds ``ece_counts``, its pixels per ECE bin.
     """
     scale = math.log(log_base)
     rows, all_vals, all_labels = [], [], []
     for stem, pix, labels in sorted(images, key=lambda t: t[0]):
-        keep = ~np.isin(labels, ignore)
-        lab = labels[keep].astype(np.int64)
-        vals = pixel_values(pix[keep], hard_targets(lab, C, smoothing), eps=eps, logits=logits)
-        row = {"image": stem, **image_metrics(vals, lab, C, log_base)}
+        if soft:
+            q = np.asarray(labels, dtype=np.float64)
+            lab = q.argmax(axis=1)
+            vals = pixel_values(pix, q, eps=eps, logits=logits)
+        else:
+            keep = ~np.isin(labels, ignore)
+            lab = labels[keep].astype(np.int64)
+            q = hard_targets(lab, C, smoothing)
+            vals = pixel_values(pix[keep], q, eps=eps, logits=logits)
+            if smoothing == 0.0:  # KL(p‖onehot) is not computed, even where p is one-hot
+                vals["kl_reverse"] = np.full(lab.size, np.inf)
+        row = {"image": stem, **image_metrics(vals, lab, C, log_base, bins)}
+        row["ece_counts"] = ece_bin_counts(vals["confidence"], bins)
         rows.append(row)
         all_vals.append(vals)
         all_labels.append(lab)
     vals = {k: np.concatenate([v[k] for v in all_vals]) for k in all_vals[0]}
     labels = np.concatenate(all_labels)
-    pooled = image_metrics(vals, labels, C, log_base)
+    pooled = image_metrics(vals, labels, C, log_base, bins)
     cm = confusion(labels, vals["pred"], C)
     tp, fp, fn, iou, dice, prec, rec = class_scores(cm)
     classes = []
