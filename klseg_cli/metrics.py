@@ -185,7 +185,7 @@ def check_probabilities(P: np.ndarray, sums: np.ndarray, *, tolerance: float) ->
     worst = float(off.max()) if off.size else 0.0
     if lo < 0.0 or hi > 1.0 + tolerance or worst > tolerance:
         n_off = int(np.count_nonzero(off > tolerance))
-        looks_like_logits = lo < 0.0 or hi > 1.0
+        looks_like_logits = lo < 0.0 or hi > 1.0 + tolerance  # 1.0005 is a probability
         what = (
             f"values range over [{lo:.4g}, {hi:.4g}]"
             if (lo < 0.0 or hi > 1.0 + tolerance)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from klseg_cli.errors import ProbabilityError
 from klseg_cli.evaluation import image_stats
 from klseg_cli.metrics import MetricSettings, ece_bin_index, pixel_terms
 from klseg_cli.readers import PredictionMap
@@ -23,13 +24,18 @@ from .reference import ece_bin_counts
 PATHS = ["numpy", "kernel"]
 
 
-def stats(p, labels, s, path, layout="hwc"):
-    """image_stats of (n, C) rows as a 1 × n image; ``path="kernel"`` forces the kernel and
-    checks that it took the chunk."""
+def as_map(p, layout="hwc"):
+    """(n, C) rows as a 1 × n image."""
     arr = p.reshape(1, *p.shape)
     if layout == "chw":
         arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    pm = PredictionMap("mem", arr, layout)
+    return PredictionMap("mem", arr, layout)
+
+
+def stats(p, labels, s, path, layout="hwc"):
+    """image_stats of (n, C) rows as a 1 × n image; ``path="kernel"`` forces the kernel and
+    checks that it took the chunk."""
+    pm = as_map(p, layout)
     lab = np.asarray(labels, dtype=np.uint8).reshape(1, -1)
     if path == "numpy":
         return image_stats(pm, lab, s, accelerate=False)
@@ -133,6 +139,8 @@ def test_kl_is_clamped_where_probabilities_sum_above_one(path, dtype, layout):
     assert math.isclose(got.sums[3], expect, rel_tol=1e-6)  # ce
     metrics = pixel_metrics(got, s)
     assert metrics["kl"] >= 0 and metrics["ce"] >= 0
+    # a confidence just above 1 is in the last ECE bin too, not past it
+    assert got.ece_count[-1] == 6 and got.ece_count.sum() == 12
 
 
 def test_kl_is_clamped_per_pixel_in_the_numpy_core():
@@ -157,3 +165,100 @@ def test_kl_is_clamped_per_pixel_in_the_numpy_core():
         soft = MetricSettings(num_classes=C, soft_gt=True)
         t = pixel_terms(P, Q, soft, tolerance=1e-3)
         np.testing.assert_array_equal(getattr(t, field), 0.0, err_msg=f"soft {field}")
+
+
+# --- eps: a probability equal to eps is not clipped ----------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_n_clipped_counts_probabilities_below_eps_only(path, dtype):
+    if path == "kernel" and dtype != np.float32:
+        pytest.skip("the kernel takes float32 maps only")
+    eps = dtype(1e-7)  # as the map's dtype holds it: max(p, eps) leaves it unchanged
+    below = np.nextafter(eps, dtype(0))
+    p = np.array([[eps, 1 - eps], [below, 1 - below], [0.0, 1.0], [0.5, 0.5]], dtype=dtype)
+    got = stats(p, [0, 0, 0, 1], MetricSettings(num_classes=2), path)
+    assert got.n_clipped == 2  # below eps and 0; not eps itself, not 0.5
+
+
+# --- the sum check: its tolerance, and values that are not probabilities -----------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "dtype,row,accepted",
+    [
+        (np.float32, (0.5, 0.5, 0.0009), True),  # sums to 1.0009: inside 1e-3
+        (np.float32, (0.5, 0.5, 0.0012), False),  # 1.0012
+        (np.float32, (0.5, 0.4988, 0.0), False),  # 0.9988
+        (np.float16, (0.334, 0.334, 0.336), True),  # 1.0039: inside float16's 1e-2
+        (np.float32, (0.33398438, 0.33398438, 0.33593750), False),  # the same values, float32
+        (np.float16, (0.5, 0.5, 0.012), False),  # 1.012
+    ],
+)
+def test_sum_tolerance(path, dtype, row, accepted):
+    p = rows((0.2, 0.3, 0.5), row, (1.0,), C=3).astype(dtype)
+    s = MetricSettings(num_classes=3)
+    if accepted:
+        assert stats(p, [0, 1, 2], s, path).n_valid == 3
+        return
+    with pytest.raises(ProbabilityError, match="do not sum to 1"):
+        if path == "numpy":
+            stats(p, [0, 1, 2], s, path)
+        else:
+            with recording_kernel() as taken:
+                stats(p, [0, 1, 2], s, path)
+    if path == "kernel":
+        assert taken == [False]  # the kernel refused the chunk; the NumPy path said why
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_small_negative_values_are_refused_even_when_rows_sum_to_one(path):
+    p = rows((0.2, 0.8), (0.5, 0.5005, -0.0005), C=3).astype(np.float32)
+    with pytest.raises(ProbabilityError, match=r"values range over \[-0.0005"):
+        stats(p, [0, 1], MetricSettings(num_classes=3), path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_value_just_above_one_is_not_called_logits(path):
+    """1.0005 is a probability (inside the tolerance): a chunk refused for another pixel
+    says that pixel's sum is off, and does not suggest --input logits."""
+    p = rows((1.0005,), (0.5, 0.3, 0.1), C=3).astype(np.float32)
+    with pytest.raises(ProbabilityError, match="do not sum to 1") as info:
+        stats(p, [0, 1], MetricSettings(num_classes=3), path)
+    assert "logits" not in str(info.value)
+
+
+def test_soft_target_values_just_above_one_are_accepted():
+    """Soft targets are checked on their own (no prediction pre-check): 1.0005 is inside
+    the tolerance there too, and its KL is clamped at 0 against the same prediction."""
+    q = rows((1.0005,), (0.25, 0.75), C=3).astype(np.float32)
+    s = MetricSettings(num_classes=3, soft_gt=True)
+    got = image_stats(as_map(q), as_map(q.copy()), s)
+    assert got.n_valid == 2 and got.sums[0] == 0.0  # Σ kl, clamped at 0 per pixel
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_divergences_are_never_negative_per_pixel(rng, dtype):
+    """KL, reverse KL and JS are ≥ 0 (DESIGN §2), so the per-pixel maps a heatmap draws
+    never dip below 0: rounding makes p = q give −1e-16 … −1e-8 before the clamps."""
+    C, n = 3, 20000
+    z = rng.random((C, n)) ** 4
+    y = rng.integers(0, C, n)
+    near = np.arange(n) < n // 2  # near one-hot: the JS of a hard label cancels to ~1e-15
+    z[:, near] *= 1e-7
+    z[y[near], np.flatnonzero(near)] = 0.0
+    z[y[near], np.flatnonzero(near)] = 1.0 - z[:, near].sum(axis=0)
+    P = (z / z.sum(axis=0)).astype(dtype)
+    for target, s in (
+        (y, MetricSettings(num_classes=C)),
+        (y, MetricSettings(num_classes=C, smoothing=0.1)),
+        (P.copy(), MetricSettings(num_classes=C, soft_gt=True)),
+    ):
+        t = pixel_terms(P, target, s, tolerance=1e-3)
+        for name in ("kl", "kl_reverse", "js", "ce"):
+            value = getattr(t, name)
+            if value is not None:
+                assert value.min() >= 0.0, (name, s)
+        assert t.js.max() <= math.log(2.0)

@@ -94,6 +94,21 @@ def test_any_chunk_tile_and_label_dtype(rng, layout, chunk, label_dtype):
     assert_equivalent(ref, fast)
 
 
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_ignore_value_just_past_the_classes(rng, layout):
+    """An ignore value equal to C (the first label that is not a class) is masked in the
+    kernel as in the NumPy path: the kernel must not read a class plane C."""
+    h, w, C = 16, 20, 5
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    labels = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    labels[3:6] = C
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    s = MetricSettings(num_classes=C, ignore_index=(C, 255))
+    ref, fast = both(PredictionMap("mem", arr, layout), labels, s, chunk=97)
+    assert fast.n_valid == ref.n_valid == h * w - 3 * w
+    assert_equivalent(ref, fast)
+
+
 def test_log_is_accurate():
     """The kernel's log is within ~1 float32 ulp of log x; finite at 0, as is 0·log 0 = 0."""
     x = np.concatenate(

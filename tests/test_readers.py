@@ -134,6 +134,23 @@ def test_unknown_labels_are_named_with_counts(tmp_path):
     check_labels(np.array([0, 4, 255]), 5, (255,), "x")  # no error
     assert valid_labels(np.array([0, 4, 255]), 5).tolist() == [True, True, False]
     assert valid_labels(np.array([0, -1, 5], dtype=np.int16), 5).tolist() == [True, False, False]
+    unsigned = np.array([0, 4, 5, 255], dtype=np.uint8)  # C itself is not a class
+    assert valid_labels(unsigned, 5).tolist() == [True, True, False, False]
+    with pytest.raises(LabelError, match=r"outside 0\.\.4 .*: 5 \(1 px\)"):
+        check_labels(unsigned, 5, (255,), "x")
+
+
+def test_unknown_label_counts_add_up_over_label_chunks(monkeypatch):
+    """check_labels reads labels in chunks: a value's count is its total, not the last
+    chunk's."""
+    from klseg_cli import readers
+
+    monkeypatch.setattr(readers, "LABEL_CHUNK", 4)
+    labels = np.zeros(20, np.uint8)
+    labels[[1, 6, 7, 13]] = 9
+    labels[18] = 8
+    with pytest.raises(LabelError, match=r"8 \(1 px\), 9 \(4 px\)"):
+        check_labels(labels, 5, (255,), "x")
 
 
 def test_object_npy_is_refused_without_unpickling(tmp_path):
