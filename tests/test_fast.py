@@ -109,6 +109,17 @@ def test_ignore_value_just_past_the_classes(rng, layout):
     assert_equivalent(ref, fast)
 
 
+def test_image_with_every_pixel_ignored(rng):
+    """No valid pixel: both paths give the same empty Stats, reverse KL 0 (nothing is
+    undefined) rather than NaN, so merging it into other images' totals changes nothing."""
+    p = random_probs(rng, 30 * 40, 3).reshape(30, 40, 3)
+    labels = np.full((30, 40), 255, np.uint8)
+    ref, fast = both(PredictionMap("mem", p, "hwc"), labels, MetricSettings(num_classes=3), 500)
+    assert ref.n_valid == fast.n_valid == 0
+    assert ref.sums.tolist() == fast.sums.tolist() == [0.0] * 6
+    assert_equivalent(ref, fast)
+
+
 def test_log_is_accurate():
     """The kernel's log is within ~1 float32 ulp of log x; finite at 0, as is 0·log 0 = 0."""
     x = np.concatenate(
