@@ -240,8 +240,10 @@ if AVAILABLE:
         for i in range(m):
             p = PY[i]
             ly = _log(PYi[i])
+            # KL = CE = −log p̃_y, clamped at 0 (DESIGN §2): a pixel summing to within the
+            # tolerance above 1 can have p_y > 1 and so −log p_y < 0
             kl = -(ly if ly > log_eps else log_eps)
-            KL[i] = kl if kl > zero else zero  # p_y a little above 1 (within tolerance)
+            KL[i] = kl if kl > zero else zero
             log_m = _log_half_up(p)
             js = _f32(0.5) * (S[i] * ln2 + p * (ly - log_m) - log_m)
             JS[i] = js if js > zero else zero

@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
+from .defaults import DEFAULT_EPS
 from .errors import KlsegError, UsageError
 
 EXIT_INTERNAL = 3
@@ -481,7 +482,7 @@ def evaluate(
     ignore_index: IgnoreOpt = None,
     smoothing: SmoothingOpt = 0.0,
     input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = 1e-7,
+    eps: EpsOpt = DEFAULT_EPS,
     log_base: LogBaseOpt = "e",
     layout: LayoutOpt = None,
     soft_gt: SoftGtOpt = False,
@@ -1070,7 +1071,7 @@ def heatmap(
     ignore_index: IgnoreOpt = None,
     smoothing: SmoothingOpt = 0.0,
     input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = 1e-7,
+    eps: EpsOpt = DEFAULT_EPS,
     log_base: LogBaseOpt = "e",
     layout: LayoutOpt = None,
     soft_gt: SoftGtOpt = False,

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .defaults import DEFAULT_EPS
 from .errors import ProbabilityError, UsageError
 from .labels import LabelMap, LabelSpec
 
 PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
 """Per-pixel quantities that are summed and reported as means (in this order)."""
 
-DEFAULT_EPS = 1e-7
 DEFAULT_ECE_BINS = 15
 
 
@@ -283,7 +283,7 @@ def check_probabilities(
             )
     if lo < 0.0 or hi > 1.0 + tolerance or worst > tolerance:
         n_off = int(np.count_nonzero(off > tolerance))
-        looks_like_logits = lo < 0.0 or hi > 1.0
+        looks_like_logits = lo < 0.0 or hi > 1.0 + tolerance  # 1.0005 is a probability
         what = (
             f"values range over [{lo:.4g}, {hi:.4g}]"
             if (lo < 0.0 or hi > 1.0 + tolerance)
@@ -414,8 +414,10 @@ def pixel_terms(
     q_lo, q_hi = settings.q_lo, settings.q_hi
     work = np.empty(p.shape, dtype)  # one chunk-sized C-order scratch array, reused
     if q_lo == 0.0:
-        n_clipped = int(np.count_nonzero(L_y < log_eps))
+        n_clipped = _n_below(p_y, L_y, settings)
         ce = -np.maximum(L_y, log_eps)
+        # H(q) = 0, so CE = KL ≥ 0; clamped like KL (p_y may exceed 1 within the tolerance)
+        np.maximum(ce, 0.0, out=ce)
         kl = ce.copy()
         kl_reverse = None
         # Σ_{c≠y} p_c and Σ_{c≠y} p_c², summed without the label's term (not S − p_y)
@@ -435,14 +437,18 @@ def pixel_terms(
         js -= log_m_y
         js *= 0.5
     else:
-        n_clipped = int(np.count_nonzero(L < log_eps))  # every class has q ≥ q_lo > 0
+        n_clipped = _n_below(p, L, settings)  # every class has q ≥ q_lo > 0
         Lt = np.maximum(L, log_eps)
         Lt_y = np.maximum(L_y, log_eps)
         lq_lo, lq_hi = math.log(q_lo), math.log(q_hi)
         ce = -(q_hi - q_lo) * Lt_y - q_lo * class_sum(Lt)
         neg_hq = q_hi * lq_hi + (C - 1) * q_lo * lq_lo  # Σ q log q, the same for every pixel
         kl = ce + dtype.type(neg_hq)
-        kl_reverse = -entropy - lq_lo * sums - (lq_hi - lq_lo) * p_y
+        # Σ_c p_c (log p_c − log q_c), term by term: small where p is close to q
+        np.subtract(L, dtype.type(lq_lo), out=work)
+        work *= p
+        work.reshape(-1)[at_label] = p_y * (L_y - dtype.type(lq_hi))
+        kl_reverse = class_sum(work)
         np.maximum(kl_reverse, 0.0, out=kl_reverse)
         # every class's term at q_lo, the label's replaced by its term at q_hi
         work[...] = _js_terms(p, L, q_lo, lq_lo)
@@ -471,6 +477,18 @@ def pixel_terms(
     )
 
 
+def _n_below(p, logp, settings: MetricSettings, *, where=None) -> int:
+    """How many values max(·, eps) clips: p < eps for probabilities (compared as stored, so
+    eps itself is not clipped), log p < log eps for logits; only ``where`` counts."""
+    if settings.input_kind == "logits":
+        below = logp < logp.dtype.type(math.log(settings.eps))
+    else:
+        below = p < p.dtype.type(settings.eps)
+    if where is not None:
+        below &= where
+    return int(np.count_nonzero(below))
+
+
 def _js_terms(p: np.ndarray, logp: np.ndarray, q, logq) -> np.ndarray:
     """Elementwise p·log(2p/(p+q)) + q·log(2q/(p+q)), with 0·log 0 = 0.
 
@@ -488,7 +506,7 @@ def _soft_terms(p, L, Q, settings, confidence, pred, entropy, sums, log_eps) -> 
     Lt = np.maximum(L, log_eps)
     logQ = _safe_log(Q)
     _, y = argmax_classes(Q)
-    n_clipped = int(np.count_nonzero((L < log_eps) & (Q > 0)))
+    n_clipped = _n_below(p, L, settings, where=Q > 0)
     ce = -class_dot(Q, Lt)
     kl = class_dot(Q, logQ) + ce
     np.maximum(kl, 0.0, out=kl)

@@ -44,6 +44,28 @@ def test_every_command_has_help():
         assert "Example" in sub.stdout
 
 
+def test_eps_default_is_the_library_default():
+    """Every command's --eps default is metrics.DEFAULT_EPS (one place): a change of the
+    library default reaches the CLI, its help and the recorded settings."""
+    import inspect
+
+    from klseg_cli.metrics import DEFAULT_EPS
+
+    with_eps = []
+    for command in app.registered_commands:
+        params = inspect.signature(command.callback).parameters
+        if "eps" not in params:
+            continue
+        name = command.name or command.callback.__name__
+        with_eps.append(name)
+        assert params["eps"].default == DEFAULT_EPS, name
+        assert f"[default: {DEFAULT_EPS}]" in " ".join(run(name, "--help").stdout.split())
+    assert {"evaluate", "heatmap"} <= set(with_eps)
+    result = run(*sample_args("--format", "json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["eps"] == DEFAULT_EPS
+
+
 def test_evaluate_sample_data_tables():
     result = run(*sample_args())
     assert result.exit_code == 0, result.output

@@ -8,31 +8,41 @@ from klseg_cli.evaluation import image_stats
 from klseg_cli.metrics import MetricSettings
 from klseg_cli.readers import PredictionMap
 
-from .conftest import random_probs
+from .conftest import NO_NUMBA, assert_kernel_took, random_probs, recording_kernel
 
-pytestmark = pytest.mark.skipif(not _fast.AVAILABLE, reason="numba is not installed")
+# Skipped only on request: CI installs the ``fast`` extra, and a kernel that is not tested
+# must fail the suite (test_numba_imports), not vanish from it.
+pytestmark = pytest.mark.skipif(NO_NUMBA, reason="KLSEG_NO_NUMBA is set")
+
+
+def test_numba_imports():
+    assert _fast.AVAILABLE, (
+        "numba does not import, so the compiled kernel is untested: "
+        "pip install -e '.[fast]', or set KLSEG_NO_NUMBA=1 to test without it"
+    )
+
+
+def n_chunks(pm, chunk):
+    return -(-pm.n_pixels // chunk)
+
+
+def kernel_stats(pm, labels, s, chunk=4096, *, kernel_takes_all=True):
+    """``image_stats`` through the kernel, checking that the kernel took every chunk (by
+    default) or at least was called for every chunk."""
+    with recording_kernel() as taken:
+        fast = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=True)
+    if kernel_takes_all:
+        assert_kernel_took(taken, n_chunks(pm, chunk))
+    else:
+        assert len(taken) == n_chunks(pm, chunk), "the kernel was not called for every chunk"
+    return fast
 
 
 def both(pm, labels, s, chunk=4096, *, kernel_takes_all=True):
     """The NumPy path's Stats and the kernel's; by default also checks that the kernel
     took every chunk (none went back to the NumPy path)."""
     ref = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=False)
-    taken = []
-    add_chunk = _fast.add_chunk
-
-    def counting(*args, **kwargs):
-        taken.append(add_chunk(*args, **kwargs))
-        return taken[-1]
-
-    _fast.add_chunk = counting
-    try:
-        fast = image_stats(pm, labels, s, chunk_pixels=chunk, accelerate=True)
-    finally:
-        _fast.add_chunk = add_chunk
-    assert taken, "the kernel was not used"
-    if kernel_takes_all:
-        assert all(taken)
-    return ref, fast
+    return ref, kernel_stats(pm, labels, s, chunk, kernel_takes_all=kernel_takes_all)
 
 
 def assert_equivalent(ref, fast):
@@ -84,6 +94,32 @@ def test_any_chunk_tile_and_label_dtype(rng, layout, chunk, label_dtype):
     assert_equivalent(ref, fast)
 
 
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_ignore_value_just_past_the_classes(rng, layout):
+    """An ignore value equal to C (the first label that is not a class) is masked in the
+    kernel as in the NumPy path: the kernel must not read a class plane C."""
+    h, w, C = 16, 20, 5
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    labels = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    labels[3:6] = C
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    s = MetricSettings(num_classes=C, ignore_index=(C, 255))
+    ref, fast = both(PredictionMap("mem", arr, layout), labels, s, chunk=97)
+    assert fast.n_valid == ref.n_valid == h * w - 3 * w
+    assert_equivalent(ref, fast)
+
+
+def test_image_with_every_pixel_ignored(rng):
+    """No valid pixel: both paths give the same empty Stats, reverse KL 0 (nothing is
+    undefined) rather than NaN, so merging it into other images' totals changes nothing."""
+    p = random_probs(rng, 30 * 40, 3).reshape(30, 40, 3)
+    labels = np.full((30, 40), 255, np.uint8)
+    ref, fast = both(PredictionMap("mem", p, "hwc"), labels, MetricSettings(num_classes=3), 500)
+    assert ref.n_valid == fast.n_valid == 0
+    assert ref.sums.tolist() == fast.sums.tolist() == [0.0] * 6
+    assert_equivalent(ref, fast)
+
+
 def test_log_is_accurate():
     """The kernel's log is within ~1 float32 ulp of log x; finite at 0, as is 0·log 0 = 0."""
     x = np.concatenate(
@@ -111,8 +147,9 @@ def test_bad_chunks_fall_back_to_the_numpy_diagnosis(rng):
     for bad, match in ((np.nan, "NaN"), (-0.5, "logits"), (1.5, "logits"), (np.inf, "NaN")):
         q = p.copy()
         q[3, 3, 1] = bad
-        with pytest.raises(ProbabilityError, match=match):
+        with recording_kernel() as taken, pytest.raises(ProbabilityError, match=match):
             image_stats(PredictionMap("mem", q, "hwc"), labels, s, accelerate=True)
+        assert taken == [False]  # the kernel refused the chunk; NumPy said why
     # a refused chunk leaves the totals untouched
     total = Stats.zeros(3, s.ece_bins)
     half = np.ascontiguousarray(p.reshape(-1, 3).T * 0.5)
@@ -160,12 +197,14 @@ def test_files_read_by_blocks_equal_maps_in_memory(tmp_path, rng, layout):
     assert (in_memory.planes_in_memory() is not None) == (layout == "chw")
     ref = image_stats(in_memory, labels, s, chunk_pixels=500, accelerate=False)
     for pm in (on_disk, in_memory):
-        assert_equivalent(ref, image_stats(pm, labels, s, chunk_pixels=500, accelerate=True))
+        assert_equivalent(ref, kernel_stats(pm, labels, s, chunk=500))
 
 
 def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     """Maps the kernel takes run in threads (it releases the GIL); the rest in processes.
-    Either way any --jobs gives the same numbers to the last bit."""
+    Any --jobs gives the same numbers to the last bit, and the kernel's are the NumPy
+    path's (to float32 rounding) — the kernel having taken every chunk of every image."""
+    import math
     from pathlib import Path
 
     from klseg_cli import evaluate, evaluation
@@ -175,10 +214,34 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     args = (sample / "predictions", sample / "ground_truth")
     job = evaluation.plan(*args)
     assert evaluation.parallel_backend(job) == "processes"  # small maps: the NumPy path
+    numpy_path = evaluate(*args, jobs=2).summary()
     monkeypatch.setattr(evaluation, "FAST_MIN_VALUES", 0)  # now every map takes the kernel
     assert evaluation.parallel_backend(job) == "threads"
-    one, two, three = (summary_json(evaluate(*args, jobs=j).summary()) for j in (1, 2, 3))
-    assert one == two == three
+    chunks = 0
+    for pair in job.pairing.pairs:
+        pm = evaluation.open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
+        chunks += n_chunks(pm, evaluation.chunk_for(job.read.chunk_pixels, pm.num_classes))
+    texts = []
+    for j in (1, 2, 3):
+        with recording_kernel() as taken:
+            result = evaluate(*args, jobs=j).summary()
+        assert_kernel_took(taken, chunks)
+        texts.append(summary_json(result))
+    assert texts[0] == texts[1] == texts[2]
+
+    def same(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6)
+        return a == b
+
+    kernel = result
+    for key, value in numpy_path["dataset"].items():
+        assert same(kernel["dataset"][key], value), key
+    for scope in ("classes", "images"):
+        for a, b in zip(kernel[scope], numpy_path[scope], strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert same(a[key], b[key]), (scope, key, a[key], b[key])
 
 
 @pytest.mark.parametrize("layout", ["hwc", "chw"])
@@ -190,5 +253,5 @@ def test_big_endian_maps_and_labels(rng, layout):
     labels = rng.integers(0, C, size=(h, w)).astype(">u2")
     s = MetricSettings(num_classes=C)
     ref = image_stats(PredictionMap("mem", arr, layout), labels, s, accelerate=False)
-    fast = image_stats(PredictionMap("mem", arr.astype(">f4"), layout), labels, s, accelerate=True)
+    fast = kernel_stats(PredictionMap("mem", arr.astype(">f4"), layout), labels, s, chunk=500)
     assert_equivalent(ref, fast)

@@ -130,10 +130,28 @@ def test_unknown_labels_are_named_with_counts(tmp_path):
     with pytest.raises(LabelError, match=r"7 \(1 px\), 9 \(2 px\)") as info:
         LabelSpec(5, (255,)).check(labels.reshape(-1), "gt/x.png")
     assert str(info.value).startswith("gt/x.png: ")
-    LabelSpec(5, (255,)).check(np.array([0, 4, 255]), "x")  # no error
-    assert (LabelSpec(5, (255,)).codes(np.array([0, 4, 255])) >= 0).tolist() == [True, True, False]
+    spec = LabelSpec(5, (255,))
+    spec.check(np.array([0, 4, 255]), "x")  # no error
+    assert (spec.codes(np.array([0, 4, 255])) >= 0).tolist() == [True, True, False]
     codes = LabelSpec(5, (-1,)).codes(np.array([0, -1, 4], dtype=np.int16))
     assert (codes >= 0).tolist() == [True, False, True]
+    unsigned = np.array([0, 4, 5, 255], dtype=np.uint8)  # C itself is not a class
+    assert (spec.codes(unsigned) >= 0).tolist() == [True, True, False, False]
+    with pytest.raises(LabelError, match=r"outside 0\.\.4 .*: 5 \(1 px\)"):
+        spec.check(unsigned, "x")
+
+
+@pytest.mark.parametrize("ignore", [(255,), (0, 255)])  # the plain and the mapped check
+def test_unknown_label_counts_add_up_over_label_chunks(monkeypatch, ignore):
+    """Labels are checked in chunks: a value's count is its total, not the last chunk's."""
+    from klseg_cli import labels as labels_module
+
+    monkeypatch.setattr(labels_module, "LABEL_CHUNK", 4)
+    labels = np.zeros(20, np.uint8)
+    labels[[1, 6, 7, 13]] = 9
+    labels[18] = 8
+    with pytest.raises(LabelError, match=r"8 \(1 px\), 9 \(4 px\)"):
+        LabelSpec(5, ignore).check(labels, "x")
 
 
 def test_object_npy_is_refused_without_unpickling(tmp_path):
