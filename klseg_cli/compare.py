@@ -34,6 +34,7 @@ from .evaluation import (
     chunk_for,
     evaluate_pair,
     plan,
+    pooled_results,
 )
 from .metrics import MetricSettings, prediction_terms
 from .pairing import Pair, _index
@@ -406,15 +407,8 @@ def _map(pairs: list[ComparePair], settings: MetricSettings, read: ReadOptions, 
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=ctx) as pool:
-        futures = [pool.submit(_compare_one, pair, settings, read) for pair in pairs]
-        try:
-            for pair, future in zip(pairs, futures):
-                yield pair, future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(pairs)), mp_context=ctx)
+    yield from pooled_results(pool, _compare_one, pairs, settings, read)
 
 
 def compare_names() -> list[str]:

@@ -685,18 +685,24 @@ def resolve_jobs(job: Job, jobs: int | None) -> tuple[int, str]:
     return (workers, backend) if workers > 1 else (1, "serial")
 
 
-def _large_maps(job: Job) -> bool:
-    """Whether the first map is large enough (as the kernel's threshold) to be worth a
-    worker process."""
+def _first_map(job: Job) -> PredictionMap | None:
+    """The first prediction, opened (its header only), or None when it cannot be: folders
+    hold maps of one kind, so it stands for them; its error is reported with its pair."""
     try:
-        pred = open_prediction(
+        return open_prediction(
             job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
             num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
             max_pixels=job.read.max_pixels,
         )  # fmt: skip
     except InputError:
-        return False
-    return pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+        return None
+
+
+def _large_maps(job: Job) -> bool:
+    """Whether the first map is large enough (as the kernel's threshold) to be worth a
+    worker process."""
+    pred = _first_map(job)
+    return pred is not None and pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
 
 
 def parallel_backend(job: Job) -> str:
@@ -708,17 +714,11 @@ def parallel_backend(job: Job) -> str:
     start-up: threads. The NumPy path is many short NumPy calls per chunk that queue on the
     GIL (2 threads ran at 0.84-1.0x the speed of one), so it uses processes: each imports
     klseg, keeps its own bounded chunk buffers and returns a Stats of a few arrays, cheap to
-    pickle. The first prediction decides (folders hold maps of one kind); its header is
-    all that is read here.
+    pickle. The first prediction decides (``_first_map``).
     """
-    try:
-        pred = open_prediction(
-            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
-            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
-            max_pixels=job.read.max_pixels,
-        )  # fmt: skip
-    except InputError:
-        return "processes"  # the error is reported when the pair is evaluated
+    pred = _first_map(job)
+    if pred is None:
+        return "processes"
     return "threads" if uses_kernel(pred, job.settings, job.read.accelerate) else "processes"
 
 
@@ -744,8 +744,14 @@ def _results(job: Job, jobs: int | None):
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    yield from pooled_results(pool, _evaluate_one, pairs, job.settings, job.read)
+
+
+def pooled_results(pool, fn, pairs, *args):
+    """(pair, fn(pair, *args)) from an executor, in pair order; on an error or Ctrl-C the
+    work not yet started is cancelled and the pool shut down."""
     with pool:
-        futures = [pool.submit(_evaluate_one, pair, job.settings, job.read) for pair in pairs]
+        futures = [pool.submit(fn, pair, *args) for pair in pairs]
         try:
             for pair, future in zip(pairs, futures):
                 yield pair, future.result()

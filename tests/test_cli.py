@@ -60,7 +60,7 @@ def test_eps_default_is_the_library_default():
         with_eps.append(name)
         assert params["eps"].default == DEFAULT_EPS, name
         assert f"[default: {DEFAULT_EPS}]" in " ".join(run(name, "--help").stdout.split())
-    assert {"evaluate", "heatmap"} <= set(with_eps)
+    assert {"evaluate", "heatmap", "compare", "calibrate"} <= set(with_eps)
     result = run(*sample_args("--format", "json"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["settings"]["eps"] == DEFAULT_EPS
@@ -242,3 +242,23 @@ def test_real_process_exit_codes(tmp_path, rng):
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_every_eps_default_follows_the_library_default(monkeypatch):
+    """A changed library default reaches every command: the CLI module, imported afresh with
+    another DEFAULT_EPS, has it in every signature (a literal 1e-7 left anywhere fails)."""
+    import importlib
+    import inspect
+
+    from klseg_cli import cli, defaults
+
+    monkeypatch.setattr(defaults, "DEFAULT_EPS", 3e-7)
+    try:
+        fresh = importlib.reload(cli)
+        for command in fresh.app.registered_commands:
+            params = inspect.signature(command.callback).parameters
+            if "eps" in params:
+                assert params["eps"].default == 3e-7, command.name or command.callback.__name__
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cli)
