@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # test files per module, quickest killers first (pytest -x stops at the first failure)
 CORE = ["tests/test_edges.py", "tests/test_metrics.py", "tests/test_properties.py"]
-METRICS = [*CORE, "tests/test_stats.py", "tests/test_end_to_end.py"]
+METRICS = [*CORE, "tests/test_stats.py", "tests/test_end_to_end.py", "tests/test_conventions.py"]
 STATS = ["tests/test_edges.py", "tests/test_properties.py", "tests/test_stats.py",
          "tests/test_end_to_end.py", "tests/test_metrics.py", "tests/test_fast.py"]  # fmt: skip
 KERNEL = ["tests/test_edges.py", "tests/test_fast.py", "tests/test_properties.py"]
@@ -56,9 +56,15 @@ M, S, F, R, E = (
     "klseg_cli/metrics.py",
     "klseg_cli/stats.py",
     "klseg_cli/_fast.py",
-    "klseg_cli/readers.py",
+    "klseg_cli/labels.py",
     "klseg_cli/evaluation.py",
 )
+
+ODD_PLANE = (
+    "        better = x {op} mx\n                lo = mx if better else x\n"
+    "                S[i] += lo"
+)
+"""The kernel's loop over the last class plane of an even class count."""
 
 # fmt: off
 MUTANTS = [
@@ -80,19 +86,32 @@ MUTANTS = [
     Mutant("metrics-klrev-clamp-soft", M, "np.maximum(kl_reverse, 0.0, out=kl_reverse)",
            "pass", METRICS, nth=2),
     Mutant("metrics-js-clamp-hard", M, "    np.maximum(js, 0.0, out=js)\n    return", "    return",
-           METRICS),
+           METRICS,
+           equivalent="against a one-hot target JS is ½[rest·log 2 + f(p_y)] with "
+           "f(p) = p·log(2p/(1+p)) − log((1+p)/2), whose minimum is f(1) = 0 (f′(p) = "
+           "log(2p/(1+p))): every term is ≥ 0 up to a rounding of ~1e-8 of p_y's size, which "
+           "no sum tolerance can tell; the clamp only guards that rounding"),
     Mutant("metrics-js-clamp-soft", M, "np.maximum(js, 0.0, out=js)", "pass", METRICS, nth=2),
     Mutant("metrics-eps-clip-hard", M, "Lt_y = np.maximum(L_y, log_eps)", "Lt_y = L_y", METRICS),
     Mutant("metrics-eps-clip-smoothing", M, "Lt = np.maximum(L, log_eps)", "Lt = L", METRICS),
     Mutant("metrics-eps-clip-soft", M, "Lt = np.maximum(L, log_eps)", "Lt = L", METRICS, nth=2),
-    Mutant("metrics-n-clipped-le", M, "np.count_nonzero(p_y < settings.eps)",
-           "np.count_nonzero(p_y <= settings.eps)", METRICS),
+    Mutant("metrics-n-clipped-le", M, "below = p < p.dtype.type(settings.eps)",
+           "below = p <= p.dtype.type(settings.eps)", METRICS),
+    Mutant("metrics-n-clipped-soft-all", M, "where=Q > 0)", "where=None)", METRICS),
     Mutant("metrics-q-lo-off-by-one", M, "return self.smoothing / self.num_classes",
            "return self.smoothing / (self.num_classes - 1)", METRICS),
     Mutant("metrics-ce-smoothing-sign", M, "* Lt_y - q_lo * class_sum(Lt)",
            "* Lt_y + q_lo * class_sum(Lt)", METRICS),
-    Mutant("metrics-brier-constant", M, "(C - 1) * q_lo * q_lo + q_hi * q_hi",
-           "C * q_lo * q_lo + q_hi * q_hi", METRICS),
+    Mutant("metrics-brier-label-term", M, "work.reshape(-1)[at_label] = d_y * d_y", "pass",
+           METRICS),
+    Mutant("metrics-brier-hard-keeps-label", M,
+           "np.multiply(p, p, out=work)\n        work.reshape(-1)[at_label] = 0.0",
+           "np.multiply(p, p, out=work)", METRICS),
+    Mutant("metrics-js-rest-keeps-label", M,
+           "np.copyto(work, p)\n        work.reshape(-1)[at_label] = 0.0",
+           "np.copyto(work, p)", METRICS),
+    Mutant("metrics-klrev-smoothing-label-q", M, "(L_y - dtype.type(lq_hi))",
+           "(L_y - dtype.type(lq_lo))", METRICS),
     Mutant("metrics-neg-hq", M, "neg_hq = q_hi * lq_hi + (C - 1) * q_lo * lq_lo",
            "neg_hq = q_hi * lq_hi + C * q_lo * lq_lo", METRICS),
     Mutant("metrics-ties-pairs", M, "np.flatnonzero(n_max != 1)", "np.flatnonzero(n_max > 2)",
@@ -113,18 +132,20 @@ MUTANTS = [
            "check_probabilities, which accepts it again (stricter costs time, not results)"),
     Mutant("metrics-check-range", M, "hi > 1.0 + tolerance or worst", "hi > 1.0 or worst",
            METRICS),
-    Mutant("metrics-tolerance-f16", R, "return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3",
-           "return 1e-3", METRICS),
+    Mutant("metrics-tolerance-f16", "klseg_cli/readers.py",
+           "return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3", "return 1e-3", METRICS),
     # --- stats.py: sums, merges and the final formulas --------------------------------------
     Mutant("stats-ece-correct", S, "b + bins * (y == pred)", "b + bins * (y != pred)", STATS),
     Mutant("stats-class-kl-weights", S, "np.bincount(y, weights=terms.kl, minlength=C)",
            "np.bincount(y, weights=terms.ce, minlength=C)", STATS),
     Mutant("stats-confusion-transposed", S, "np.bincount(y * C + pred", "np.bincount(pred * C + y",
            STATS),
-    Mutant("stats-merge-n-clipped", S, "n_clipped=self.n_clipped + other.n_clipped",
-           "n_clipped=self.n_clipped", STATS),
-    Mutant("stats-merge-ece-conf", S, "ece_conf=self.ece_conf + other.ece_conf",
-           "ece_conf=self.ece_conf", STATS),
+    Mutant("stats-merge-drops-other", S,
+           "getattr(self, f.name) + getattr(other, f.name)", "getattr(self, f.name)", STATS),
+    Mutant("stats-macc-is-precision", S, "out[\"macc\"] = nanmean([c[\"recall\"] for c in means])",
+           "out[\"macc\"] = nanmean([c[\"precision\"] for c in means])", STATS),
+    Mutant("stats-mean-classes-ignored", S, "means = [classes[c] for c in settings.mean_classes]",
+           "means = classes", [*STATS, "tests/test_conventions.py"]),
     Mutant("stats-fp-fn-swapped", S, "fp = n_pred - tp", "fp = n_target - tp", STATS),
     Mutant("stats-iou-no-fn", S, "iou = safe_divide(tp, tp + fp + fn)",
            "iou = safe_divide(tp, tp + fp)", STATS),
@@ -151,23 +172,26 @@ MUTANTS = [
            "b = _i32(np.floor(np.float64(M[i]) * bins))", KERNEL),
     Mutant("fast-ece-no-clip-high", F, "b = b if b < _i32(bins - 1) else _i32(bins - 1)",
            "b = b", KERNEL),
-    Mutant("fast-kl-clamp", F, "KL[i] = kl if kl > _f32(0.0) else _f32(0.0)", "KL[i] = kl",
-           KERNEL),
+    Mutant("fast-kl-clamp", F, "KL[i] = kl if kl > zero else zero", "KL[i] = kl", KERNEL),
     Mutant("fast-eps-clip", F, "kl = -(ly if ly > log_eps else log_eps)", "kl = -ly", KERNEL),
-    Mutant("fast-js-clamp", F, "JS[i] = js if js > _f32(0.0) else _f32(0.0)", "JS[i] = js",
+    Mutant("fast-js-clamp", F, "JS[i] = js if js > zero else zero", "JS[i] = js",
            KERNEL,
            equivalent="the kernel's per-pixel JS only enters sums, and is negative by rounding "
            "alone (~1e-15, near one-hot rows): a sum moves far less than the 2e-7 within which "
            "the kernel matches the NumPy path, and no per-pixel JS leaves the kernel"),
     Mutant("fast-ties-high", F, "better = x > mx", "better = x >= mx", KERNEL),
-    Mutant("fast-ties-high-last", F, "better = x > M[i]", "better = x >= M[i]", KERNEL),
+    Mutant("fast-ties-high-last", F, ODD_PLANE.format(op=">"), ODD_PLANE.format(op=">="), KERNEL),
+    Mutant("fast-rest-keeps-max", F, "lo2 = mx if better else x2", "lo2 = x2",
+           [*KERNEL, "tests/test_conventions.py"]),
+    Mutant("fast-rest-label-not-top", F, "S[i] = S[i] if top else S[i] + (mx - p)",
+           "S[i] = S[i]", [*KERNEL, "tests/test_conventions.py"]),
     Mutant("fast-n-clipped-le", F, "(_i32(1) if p < eps else _i32(0))",
            "(_i32(1) if p <= eps else _i32(0))", KERNEL),
     Mutant("fast-label-off-by-one", F, "v = (lab >= 0) & (lab < C)", "v = (lab >= 0) & (lab <= C)",
            KERNEL),
     Mutant("fast-no-sign-check", F, "& (B[i] >= 0)", "", KERNEL),
-    Mutant("fast-sum-tolerance", F, "abs(S[i] - _f32(1.0)) <= tol",
-           "abs(S[i] - _f32(1.0)) <= 10 * tol", [*KERNEL, "tests/test_bad_inputs.py"]),
+    Mutant("fast-sum-tolerance", F, "abs(S[i] + p - _f32(1.0)) <= tol",
+           "abs(S[i] + p - _f32(1.0)) <= 10 * tol", [*KERNEL, "tests/test_bad_inputs.py"]),
     Mutant("fast-ce-sum", F, "sums[3] += acc[0]", "sums[3] += acc[1]", KERNEL),
     Mutant("fast-ece-correct", F, "ece_ok += counts[C * C + 1 :: 2]",
            "ece_ok += counts[C * C :: 2]", KERNEL),
@@ -183,7 +207,7 @@ MUTANTS = [
     Mutant("fast-planes-start", E, "add_chunk(total, planes, y, settings, tolerance, start=start)",
            "add_chunk(total, planes, y, settings, tolerance, start=0)", KERNEL),
     Mutant("fast-fallback-dropped", E,
-           "        _, P, y = _valid_pixels(P, y, settings.num_classes)\n        total = total",
+           "        _, P, y = _valid_pixels(P, settings.labels.codes(raw))\n        total = total",
            "        continue\n        total = total", KERNEL),
     Mutant("kernel-never-used", E, "    return _fast.supported(settings, pred.compute_dtype)",
            "    return False", KERNEL),
@@ -191,15 +215,24 @@ MUTANTS = [
     Mutant("fast-klrev-undefined", E, "total.sums[1] = np.nan if total.n_valid else 0.0",
            "total.sums[1] = 0.0", KERNEL),
     # --- readers.py: which labels are valid, which are refused ------------------------------
-    Mutant("labels-valid-off-by-one", R, "return labels < num_classes",
-           "return labels <= num_classes", LABELS),
-    Mutant("labels-signed-zero", R, "return (labels >= 0) & (labels < num_classes)",
-           "return (labels > 0) & (labels < num_classes)", LABELS),
+    Mutant("labels-valid-off-by-one", R, "out = np.where((v >= 0) & (v < C), v, BAD)",
+           "out = np.where((v >= 0) & (v <= C), v, BAD)", LABELS),
+    Mutant("labels-signed-zero", R, "out = np.where((v >= 0) & (v < C), v, BAD)",
+           "out = np.where((v > 0) & (v < C), v, BAD)", LABELS),
+    Mutant("labels-plain-check-off-by-one", R, "out = y >= self.num_classes",
+           "out = y > self.num_classes", LABELS),
     Mutant("labels-ignore-not-excepted", R,
-           "other = other[~np.isin(other, ignore_arr)] if ignore else other", "other = other",
+           "out[np.isin(v, np.asarray(self.ignore_index, dtype=np.int64))] = IGNORED", "pass",
            LABELS),
     Mutant("labels-bad-count", R, "bad_counts[v] = bad_counts.get(v, 0) + c",
            "bad_counts[v] = c", LABELS),
+    Mutant("labels-ignore-in-range-kept", R,
+           "and not any(0 <= v < self.num_classes for v in self.ignore_index)",
+           "and True", [*LABELS, "tests/test_conventions.py"]),
+    Mutant("labels-reduce-zero-shift", R, "m = v - 1", "m = v",
+           [*LABELS, "tests/test_conventions.py"]),
+    Mutant("labels-map-unlisted-kept", R, "out = np.where(keys[idx] == v, vals[idx], IGNORED)",
+           "out = vals[idx]", [*LABELS, "tests/test_conventions.py"]),
 ]
 # fmt: on
 
