@@ -751,14 +751,25 @@ def _large_maps(job: Job) -> bool:
     """Whether the first map is large enough (as the kernel's threshold) to be worth a
     worker process."""
     try:
-        pred = open_prediction(
-            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
-            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
-            max_pixels=job.read.max_pixels,
-        )  # fmt: skip
+        pred = _first_prediction(job)
     except InputError:
         return False
     return pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+
+
+def _first_prediction(job: Job) -> PredictionMap:
+    """The first pair's prediction, opened from its header (a volume: its size only)."""
+    from .volumes import is_volume_pair
+
+    pair = job.pairing.pairs[0]
+    if is_volume_pair(pair, job.read):
+        from .volumes import header_map
+
+        return header_map(pair.pred, job.read, job.settings.num_classes)
+    return open_prediction(
+        pair.pred, hw=None, layout=job.read.layout, num_classes=job.settings.num_classes,
+        npz_key=job.read.npz_key, max_pixels=job.read.max_pixels,
+    )  # fmt: skip
 
 
 def parallel_backend(job: Job) -> str:
@@ -774,11 +785,7 @@ def parallel_backend(job: Job) -> str:
     all that is read here.
     """
     try:
-        pred = open_prediction(
-            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
-            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
-            max_pixels=job.read.max_pixels,
-        )  # fmt: skip
+        pred = _first_prediction(job)
     except InputError:
         return "processes"  # the error is reported when the pair is evaluated
     return "threads" if uses_kernel(pred, job.settings, job.read.accelerate) else "processes"

@@ -136,6 +136,24 @@ def open_volume(path: Path, read: ReadOptions) -> Volume:
     return load_npy_volume(path, npz_key=read.npz_key, max_pixels=read.max_pixels)
 
 
+def header_map(path: Path, read: ReadOptions, num_classes: int) -> PredictionMap:
+    """A stand-in PredictionMap of a volume's size and dtype, from its header alone (a
+    ``.nii.gz`` is not decompressed): what ``--jobs`` needs to pick workers."""
+    if is_nifti(path):
+        nib = _nibabel()
+        try:
+            header = nib.load(str(path)).header
+            shape, dtype = tuple(header.get_data_shape()), header.get_data_dtype()
+        except Exception as err:
+            raise ReadError(f"not a valid NIfTI file ({type(err).__name__})", path=path) from None
+    else:
+        arr = load_array(path, npz_key=read.npz_key, max_pixels=read.max_pixels)
+        shape, dtype = tuple(arr.shape), arr.dtype
+    voxels = math.prod(shape) // num_classes if len(shape) >= 4 else math.prod(shape)
+    size_only = np.broadcast_to(np.zeros((), dtype=dtype), (voxels, 1, num_classes))  # no memory
+    return PredictionMap(path=Path(path), array=size_only, layout="hwc")
+
+
 def _labels(vol: Volume) -> np.ndarray:
     """Integer labels of a label volume (NIfTI often stores them as floats: whole numbers
     are accepted, anything else is an error)."""
