@@ -1125,6 +1125,40 @@ def heatmap(
     raw: Annotated[
         Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
     ] = None,
+    volume_slice: Annotated[
+        Optional[str],
+        typer.Option(
+            "--slice",
+            metavar="AXIS=INDEX",
+            help="A volume's slice to draw, e.g. z=40 (x, y or z). [default: the middle z slice]",
+            show_default=False,
+        ),
+    ] = None,
+    montage: Annotated[
+        Optional[int],
+        typer.Option(
+            "--montage",
+            metavar="N",
+            help="Draw N evenly spaced slices of a volume in one PNG (along --slice's axis, "
+            "z by default).",
+        ),
+    ] = None,
+    spatial_dims: Annotated[
+        int,
+        typer.Option(
+            "--spatial-dims",
+            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+            min=2,
+            max=3,
+        ),
+    ] = 2,
+    allow_affine_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-affine-mismatch",
+            help="Draw NIfTI pairs whose affine or voxel spacing differ.",
+        ),
+    ] = False,
     against: Annotated[
         Optional[Path],
         typer.Option(
@@ -1164,13 +1198,15 @@ def heatmap(
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
     from .heatmap import HeatmapOptions, make_heatmaps
+    from .volumes import SliceView
 
     options = HeatmapOptions(
         metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce.value,
+        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
     )  # fmt: skip
     plan = plan_options(locals())
+    plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
     if against is not None and gt is not None:

@@ -213,6 +213,9 @@ class VolumePair(OpenedPair):
 
     file_shape: tuple[int, ...] | None = None
     reversed: bool = False
+    file_pred: np.ndarray | None = None  # the map in the file's axis order (a view)
+    file_layout: str = "hwc"  # where its class axis is: "hwc" last, "chw" first, "hw" none
+    file_labels: np.ndarray | None = None  # the labels in the file's axis order (a view)
 
 
 def _class_axis(shape: tuple[int, ...], spatial: tuple[int, ...], read, path) -> str:
@@ -283,7 +286,103 @@ def open_volume_pair(
     if spacing is not None and pred.reversed:
         spacing = tuple(spacing[::-1])
     file_shape = spatial[::-1] if pred.reversed else spatial
+    file_layout = {"hwc": "chw", "chw": "hwc", "hw": "hw"}[layout] if pred.reversed else layout
     return VolumePair(
         pm, labels.reshape(pm.height, pm.width), pm.height, pm.width,
         spatial=spatial, spacing=spacing, file_shape=file_shape, reversed=pred.reversed,
+        file_pred=pred.array.T if pred.reversed else pred.array, file_layout=file_layout,
+        file_labels=labels.T if pred.reversed else labels,
     )  # fmt: skip
+
+
+# --- heatmaps of volumes: a slice, or a montage of slices ------------------------------------
+
+AXES = "xyz"
+
+
+@dataclass(frozen=True)
+class SliceView:
+    """Which 2-D sections of a volume ``klseg heatmap`` draws (``--slice``, ``--montage``)."""
+
+    axis: int = 2  # a file axis: 0 = x, 1 = y, 2 = z
+    index: int | None = None  # None: the middle slice
+    montage: int | None = None  # N evenly spaced slices in one picture
+
+    @classmethod
+    def parse(cls, spec: str | None, montage: int | None) -> SliceView:
+        """``--slice z=40`` (or ``x=``/``y=``; ``z`` alone picks the axis for --montage)."""
+        if montage is not None and montage < 1:
+            raise UsageError(f"--montage must be at least 1, got {montage}")
+        if not spec:
+            return cls(montage=montage)
+        name, _, index = spec.strip().lower().partition("=")
+        if name not in AXES or (index and not index.strip().lstrip("-").isdigit()):
+            raise UsageError(f"--slice must look like z=40 (axis x, y or z), got {spec!r}")
+        if index and montage is not None:
+            raise UsageError(
+                "--slice AXIS=INDEX draws one slice; with --montage give the axis only"
+            )
+        return cls(AXES.index(name), int(index) if index else None, montage)
+
+    def indices(self, n: int, path) -> list[int]:
+        if self.montage is not None:  # the centres of N equal parts: no empty end slices
+            return sorted(
+                {min(n - 1, int((k + 0.5) * n / self.montage)) for k in range(self.montage)}
+            )
+        index = n // 2 if self.index is None else self.index
+        if not -n <= index < n:
+            raise UsageError(
+                f"{path}: --slice {AXES[self.axis]}={index} is outside the volume "
+                f"(0..{n - 1} along {AXES[self.axis]})"
+            )
+        return [index % n]
+
+
+def slice_pair(opened: VolumePair, axis: int, index: int) -> OpenedPair:
+    """One 2-D section of an opened volume pair, copied into memory (one slice's values)."""
+    a = opened.file_pred
+    class_axis = {"hwc": 3, "chw": 0, "hw": None}[opened.file_layout]
+    along = axis + 1 if class_axis == 0 else axis
+    section = np.ascontiguousarray(np.take(a, index, axis=along))
+    layout = opened.file_layout
+    pm = PredictionMap(path=opened.pred.path, array=section, layout=layout)
+    labels = np.ascontiguousarray(np.take(opened.file_labels, index, axis=axis))
+    return OpenedPair(pm, labels, pm.height, pm.width)
+
+
+def volume_map(opened: VolumePair, settings, metric: str, view: SliceView, **kw):
+    """The heatmap of a volume: one slice, or ``view.montage`` slices tiled in a grid (on
+    one colour scale, ignored-colour gaps between them)."""
+    from .heatmap import MetricMap, compute_map
+
+    n = opened.file_shape[view.axis]
+    maps = [
+        compute_map(slice_pair(opened, view.axis, i), settings, metric, **kw)
+        for i in view.indices(n, opened.pred.path)
+    ]
+    if len(maps) == 1:
+        return maps[0]
+    cols = math.ceil(math.sqrt(len(maps)))
+    rows = math.ceil(len(maps) / cols)
+    h, w, gap = maps[0].height, maps[0].width, 2
+
+    def tile(get, fill, dtype):
+        if get(maps[0]) is None:
+            return None
+        out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap), fill, dtype)
+        for k, mm in enumerate(maps):
+            r, c = divmod(k, cols)
+            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = get(mm)
+        return out
+
+    ignore = settings.ignore_index[0] if settings.ignore_index else 255
+    first = maps[0]
+    return MetricMap(
+        first.metric,
+        tile(lambda m: np.asarray(m.values), np.nan, np.float32),
+        tile(lambda m: None if m.pred is None else np.asarray(m.pred), 0, np.uint16),
+        tile(lambda m: m.labels, ignore, first.labels.dtype if first.labels is not None else None),
+        first.unit,
+        first.codes,
+        first.palette,
+    )

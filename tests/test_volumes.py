@@ -211,3 +211,44 @@ def test_jobs_give_the_same_numbers(tmp_path):
     one = evaluate(pred, gt, boundary=opts, jobs=1).summary()
     two = evaluate(pred, gt, boundary=opts, jobs=2).summary()
     _same(one["dataset"], two["dataset"])
+
+
+@pytest.mark.parametrize("axis,index", [("z", 4), ("x", 3), ("y", 0)])
+def test_heatmap_slice_equals_the_2d_slice(tmp_path, axis, index):
+    import tifffile
+
+    pred, gt = _write(tmp_path / "v", seeds=(0,), nifti=True)
+    p, labels = _volume(0)
+    a = "xyz".index(axis)
+    flat = tmp_path / "f"
+    flat.mkdir()
+    np.save(flat / "p.npy", np.ascontiguousarray(np.take(p, index, axis=a)))
+    np.save(flat / "g.npy", np.ascontiguousarray(np.take(labels, index, axis=a)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["heatmap", str(pred / "case_00.nii"), str(gt / "case_00.nii"),
+                              "-o", str(tmp_path / "v.png"), "--raw", str(tmp_path / "v.tif"),
+                              "--slice", f"{axis}={index}", "--panel"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    args = ["heatmap", str(flat / "p.npy"), str(flat / "g.npy"), "-o", str(tmp_path / "f.png")]
+    res = runner.invoke(app, [*args, "--raw", str(tmp_path / "f.tif")])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "v.tif"), tifffile.imread(tmp_path / "f.tif")
+    )
+
+
+def test_heatmap_montage_and_bad_slice(tmp_path):
+    import tifffile
+
+    pred, gt = _write(tmp_path, seeds=(0,), nifti=True)
+    args = ["heatmap", str(pred / "case_00.nii"), str(gt / "case_00.nii"), "-o"]
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "m.png"), "--montage", "4",
+                                   "--raw", str(tmp_path / "m.tif"), "--colorbar"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    tiled = tifffile.imread(tmp_path / "m.tif")
+    assert tiled.shape == (2 * SHAPE[0] + 2, 2 * SHAPE[1] + 2)  # 2 × 2 slices, 2-pixel gaps
+    assert np.isnan(tiled[SHAPE[0]]).all()
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "b.png"), "--slice", "z=99"])
+    assert res.exit_code == 2 and "outside the volume (0..8 along z)" in res.output
+    res = CliRunner().invoke(app, [*args, str(tmp_path / "b.png"), "--slice", "q=1"])
+    assert res.exit_code == 2 and "--slice must look like z=40" in res.output
