@@ -146,7 +146,11 @@ def _edt_function():
 
 
 def check_available() -> None:
-    """A usage error naming the extra to install when no distance transform is available."""
+    """A usage error naming the extra to install when scipy is missing."""
+    try:
+        import scipy.spatial  # noqa: F401
+    except ImportError:
+        raise UsageError("--boundary needs scipy: pip install 'klseg[medical]'") from None
     _edt_function()
 
 
@@ -172,6 +176,35 @@ def surface(padded: np.ndarray) -> np.ndarray:
     out = padded.copy()
     out[inner] &= ~core
     return out
+
+
+KDTREE_VOXELS_PER_POINT = 30
+"""Surface distances come from a k-d tree when the box holds at least this many voxels per
+surface point, else from two distance transforms. Measured: a transform costs about 60 ns
+a voxel of the box (edt), a k-d tree 2-4 µs a point; smooth organs have few surface points
+for their box (a k-d tree, several times faster), noisy predictions with scattered voxels
+many (the transforms)."""
+
+
+def surface_distances(
+    sg: np.ndarray, sp: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(d(pred surface → gt surface), d(gt surface → pred surface)), exact Euclidean, for
+    two surface masks of the same box. Either way the same distances: the nearest voxel of
+    the other surface, by a k-d tree query (float64) or a distance transform (float32 with
+    the edt package)."""
+    n_g, n_p = int(np.count_nonzero(sg)), int(np.count_nonzero(sp))
+    if (n_g + n_p) * KDTREE_VOXELS_PER_POINT <= sg.size:
+        from scipy.spatial import cKDTree
+
+        scale = np.asarray(spacing, dtype=np.float64)
+        pg, pp = np.argwhere(sg) * scale, np.argwhere(sp) * scale
+        d_pg, _ = cKDTree(pg).query(pp, k=1)
+        d_gp, _ = cKDTree(pp).query(pg, k=1)
+        return np.asarray(d_pg, np.float64), np.asarray(d_gp, np.float64)
+    d_pg = distance_inside(~sg, spacing)[sp]
+    d_gp = distance_inside(~sp, spacing)[sg]
+    return d_pg.astype(np.float64), d_gp.astype(np.float64)
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -204,8 +237,7 @@ def class_metrics(
     if not g.any() or not p.any():
         return math.inf, math.inf, 0.0, 0.0
     sg, sp = surface(g), surface(p)
-    d_pg = distance_inside(~sg, spacing)[sp]  # pred surface → gt surface
-    d_gp = distance_inside(~sp, spacing)[sg]
+    d_pg, d_gp = surface_distances(sg, sp, spacing)
     hd95 = max(float(np.percentile(d_pg, 95)), float(np.percentile(d_gp, 95)))
     n = d_pg.size + d_gp.size
     assd = (float(np.sum(d_pg, dtype=np.float64)) + float(np.sum(d_gp, dtype=np.float64))) / n
