@@ -62,12 +62,15 @@ def _blobs(rng, shape, k=3):
     return mask
 
 
+@pytest.mark.parametrize("path", ["kdtree", "edt"])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(
     "shape,spacing",
     [((24, 30), (1.0, 1.0)), ((20, 26), (0.7, 1.9)), ((10, 12, 9), (0.8, 1.0, 2.5))],
 )
-def test_distances_match_all_pairs_reference(seed, shape, spacing):
+def test_distances_match_all_pairs_reference(seed, shape, spacing, path, monkeypatch):
+    # both ways of finding surface distances: a k-d tree, or distance transforms
+    monkeypatch.setattr(bd, "KDTREE_VOXELS_PER_POINT", 0 if path == "kdtree" else 10**9)
     rng = np.random.default_rng(seed)
     gt = np.zeros((shape[0] + 8, *shape[1:]), dtype=bool)  # room: the crop must be exact
     pred = np.zeros_like(gt)
