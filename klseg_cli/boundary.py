@@ -13,8 +13,9 @@ Definitions (physical units: distances scale with the voxel spacing, axis by axi
 
 - surface S(M): voxels of M with a face neighbour outside M; outside the image counts as
   outside M (MONAI's ``get_mask_edges``: M xor its erosion by the cross structuring element).
-- d(x, S): Euclidean distance between voxel centres, exact (``edt`` package when installed,
-  else ``scipy.ndimage.distance_transform_edt``; both with the anisotropic spacing).
+- d(x, S): Euclidean distance between voxel centres, exact, with the anisotropic spacing
+  (``surface_distances``: a k-d tree over surface points, or distance transforms — the
+  ``edt`` package when installed, else ``scipy.ndimage.distance_transform_edt``).
 - HD95 = max(P95{d(p, S_gt) : p ∈ S_pred}, P95{d(g, S_pred) : g ∈ S_gt}), NumPy's linear
   percentile (MONAI's ``compute_hausdorff_distance(percentile=95)``, MetricsReloaded's
   ``hd_perc``).
