@@ -252,3 +252,13 @@ def test_heatmap_montage_and_bad_slice(tmp_path):
     assert res.exit_code == 2 and "outside the volume (0..8 along z)" in res.output
     res = CliRunner().invoke(app, [*args, str(tmp_path / "b.png"), "--slice", "q=1"])
     assert res.exit_code == 2 and "--slice must look like z=40" in res.output
+
+
+def test_info_on_nifti(tmp_path):
+    pred, gt = _write(tmp_path, seeds=(0,), nifti=True)
+    res = CliRunner().invoke(app, ["info", str(pred / "case_00.nii")])
+    assert res.exit_code == 0, res.output
+    assert "(14, 12, 9, 3)" in res.output and "every pixel sums to 1" in res.output
+    res = CliRunner().invoke(app, ["info", str(gt / "case_00.nii")])
+    assert res.exit_code == 0, res.output
+    assert "label mask" in res.output and "(0.8, 0.9, 2.5)" in res.output
