@@ -243,3 +243,22 @@ def test_boundary_names_are_dataset_keys():
 
     assert set(bd.dataset_names()) <= set(dataset_keys())
     check_names(["biou_image_mean >= 0.5"])
+
+
+def test_baseline_with_other_boundary_settings_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from klseg_cli.cli import app
+
+    rng = np.random.default_rng(2)
+    _write_pair(tmp_path, rng, "a")
+    base = tmp_path / "base"
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--boundary", "-o", str(base)]).exit_code == 0
+    baseline = ["--baseline", str(base / "summary.json")]
+    res = runner.invoke(app, [*args, *baseline, "--boundary", "--nsd-tolerance", "3",
+                              "--require", "nsd_image_mean >= baseline - 0.5"])  # fmt: skip
+    assert res.exit_code == 2 and "boundary:" in res.output
+    res = runner.invoke(app, [*args, *baseline, "--require", "miou_pooled >= baseline - 0.1"])
+    assert res.exit_code == 0, res.output  # without --boundary now: nothing to compare
