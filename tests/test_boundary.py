@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from klseg_cli import boundary as bd
 
@@ -262,3 +264,22 @@ def test_baseline_with_other_boundary_settings_is_refused(tmp_path):
     assert res.exit_code == 2 and "boundary:" in res.output
     res = runner.invoke(app, [*args, *baseline, "--require", "miou_pooled >= baseline - 0.1"])
     assert res.exit_code == 0, res.output  # without --boundary now: nothing to compare
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    perm=st.permutations([0, 1, 2]),
+    flip=st.integers(0, 2),
+    spacing=st.tuples(*[st.sampled_from([0.5, 1.0, 1.5, 2.5])] * 3),
+)
+def test_invariant_under_axis_permutation_and_flips(seed, perm, flip, spacing):
+    """Boundary metrics depend on geometry only: permuting the axes (with their spacing) or
+    mirroring an axis changes no value (the axis order of NIfTI vs .npy must not matter)."""
+    rng = np.random.default_rng(seed)
+    gt, pred = _blobs(rng, (9, 8, 7), k=2), _blobs(rng, (9, 8, 7), k=2)
+    kw = dict(tolerance=1.2, width=2.0)
+    want = bd.class_metrics(gt, pred, spacing, **kw)
+    moved = [np.flip(np.transpose(m, perm), axis=flip) for m in (gt, pred)]
+    got = bd.class_metrics(*moved, tuple(spacing[a] for a in perm), **kw)
+    assert got == pytest.approx(want, rel=1e-6, nan_ok=True)
