@@ -440,6 +440,20 @@ def calibration_options(temperature, views: bool, band: int, reqs) -> dict:
     return {"temperature": t, "calibration_views": views, "boundary_band": band}
 
 
+def volume_options(boundary: bool, tolerance, width, spacing, reqs) -> dict:
+    """``plan`` keywords of evaluate's boundary options; a requirement that names a
+    boundary metric turns them on, as for the calibration views."""
+    from .boundary import BOUNDARY_METRICS, BoundaryOptions, check_available, parse_spacing
+
+    names = {f"{m}_image_mean" for m in BOUNDARY_METRICS}
+    boundary = boundary or any(r.klass is None and r.metric in names for r in reqs)
+    if not boundary:
+        return {"boundary": None}
+    check_available()
+    opts = BoundaryOptions(nsd_tolerance=tolerance, width=width, spacing=parse_spacing(spacing))
+    return {"boundary": opts}
+
+
 def plan_options(params: dict) -> dict:
     """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
     opts = {name: params[name] for name in PLAN_OPTIONS}
@@ -549,6 +563,58 @@ def evaluate(
         Optional[Path],
         typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
     ] = None,
+    boundary: Annotated[
+        bool,
+        typer.Option(
+            "--boundary",
+            help="Also compute boundary metrics per class and image: hd95, assd, nsd, biou "
+            "(distance transforms; on by itself when a --require names one).",
+        ),
+    ] = False,
+    nsd_tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            "--nsd-tolerance",
+            metavar="TAU",
+            help="NSD tolerance in physical units. [default: one voxel step, the smallest spacing]",
+            show_default=False,
+        ),
+    ] = None,
+    boundary_width: Annotated[
+        Optional[float],
+        typer.Option(
+            "--boundary-width",
+            metavar="D",
+            help="Boundary IoU band width in physical units. [default: 2% of the image diagonal]",
+            show_default=False,
+        ),
+    ] = None,
+    spacing: Annotated[
+        Optional[str],
+        typer.Option(
+            "--spacing",
+            metavar="SX,SY[,SZ]",
+            help="Voxel spacing for boundary metrics, in the files' axis order (overrides "
+            "a NIfTI header). [default: the NIfTI header, else 1]",
+            show_default=False,
+        ),
+    ] = None,
+    spatial_dims: Annotated[
+        int,
+        typer.Option(
+            "--spatial-dims",
+            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+            min=2,
+            max=3,
+        ),
+    ] = 2,
+    allow_affine_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-affine-mismatch",
+            help="Evaluate NIfTI pairs whose affine or voxel spacing differ.",
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -579,6 +645,8 @@ def evaluate(
         check_output_file(reliability, "--reliability", report_dir=out)
     options = plan_options(locals())
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
+    options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
+    options.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
@@ -1058,6 +1126,40 @@ def heatmap(
     raw: Annotated[
         Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
     ] = None,
+    volume_slice: Annotated[
+        Optional[str],
+        typer.Option(
+            "--slice",
+            metavar="AXIS=INDEX",
+            help="A volume's slice to draw, e.g. z=40 (x, y or z). [default: the middle z slice]",
+            show_default=False,
+        ),
+    ] = None,
+    montage: Annotated[
+        Optional[int],
+        typer.Option(
+            "--montage",
+            metavar="N",
+            help="Draw N evenly spaced slices of a volume in one PNG (along --slice's axis, "
+            "z by default).",
+        ),
+    ] = None,
+    spatial_dims: Annotated[
+        int,
+        typer.Option(
+            "--spatial-dims",
+            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+            min=2,
+            max=3,
+        ),
+    ] = 2,
+    allow_affine_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-affine-mismatch",
+            help="Draw NIfTI pairs whose affine or voxel spacing differ.",
+        ),
+    ] = False,
     against: Annotated[
         Optional[Path],
         typer.Option(
@@ -1097,13 +1199,15 @@ def heatmap(
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
     from .heatmap import HeatmapOptions, make_heatmaps
+    from .volumes import SliceView
 
     options = HeatmapOptions(
         metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce.value,
+        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
     )  # fmt: skip
     plan = plan_options(locals())
+    plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
     if against is not None and gt is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .boundary import BoundaryOptions
 from .errors import InputError, KlsegError, KlsegWarning, ShapeError, UsageError
 from .labels import LabelMap, load_label_map
 from .metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
@@ -61,6 +62,8 @@ class ReadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS
     accelerate: bool | None = None  # the compiled kernel (klseg[fast]): None = for large maps
+    spatial_dims: int = 2  # 3: .npy/.npz volumes (X, Y, Z[, C]); NIfTI files are always 3
+    allow_affine_mismatch: bool = False  # NIfTI pairs whose affines or spacings differ
 
 
 @dataclass
@@ -71,6 +74,8 @@ class ImageResult:
     height: int
     width: int
     stats: Stats
+    shape: tuple[int, ...] | None = None  # a volume's (X, Y, Z) (volumes.py); None: (H, W)
+    boundary: dict[str, np.ndarray] | None = None  # --boundary: {metric: (C,)} (boundary.py)
 
     def row(self, settings: MetricSettings) -> dict:
         """This image's ``per_image.csv`` row."""
@@ -82,6 +87,12 @@ class ImageResult:
             "n_valid": self.stats.n_valid,
         }
         row.update({k: values[k] for k in IMAGE_COLUMNS[4:]})
+        if self.shape is not None or self.boundary is not None:
+            from .boundary import image_values
+            from .volumes import shape_columns
+
+            row.update(shape_columns(self.shape))
+            row.update(image_values(self.boundary) if self.boundary is not None else {})
         return row
 
 
@@ -105,15 +116,18 @@ class EvaluationResult:
         return [image.row(self.settings) for image in sorted(self.images, key=lambda i: i.stem)]
 
     def class_rows(self) -> list[dict]:
-        return class_metrics(self.total, self.settings)
+        return _with_boundary_means(class_metrics(self.total, self.settings), self)
 
     def image_class_rows(self) -> list[dict]:
         """Rows of ``per_image_class.csv``: every class of every image, in stem order."""
-        return [
-            row
-            for image in sorted(self.images, key=lambda i: i.stem)
-            for row in image_class_rows(image.stem, image.stats, self.settings)
-        ]
+        rows = []
+        for image in sorted(self.images, key=lambda i: i.stem):
+            own = image_class_rows(image.stem, image.stats, self.settings)
+            for metric, values in (image.boundary or {}).items():
+                for row, value in zip(own, values):
+                    row[metric] = float(value)
+            rows.extend(own)
+        return rows
 
     def summary(self) -> dict:
         """The ``summary.json`` object (DESIGN §5); NaN stays NaN until it is written."""
@@ -127,13 +141,38 @@ class EvaluationResult:
             "n_clipped": total.n_clipped,
             "unit": self.settings.unit,
             "class_means": class_means_cover(self.settings),
-            "dataset": dataset_metrics(images, total, self.settings),
-            "classes": class_metrics(total, self.settings),
+            "dataset": _with_boundary_dataset(
+                dataset_metrics(images, total, self.settings), self, images
+            ),
+            "classes": _with_boundary_means(class_metrics(total, self.settings), self),
             "images": images,
             "requirements": [],
             "missing_predictions": [str(p) for p in self.missing_predictions],
             "errors": list(self.errors),
         }
+
+
+def _with_boundary_means(rows: list[dict], result: EvaluationResult) -> list[dict]:
+    """``--boundary``: each class row gets the mean of its per-image boundary values."""
+    if result.settings.boundary is None:
+        return rows
+    from .boundary import class_means
+
+    means = class_means(
+        [i.boundary for i in result.images if i.boundary is not None], result.settings.num_classes
+    )
+    for c, row in enumerate(rows):
+        row.update({metric: values[c] for metric, values in means.items()})
+    return rows
+
+
+def _with_boundary_dataset(dataset: dict, result: EvaluationResult, image_rows) -> dict:
+    """``--boundary``: ``hd95_image_mean`` ... over the images where each is defined."""
+    if result.settings.boundary is None:
+        return dataset
+    from .boundary import dataset_values
+
+    return dataset | dataset_values(image_rows)
 
 
 def iter_chunks(
@@ -329,12 +368,20 @@ class OpenedPair:
     target: np.ndarray | PredictionMap | None
     height: int
     width: int
+    spatial: tuple[int, ...] | None = None  # a volume's shape (volumes.py); None: (H, W)
+    spacing: tuple[float, ...] | None = None  # voxel spacing from a NIfTI header
 
 
 def open_pair(
     pair: Pair, *, soft_gt: bool, num_classes: int | None, read: ReadOptions
 ) -> OpenedPair:
     """Open a prediction and its target, check that they fit, and find the layout."""
+    from .volumes import is_volume_pair
+
+    if is_volume_pair(pair, read):
+        from .volumes import open_volume_pair
+
+        return open_volume_pair(pair, soft_gt=soft_gt, num_classes=num_classes, read=read)
     kw = dict(npz_key=read.npz_key, max_pixels=read.max_pixels)
     target: np.ndarray | PredictionMap | None = None
     hw = None
@@ -436,7 +483,15 @@ def evaluate_pair(
         target_path=pair.target,
         accelerate=read.accelerate,
     )
-    return ImageResult(pair.stem, pair.pred, pair.target, opened.height, opened.width, total)
+    boundary = None
+    if settings.boundary is not None:
+        from .boundary import image_boundary
+
+        boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
+    return ImageResult(
+        pair.stem, pair.pred, pair.target, opened.height, opened.width, total,
+        shape=getattr(opened, "file_shape", None), boundary=boundary,
+    )  # fmt: skip
 
 
 def parse_classes(spec: str | None) -> tuple[str, ...]:
@@ -546,6 +601,9 @@ def plan(
     temperature: float = 1.0,
     calibration_views: bool = False,
     boundary_band: int = 3,
+    boundary: BoundaryOptions | None = None,
+    spatial_dims: int = 2,
+    allow_affine_mismatch: bool = False,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
     if isinstance(classes, str) or classes is None:
@@ -571,9 +629,12 @@ def plan(
             "pass --allow-missing to evaluate the rest",
             path=pred,
         )
+    if boundary is not None and soft_gt:
+        raise UsageError("--boundary needs label targets (class masks), not --soft-gt maps")
     read = ReadOptions(
-        layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels
-    )
+        layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels,
+        spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch,
+    )  # fmt: skip
     num_classes = len(names) if names else None
     if num_classes is None:  # the first prediction that opens tells (--keep-going skips bad ones)
         first_error = None
@@ -602,6 +663,7 @@ def plan(
         temperature=temperature,
         calibration_views=calibration_views,
         boundary_band=boundary_band,
+        boundary=boundary,
     )
     job = Job(pairing, settings, read)
     if input_kind == "logits":
@@ -689,11 +751,7 @@ def _first_map(job: Job) -> PredictionMap | None:
     """The first prediction, opened (its header only), or None when it cannot be: folders
     hold maps of one kind, so it stands for them; its error is reported with its pair."""
     try:
-        return open_prediction(
-            job.pairing.pairs[0].pred, hw=None, layout=job.read.layout,
-            num_classes=job.settings.num_classes, npz_key=job.read.npz_key,
-            max_pixels=job.read.max_pixels,
-        )  # fmt: skip
+        return _first_prediction(job)
     except InputError:
         return None
 
@@ -703,6 +761,21 @@ def _large_maps(job: Job) -> bool:
     worker process."""
     pred = _first_map(job)
     return pred is not None and pred.n_pixels * pred.num_classes >= FAST_MIN_VALUES
+
+
+def _first_prediction(job: Job) -> PredictionMap:
+    """The first pair's prediction, opened from its header (a volume: its size only)."""
+    from .volumes import is_volume_pair
+
+    pair = job.pairing.pairs[0]
+    if is_volume_pair(pair, job.read):
+        from .volumes import header_map
+
+        return header_map(pair.pred, job.read, job.settings.num_classes)
+    return open_prediction(
+        pair.pred, hw=None, layout=job.read.layout, num_classes=job.settings.num_classes,
+        npz_key=job.read.npz_key, max_pixels=job.read.max_pixels,
+    )  # fmt: skip
 
 
 def parallel_backend(job: Job) -> str:

@@ -85,6 +85,13 @@ def inspect_file(
 ) -> dict:
     """Facts about one prediction map or target mask, as display strings."""
     path = Path(path)
+    from .volumes import is_nifti
+
+    if is_nifti(path):  # a volume (volumes.py)
+        from .volumes import nifti_facts
+
+        return nifti_facts(path, max_pixels=max_pixels, map_facts=_map_facts,
+                           label_facts=_label_facts)  # fmt: skip
     if path.suffix.lower() == ".png":
         labels = read_target(path, max_pixels=max_pixels)
         return {

@@ -53,6 +53,7 @@ class HeatmapOptions:
     panel: bool = False
     max_side: int | None = None
     reduce: str = "max"
+    view: object = None  # a volume's slices (volumes.SliceView: --slice, --montage)
 
     def __post_init__(self) -> None:
         if self.metric not in HEATMAP_METRICS:
@@ -707,11 +708,19 @@ def _photo_for(overlay: Path | None, stem: str) -> Path | None:
     raise InputError(f"no photo named {stem}.* to overlay", path=overlay)
 
 
-def pair_map(pair, settings: MetricSettings, read, metric: str, *, with_pred: bool) -> MetricMap:
-    """Open one prediction (and its target) and compute its per-pixel ``metric``."""
+def pair_map(
+    pair, settings: MetricSettings, read, metric: str, *, with_pred: bool, view=None
+) -> MetricMap:
+    """Open one prediction (and its target) and compute its per-pixel ``metric``
+    (of a volume: the slices ``view`` names, see volumes.SliceView)."""
     from .evaluation import open_pair
 
     opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
+    if getattr(opened, "file_shape", None) is not None:
+        from .volumes import SliceView, volume_map
+
+        return volume_map(opened, settings, metric, view or SliceView(), with_pred=with_pred,
+                          chunk_pixels=read.chunk_pixels, target_path=pair.target)  # fmt: skip
     return compute_map(opened, settings, metric, with_pred=with_pred,
                        chunk_pixels=read.chunk_pixels, target_path=pair.target)  # fmt: skip
 
@@ -744,7 +753,8 @@ def shared_scale(pairs, settings, read, options: HeatmapOptions, maps: dict) -> 
         return None
     hist, kept = LogHistogram(), 0
     for pair in pairs:
-        mm = pair_map(pair, settings, read, options.metric, with_pred=options.panel)
+        mm = pair_map(pair, settings, read, options.metric, with_pred=options.panel,
+                      view=options.view)  # fmt: skip
         hist.add(mm.values)
         kept += mm.height * mm.width
         if kept <= IN_MEMORY_PIXELS and isinstance(mm.values, np.ndarray):
@@ -799,8 +809,9 @@ def make_heatmaps(
         )
         refuse_overwriting_inputs([png, tif], inputs)
         mm = maps.pop(pair.stem, None) or pair_map(
-            pair, job.settings, job.read, options.metric, with_pred=options.panel
-        )
+            pair, job.settings, job.read, options.metric, with_pred=options.panel,
+            view=options.view,
+        )  # fmt: skip
         render(
             mm,
             png,

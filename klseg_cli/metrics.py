@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .boundary import BoundaryOptions
 from .defaults import DEFAULT_EPS
 from .errors import ProbabilityError, UsageError
 from .labels import LabelMap, LabelSpec
@@ -50,6 +51,7 @@ class MetricSettings:
     temperature: float = 1.0  # p ↦ softmax(log p̃ / T) before anything else (DESIGN §7)
     calibration_views: bool = False  # adaptive, class-wise, boundary/interior ECE sums
     boundary_band: int = 3  # pixels within this distance of another class are "boundary"
+    boundary: BoundaryOptions | None = None  # --boundary: HD95, ASSD, NSD, Boundary IoU
     labels: LabelSpec = field(init=False, compare=False, repr=False)  # raw label → class
 
     def __post_init__(self) -> None:
@@ -138,7 +140,7 @@ class MetricSettings:
             "temperature": self.temperature,
             "calibration_views": self.calibration_views,
             "boundary_band": self.boundary_band,
-        }
+        } | ({"boundary": self.boundary.as_dict()} if self.boundary is not None else {})
 
     @classmethod
     def from_dict(cls, d) -> MetricSettings:
@@ -160,6 +162,8 @@ class MetricSettings:
         if d.get("label_map"):
             table = tuple(sorted((int(k), int(v)) for k, v in d["label_map"]["map"].items()))
             kwargs["label_map"] = LabelMap(str(d["label_map"]["name"]), table)
+        if d.get("boundary"):
+            kwargs["boundary"] = BoundaryOptions.from_dict(d["boundary"])
         excluded = d.get("exclude_classes") or ()
         kwargs["exclude_classes"] = tuple(
             names.index(c) if c in names else int(c) for c in excluded

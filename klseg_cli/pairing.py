@@ -23,6 +23,11 @@ class Pairing:
     missing_target: list[Path] = field(default_factory=list)  # predictions without a target
 
 
+def _ext(path: Path) -> str:
+    """The file's extension, ``.nii.gz`` counted as one (its stem has neither part)."""
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
 def _strip(name: str, suffix: str) -> str:
     return name[: -len(suffix)] if suffix and name.endswith(suffix) and name != suffix else name
 
@@ -32,9 +37,9 @@ def _index(folder: Path, suffixes: tuple[str, ...], strip: str, what: str) -> di
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.suffix.lower() not in suffixes:
+        if _ext(path).lower() not in suffixes:
             continue
-        stem = _strip(path.name[: -len(path.suffix)], strip)
+        stem = _strip(path.name[: -len(_ext(path))], strip)
         if stem in files:
             raise InputError(
                 f"two {what} files have the stem {stem!r}: {files[stem].name} and {path.name}; "
@@ -56,8 +61,8 @@ def _unsupported(folder: Path, suffixes: tuple[str, ...], strip: str) -> dict[st
     """Files of a folder with an extension klseg does not read, by stem."""
     out: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in suffixes:
-            out.setdefault(_strip(path.name[: -len(path.suffix)] if path.suffix else path.name,
+        if path.is_file() and not path.name.startswith(".") and _ext(path).lower() not in suffixes:
+            out.setdefault(_strip(path.name[: -len(_ext(path))] if _ext(path) else path.name,
                                   strip), path)  # fmt: skip
     return out
 
@@ -116,7 +121,7 @@ def _pair_files(
             raise UsageError(
                 f"{pred} is a file but {target} is a folder; pass two files or two folders"
             )
-        stem = _strip(pred.name[: -len(pred.suffix)] if pred.suffix else pred.name, pred_suffix)
+        stem = _strip(pred.name[: -len(_ext(pred))] if _ext(pred) else pred.name, pred_suffix)
         return Pairing(pairs=[Pair(stem, pred, target)])
     if target_kind == "file":
         raise UsageError(

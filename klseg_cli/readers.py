@@ -22,8 +22,8 @@ from .fortran import fortran_rows
 from .labelio import one_series, read_label_npy, read_label_tiff
 from .safeio import check_regular
 
-PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff")
-TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff")
+PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
+TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
 LAYOUTS = ("hwc", "chw")
 DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating
 

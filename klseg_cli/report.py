@@ -45,6 +45,8 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
+        if math.isinf(value):  # a boundary distance to a class missing from one mask
+            return "inf" if value > 0 else "-inf"
         return repr(value) if math.isfinite(value) else ""
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value  # text from file names or class names, never a formula
@@ -116,6 +118,17 @@ def confusion_csv(confusion, names) -> str:
     )  # fmt: skip
 
 
+EXTRA_COLUMNS = ("depth", "hd95", "assd", "nsd", "biou")
+"""Columns appended to the CSV files when their rows hold them: a volume's depth, and the
+boundary metrics of ``--boundary`` (boundary.BOUNDARY_METRICS)."""
+
+
+def with_extra(rows, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """``columns`` plus those of EXTRA_COLUMNS that some row holds."""
+    rows = list(rows)
+    return columns + tuple(c for c in EXTRA_COLUMNS if any(c in row for row in rows))
+
+
 def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
     """File name → content of a report. ``result`` (an EvaluationResult) adds the files
     that need more than the summary: ``confusion.csv``, ``per_image_class.csv`` and
@@ -123,14 +136,17 @@ def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
     from .stats import IMAGE_CLASS_COLUMNS
 
     files: dict[str, str | bytes] = {
-        "per_image.csv": rows_csv(summary["images"], IMAGE_COLUMNS),
-        "per_class.csv": rows_csv(summary["classes"], CLASS_COLUMNS),
+        "per_image.csv": rows_csv(summary["images"], with_extra(summary["images"], IMAGE_COLUMNS)),
+        "per_class.csv": rows_csv(
+            summary["classes"], with_extra(summary["classes"], CLASS_COLUMNS)
+        ),
     }
     if result is not None:
         from .statsfile import StatsTable, write_stats
 
         files["confusion.csv"] = confusion_csv(result.total.confusion, result.settings.names)
-        files["per_image_class.csv"] = rows_csv(result.image_class_rows(), IMAGE_CLASS_COLUMNS)
+        rows = result.image_class_rows()
+        files["per_image_class.csv"] = rows_csv(rows, with_extra(rows, IMAGE_CLASS_COLUMNS))
         buf = io.BytesIO()
         write_stats(StatsTable.from_result(result), buf)
         files["stats.npz"] = buf.getvalue()
@@ -161,6 +177,8 @@ UNDEFINED = "—"
 
 
 def fmt(value, digits: int = 4) -> str:
+    if isinstance(value, float) and math.isinf(value):  # a boundary distance, one mask empty
+        return "inf" if value > 0 else "-inf"
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return UNDEFINED
     if isinstance(value, float):
@@ -222,6 +240,9 @@ def dataset_rows(dataset: Mapping):
         value = dataset.get(f"{name}_pooled")
         if isinstance(value, float) and math.isfinite(value):
             yield name, f"{name}_pooled", None
+    for name in EXTRA_COLUMNS[1:]:  # --boundary: image means only
+        if f"{name}_image_mean" in dataset:
+            yield name, None, f"{name}_image_mean"
 
 
 def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:

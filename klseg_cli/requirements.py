@@ -274,6 +274,9 @@ def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
         b = baseline.get(key, SETTING_DEFAULTS.get(key))
         if a != b:
             diffs.append(f"{key}: {b!r} in the baseline, {a!r} now")
+    a, b = current.get("boundary"), baseline.get("boundary")  # --boundary: when both have it
+    if a is not None and b is not None and a != b:
+        diffs.append(f"boundary: {b!r} in the baseline, {a!r} now")
     return diffs
 
 

@@ -338,7 +338,10 @@ def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettin
 def dataset_metric_names() -> list[str]:
     """Every key of summary.json's ``dataset`` object, in its order."""
     names = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
-    return names + [f"{m}_pooled" for m in (*POOLED_ONLY_METRICS, *CALIBRATION_METRICS)]
+    names += [f"{m}_pooled" for m in (*POOLED_ONLY_METRICS, *CALIBRATION_METRICS)]
+    from .boundary import dataset_names  # with --boundary only (boundary.py)
+
+    return names + dataset_names()
 
 
 def class_means_cover(settings: MetricSettings) -> dict:
