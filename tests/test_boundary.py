@@ -283,3 +283,12 @@ def test_invariant_under_axis_permutation_and_flips(seed, perm, flip, spacing):
     moved = [np.flip(np.transpose(m, perm), axis=flip) for m in (gt, pred)]
     got = bd.class_metrics(*moved, tuple(spacing[a] for a in perm), **kw)
     assert got == pytest.approx(want, rel=1e-6, nan_ok=True)
+
+
+def test_bootstrap_image_means_keep_inf_to_the_resamples_that_drew_it():
+    from klseg_cli.bootstrap import weighted_means
+
+    values = np.array([[1.0], [np.inf], [3.0], [np.nan]])
+    W = np.array([[1, 0, 1, 1], [0, 2, 1, 0], [2, 0, 0, 2], [0, 0, 0, 1]], dtype=np.float64)
+    got = weighted_means(W, values)[:, 0]
+    assert got[0] == 2.0 and got[1] == np.inf and got[2] == 1.0 and np.isnan(got[3])
