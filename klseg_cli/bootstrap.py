@@ -74,10 +74,16 @@ def resampled_totals(W: np.ndarray, X: np.ndarray) -> np.ndarray:
 def weighted_means(W: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Count-weighted means of per-image values (N, k) over the defined (non-NaN) ones."""
     defined = ~np.isnan(values)
-    num = W @ np.where(defined, values, 0.0)
+    finite = np.isfinite(values)
+    num = W @ np.where(finite, values, 0.0)
     den = W @ defined.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    if not finite[defined].all():  # ±inf (a boundary distance): only where it was drawn
+        pos = (W @ (values == np.inf).astype(np.float64)) > 0
+        neg = (W @ (values == -np.inf).astype(np.float64)) > 0
+        out = np.where(pos & neg, np.nan, np.where(pos, np.inf, np.where(neg, -np.inf, out)))
+    return out
 
 
 @dataclass

@@ -312,7 +312,8 @@ def image_boundary(opened, settings, *, chunk_pixels: int) -> dict[str, np.ndarr
     spacing = spacing or getattr(opened, "spacing", None) or (1.0,) * len(shape)
     if len(spacing) != len(shape):
         raise UsageError(
-            f"--spacing has {len(spacing)} values for {len(shape)} spatial axes {shape}"
+            f"{opened.pred.path}: --spacing has {len(spacing)} values for its "
+            f"{len(shape)} spatial axes"
         )
     predicted = predicted_classes(opened.pred, settings, chunk_pixels=chunk_pixels)
     target = target_classes(opened.target, settings, chunk_pixels=chunk_pixels)

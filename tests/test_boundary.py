@@ -283,3 +283,36 @@ def test_invariant_under_axis_permutation_and_flips(seed, perm, flip, spacing):
     moved = [np.flip(np.transpose(m, perm), axis=flip) for m in (gt, pred)]
     got = bd.class_metrics(*moved, tuple(spacing[a] for a in perm), **kw)
     assert got == pytest.approx(want, rel=1e-6, nan_ok=True)
+
+
+def test_bootstrap_image_means_keep_inf_to_the_resamples_that_drew_it():
+    from klseg_cli.bootstrap import weighted_means
+
+    values = np.array([[1.0], [np.inf], [3.0], [np.nan]])
+    W = np.array([[1, 0, 1, 1], [0, 2, 1, 0], [2, 0, 0, 2], [0, 0, 0, 1]], dtype=np.float64)
+    got = weighted_means(W, values)[:, 0]
+    assert got[0] == 2.0 and got[1] == np.inf and got[2] == 1.0 and np.isnan(got[3])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--spacing", "1,1,1"], "--spacing has 3 values for its 2 spatial axes"),
+        (["--spacing", "1,x"], "--spacing must be numbers separated by commas"),
+        (["--nsd-tolerance", "-1"], "--nsd-tolerance must be a number ≥ 0"),
+        (["--boundary-width", "0"], "--boundary-width must be a positive number"),
+        (["--soft-gt"], "--boundary needs label targets"),
+    ],
+)
+def test_cli_boundary_usage_errors(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from klseg_cli.cli import app
+
+    _write_pair(tmp_path, np.random.default_rng(4), "a")
+    res = CliRunner().invoke(
+        app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--boundary", *args]
+    )
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output

@@ -262,3 +262,17 @@ def test_info_on_nifti(tmp_path):
     res = CliRunner().invoke(app, ["info", str(gt / "case_00.nii")])
     assert res.exit_code == 0, res.output
     assert "label mask" in res.output and "(0.8, 0.9, 2.5)" in res.output
+
+
+def test_nifti_prediction_with_npy_labels(tmp_path):
+    """Mixed formats: the target follows the prediction's axis order."""
+    pred, gt = _write(tmp_path / "n", seeds=(0,), nifti=True)
+    _, labels = _volume(0)
+    mixed = tmp_path / "m"
+    mixed.mkdir()
+    np.save(mixed / "case_00.npy", labels)
+    opts = bd.BoundaryOptions()
+    a = evaluate(pred, gt, boundary=opts, jobs=1).summary()
+    b = evaluate(pred, mixed, boundary=opts, jobs=1).summary()
+    _same(a["dataset"], b["dataset"])
+    _same(a["images"][0], b["images"][0])
