@@ -14,6 +14,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Evaluator": "api",
     "EvaluationResult": "evaluation",
     "ImageResult": "evaluation",
     "InputError": "errors",

@@ -548,6 +548,8 @@ def plan(
     boundary_band: int = 3,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
+    check_path_argument(pred, "PRED")
+    check_path_argument(target, "GT")
     if isinstance(classes, str) or classes is None:
         names = parse_classes(classes)
     else:
@@ -607,6 +609,18 @@ def plan(
     if input_kind == "logits":
         _warn_if_probabilities(job)
     return job
+
+
+def check_path_argument(value, what: str) -> None:
+    """A usage error, not a bare TypeError, when a function reading files gets an array."""
+    import os
+
+    if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "is_remote"):
+        return
+    raise UsageError(
+        f"{what} must be a path or URL, got {type(value).__module__}.{type(value).__qualname__};"
+        " for arrays use klseg_cli.Evaluator(num_classes).update(pred, target)"
+    )
 
 
 def _warn_if_probabilities(job: Job) -> None:
