@@ -454,10 +454,14 @@ def plan_options(params: dict) -> dict:
 @handle_errors
 def evaluate(
     pred: Annotated[
-        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+        str,
+        typer.Argument(
+            metavar="PRED", help="Prediction map file, or a folder of them (or a URL: s3://...)."
+        ),
     ],
     gt: Annotated[
-        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+        str,
+        typer.Argument(metavar="GT", help="Target mask file, or a folder of them (or a URL)."),
     ],
     out: Annotated[
         Optional[Path],
@@ -548,6 +552,10 @@ def evaluate(
         Optional[Path],
         typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
     ] = None,
+    zarr_path: Annotated[
+        Optional[str],
+        typer.Option("--zarr-path", metavar="KEY", help="The array inside a Zarr group."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -558,8 +566,14 @@ def evaluate(
     """
     from . import report
     from .evaluation import evaluate as run
+    from .remote import as_input
     from .requirements import check_names, load_summary
 
+    pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
+    if zarr_path is not None:
+        if npz_key is not None:
+            raise UsageError("pass --npz-key or --zarr-path, not both")
+        npz_key = zarr_path  # the array inside a container, as --npz-key
     reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)

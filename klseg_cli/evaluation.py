@@ -558,9 +558,11 @@ def plan(
         label_map = load_label_map(label_map)
     if not names and label_map is not None:
         names = label_map.class_names  # a built-in map knows its classes
+    from .remote import as_input
+
     pairing = pair_files(
-        Path(pred),
-        Path(target) if target is not None else None,
+        as_input(pred),
+        as_input(target),
         pred_suffix=pred_suffix,
         gt_suffix=gt_suffix,
     )
