@@ -556,6 +556,16 @@ def evaluate(
         Optional[str],
         typer.Option("--zarr-path", metavar="KEY", help="The array inside a Zarr group."),
     ] = None,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            "--scheduler",
+            metavar="tcp://HOST:PORT|local:N",
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Run on a Dask cluster (klseg[dask]); local:N starts N local workers.",
+            show_envvar=True,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -574,6 +584,13 @@ def evaluate(
         if npz_key is not None:
             raise UsageError("pass --npz-key or --zarr-path, not both")
         npz_key = zarr_path  # the array inside a container, as --npz-key
+    if scheduler:  # a Dask cluster runs the pairs (engine_dask.py); the rest is the same
+        import functools
+
+        from .engine_dask import dask_evaluate
+
+        run = functools.partial(dask_evaluate, scheduler=scheduler)
+
     reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)

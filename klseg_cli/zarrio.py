@@ -207,6 +207,8 @@ def read_zarr_target(path, *, max_pixels: int, key: str | None = None) -> np.nda
 def label_rows(path, r0: int, r1: int, *, key: str | None = None) -> np.ndarray:
     """Rows [r0, r1) of a Zarr label mask (a task of a split map reads only its rows)."""
     array = _open(path, key)
+    if np.dtype(array.dtype).kind not in "iub":
+        raise ReadError(f"holds {array.dtype} values; labels must be integers", path=str(path))
     with _guard(path):
         arr = np.asarray(array[r0:r1])
     return arr.astype(np.uint8) if arr.dtype.kind == "b" else arr
