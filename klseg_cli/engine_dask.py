@@ -117,7 +117,7 @@ def run_task(pair, block: Block | None, settings, read):
 def _block_stats(pair, block: Block, settings, read):
     """The sums of rows [r0, r1) of a pair: the map's rows read through its own source (the
     same chunked reads as a whole map), the target's rows alone where it is Zarr."""
-    from .evaluation import image_stats, open_pair
+    from .evaluation import open_pair
     from .readers import PredictionMap
 
     if pair.target is not None and pair.target.suffix.lower() == ".zarr":
@@ -127,8 +127,12 @@ def _block_stats(pair, block: Block, settings, read):
         opened = open_pair(pair, soft_gt=False, num_classes=settings.num_classes, read=read)
         target = opened.target[block.r0 : block.r1]
     pm, W = opened.pred, opened.width
-    stored = pm._read_rows(block.r0 * W, block.r1 * W)
     n = block.r1 - block.r0
+    if hasattr(pm.array, "rows"):  # Zarr: one read of the block, each chunk decoded once
+        rows = np.ascontiguousarray(pm.array.rows(pm.layout, block.r0, block.r1))
+        part = PredictionMap(path=pm.path, array=rows, layout=pm.layout)
+        return _stats_of(part, target, pair, settings, read, opened)
+    stored = pm._read_rows(block.r0 * W, block.r1 * W)
     if pm.layout == "chw":
         rows = np.ascontiguousarray(np.asarray(stored).reshape(pm.num_classes, n, W))
     elif pm.layout == "hwc":
@@ -136,6 +140,12 @@ def _block_stats(pair, block: Block, settings, read):
     else:
         rows = np.ascontiguousarray(np.asarray(stored).reshape(n, W))
     part = PredictionMap(path=pm.path, array=rows, layout=pm.layout)
+    return _stats_of(part, target, pair, settings, read, opened)
+
+
+def _stats_of(part, target, pair, settings, read, opened):
+    from .evaluation import image_stats
+
     stats = image_stats(
         part, target, settings, chunk_pixels=read.chunk_pixels, target_path=pair.target,
         accelerate=read.accelerate,

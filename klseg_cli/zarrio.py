@@ -126,48 +126,56 @@ class ZarrSource:
     def asarray(self) -> np.ndarray:
         return self[...]
 
-    def _band(self, plane, axis: int, lo: int, hi: int) -> tuple[int, np.ndarray]:
-        """Indices [lo, hi) along ``axis`` (of one ``plane`` of axis 0 when axis is 1), from
-        a cached band aligned to the Zarr chunks along that axis: a chunk is decoded once
-        as the core walks the map. A band wider than BAND_VALUES is read exactly."""
-        cached = self._bands.get(plane)
+    def _band(self, key, lo: int, hi: int, axis: int, per: int, read) -> tuple[int, np.ndarray]:
+        """Indices [lo, hi) along ``axis`` from a cached band aligned to the Zarr chunks
+        along it, so that a chunk is decoded once as the core walks the map (``per``: values
+        per index; a band over BAND_VALUES with the others is read exactly, not kept)."""
+        cached = self._bands.get(key)
         if cached is not None and cached[0] <= lo and hi <= cached[1]:
             return cached[0], cached[2]
-        self._bands.pop(plane, None)
+        self._bands.pop(key, None)
         step, n = int(self.array.chunks[axis]), self.shape[axis]
         r0, r1 = lo // step * step, min(-(-hi // step) * step, n)
-        per = math.prod(self.shape[axis + 1 :])
-        if (r1 - r0) * per * (len(self._bands) + 1) > BAND_VALUES:
+        keep = (r1 - r0) * per * (len(self._bands) + 1) <= BAND_VALUES
+        if not keep:
             r0, r1 = lo, hi
-            keep = False
-        else:
-            keep = True
-        index = (slice(r0, r1),) if axis == 0 else (plane, slice(r0, r1))
-        band = np.asarray(self.array[index]).reshape(-1)
+        band = read(r0, r1)
         if keep:
-            self._bands[plane] = (r0, r1, band)
+            self._bands[key] = (r0, r1, band)
         return r0, band
 
     def elements(self, e0: int, e1: int) -> np.ndarray:
         """Flat elements [e0, e1) of the array in C order, as a 1-D array.
 
         A range inside one index of the first axis (a class plane of a (C, H, W) map) is
-        served from a band of that plane's rows; any other from a band of first-axis rows
-        (image rows of an (H, W, C) or (H, W) map)."""
+        served from a band of rows of the planes (of every plane at once when a chunk holds
+        several: each chunk is decoded once, not once per class); any other range from a
+        band of first-axis rows (image rows of an (H, W, C) or (H, W) map)."""
         if e1 <= e0:
             return np.empty(0, dtype=self.dtype)
+        z = self.array
         with _guard(self.path):
             per0 = math.prod(self.shape[1:])
             a0, a1 = e0 // per0, (e1 - 1) // per0
             if self.ndim == 3 and a0 == a1:
-                K = self.shape[2]
+                A, K = self.shape[0], self.shape[2]
                 b0, b1 = (e0 - a0 * per0) // K, (e1 - 1 - a0 * per0) // K + 1
-                r0, band = self._band(a0, 1, b0, b1)
+                if int(z.chunks[0]) > 1:  # chunks span planes: one band of all of them
+                    r0, band = self._band(
+                        "planes", b0, b1, 1, A * K, lambda lo, hi: np.asarray(z[:, lo:hi])
+                    )
+                    flat = band[a0].reshape(-1)
+                else:
+                    r0, band = self._band(a0, b0, b1, 1, K, lambda lo, hi: np.asarray(z[a0, lo:hi]))
+                    flat = band.reshape(-1)
                 start = e0 - a0 * per0 - r0 * K
             else:
-                r0, band = self._band(None, 0, a0, a1 + 1)
+                r0, band = self._band(
+                    None, a0, a1 + 1, 0, per0, lambda lo, hi: np.asarray(z[lo:hi])
+                )
+                flat = band.reshape(-1)
                 start = e0 - r0 * per0
-            return band[start : start + (e1 - e0)]
+            return flat[start : start + (e1 - e0)]
 
     def rows(self, layout: str, r0: int, r1: int) -> np.ndarray:
         """Image rows [r0, r1) of the map as a NumPy array in its stored layout."""
