@@ -260,6 +260,15 @@ class Evaluator:
             row.update({k: values[k] for k in _IMAGE_VALUES})
             self._rows.append(row)
 
+    @classmethod
+    def from_result(cls, result) -> Evaluator:
+        """The accumulator of a folder evaluation (``klseg_cli.evaluate``'s result): its
+        settings and images, in pair order, e.g. to merge with images evaluated elsewhere."""
+        ev = cls(settings=result.settings, layout=result.read.layout)
+        for image in result.images:
+            ev.add(image.stats, stem=image.stem, height=image.height, width=image.width)
+        return ev
+
     def merge(self, other: Evaluator) -> Evaluator:
         """Add another accumulator's images to this one (same settings); returns self."""
         if not isinstance(other, Evaluator):

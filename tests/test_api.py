@@ -161,3 +161,24 @@ def test_errors_are_klseg_errors(rng, tmp_path):
         klseg_cli.evaluate(np.zeros((3, 4, 4)), np.zeros((4, 4)))
     with pytest.raises(UsageError, match="different settings"):
         Evaluator(3).merge(Evaluator(3, eps=1e-5))
+
+
+def test_from_result_and_soft_targets(rng, tmp_path):
+    C, H, W = 3, 12, 10
+    (tmp_path / "p").mkdir()
+    (tmp_path / "q").mkdir()
+    preds, targets = [], []
+    for i in range(3):
+        P = random_probs(rng, H * W, C).reshape(H, W, C)
+        Q = random_probs(rng, H * W, C, sharp=1.0).reshape(H, W, C)
+        np.save(tmp_path / "p" / f"s{i}.npy", P)
+        np.save(tmp_path / "q" / f"s{i}.npy", Q)
+        preds.append(P)
+        targets.append(Q)
+    result = klseg_cli.evaluate(tmp_path / "p", tmp_path / "q", soft_gt=True, jobs=1)
+    summary = result.summary()
+    ev = Evaluator(C, soft_gt=True)
+    ev.update(np.stack(preds), np.stack(targets), stems=["s0", "s1", "s2"])
+    got = ev.compute()
+    assert same(got["dataset"], summary["dataset"]) and same(got["images"], summary["images"])
+    assert same(Evaluator.from_result(result).compute()["dataset"], summary["dataset"])
