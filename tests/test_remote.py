@@ -60,6 +60,7 @@ def s3():
     endpoint = f"http://127.0.0.1:{port}"
     creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds)
+    client.klseg_endpoint = endpoint  # for tests that configure a subprocess
     client.create_bucket(Bucket="klseg")
     for folder, prefix in (("predictions", "pred"), ("ground_truth", "gt")):
         for path in sorted((SAMPLE / folder).iterdir()):
@@ -92,6 +93,25 @@ def test_s3_folders_give_the_local_numbers(s3, local_summary, tmp_path):
     out = tmp_path / "report"
     result = run("s3://klseg/pred/", "s3://klseg/gt", "--out", str(out))
     assert result.exit_code == 0, result.output
+    got = json.loads((out / "summary.json").read_text())
+    assert same(numbers(got), numbers(local_summary))
+
+
+def test_s3_configured_by_environment_with_worker_processes(s3, local_summary, tmp_path):
+    """The deployment path: `klseg` as a command, fsspec configured by environment
+    variables (as on a cluster), --jobs 2 worker processes reading the bucket."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, FSSPEC_S3_ENDPOINT_URL=s3.klseg_endpoint, FSSPEC_S3_KEY="test",
+               FSSPEC_S3_SECRET="test")  # fmt: skip
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "klseg_cli", "evaluate", "s3://klseg/pred", "s3://klseg/gt",
+         "--classes", CLASSES, "--jobs", "2", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     got = json.loads((out / "summary.json").read_text())
     assert same(numbers(got), numbers(local_summary))
 
