@@ -308,7 +308,7 @@ def load_array(rpath: RemotePath, *, npz_key: str | None, max_pixels: int):
                 path=rpath.url,
             )
         return RemoteNpy(rpath, shape, dtype, offset)
-    if suffix in (".npz", ".tif", ".tiff", ".png"):
+    if suffix in (".npz", ".tif", ".tiff"):
         return _via_local_copy(rpath, lambda p: _local_load(p, suffix, npz_key, max_pixels))
     raise ReadError(f"unsupported file type {suffix!r}", path=rpath.url)
 
@@ -316,8 +316,6 @@ def load_array(rpath: RemotePath, *, npz_key: str | None, max_pixels: int):
 def _local_load(path: Path, suffix: str, npz_key, max_pixels):
     from .readers import load_array as local_load_array
 
-    if suffix == ".png":
-        raise ReadError("unsupported file type '.png'", path=path)
     arr = local_load_array(path, npz_key=npz_key, max_pixels=max_pixels)
     if not isinstance(arr, np.ndarray):  # TIFF bands: decode them all now
         return arr.asarray()
