@@ -182,3 +182,24 @@ def test_from_result_and_soft_targets(rng, tmp_path):
     got = ev.compute()
     assert same(got["dataset"], summary["dataset"]) and same(got["images"], summary["images"])
     assert same(Evaluator.from_result(result).compute()["dataset"], summary["dataset"])
+
+
+def test_klseg_never_imports_torch():
+    """A DLPack or __array__ object is read without importing its library."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, klseg_cli\n"
+        "class T:\n"
+        "    def __init__(s, a): s.a = a\n"
+        "    def __dlpack__(s, **k): return s.a.__dlpack__(**k)\n"
+        "    def __dlpack_device__(s): return s.a.__dlpack_device__()\n"
+        "ev = klseg_cli.Evaluator(2)\n"
+        "ev.update(T(np.full((2, 3, 3), 0.5, np.float32)), T(np.zeros((3, 3), np.int64)))\n"
+        "assert ev.compute()['n_valid'] == 9\n"
+        "bad = [m for m in ('torch', 'jax', 'tensorflow', 'cupy') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
