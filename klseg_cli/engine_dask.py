@@ -184,16 +184,21 @@ def _absolute(path):
 
 def plan_blocks(job, block_rows: int | None) -> list[tuple[Any, Block | None]]:
     """The tasks: one per pair, or one per block of rows for a map of more than
-    SPLIT_VALUES values (``block_rows``: rows per block; 0 never splits)."""
-    from .evaluation import open_pair
+    SPLIT_VALUES values (``block_rows``: rows per block; 0 never splits).
+
+    Automatic splitting reads the first map's header only, unless that map is split: a
+    folder holds maps of one kind, and a million remote headers read here, one after the
+    other, would take longer than the run (as ``evaluation.parallel_backend`` decides)."""
     from .pairing import Pair
 
+    splittable = block_rows != 0 and not job.settings.soft_gt
+    splittable = splittable and not job.settings.calibration_views
     tasks: list[tuple[Any, Block | None]] = []
-    for pair in job.pairing.pairs:
+    for i, pair in enumerate(job.pairing.pairs):
         remote = Pair(pair.stem, _absolute(pair.pred), _absolute(pair.target))
-        blocks = None
-        if block_rows != 0 and not job.settings.soft_gt and not job.settings.calibration_views:
-            blocks = _blocks(remote, job, block_rows, open_pair)
+        blocks = _blocks(remote, job, block_rows) if splittable else None
+        if i == 0 and blocks is None and block_rows is None:
+            splittable = False  # the first map is whole: so are the others
         if blocks is None:
             tasks.append((remote, None))
         else:
@@ -201,7 +206,7 @@ def plan_blocks(job, block_rows: int | None) -> list[tuple[Any, Block | None]]:
     return tasks
 
 
-def _blocks(pair, job, block_rows, open_pair) -> list[Block] | None:
+def _blocks(pair, job, block_rows) -> list[Block] | None:
     from .readers import open_prediction
 
     try:
