@@ -243,6 +243,14 @@ class Evaluator:
         layout = detect_layout(
             arr.shape, hw, layout=self.layout, num_classes=self.settings.num_classes, path=where
         )
+        if arr.ndim == 3 and not arr.flags.c_contiguous:  # e.g. torch's channels_last
+            other = np.moveaxis(arr, 0, -1) if layout == "chw" else np.moveaxis(arr, -1, 0)
+            if other.flags.c_contiguous:  # the same memory read in its stored order
+                arr, layout = other, "hwc" if layout == "chw" else "chw"
+            else:  # one copy of the image, not one per chunk
+                arr = np.ascontiguousarray(arr)
+        elif not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         pm = PredictionMap(path=Path(where), array=arr, layout=layout)
         if pm.n_pixels == 0:
             raise ShapeError(f"{where}: shape {arr.shape} has no pixels")

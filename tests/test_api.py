@@ -203,3 +203,21 @@ def test_klseg_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_strided_maps_are_read_in_their_stored_order(rng):
+    """A channels-last (N, C, H, W) view (torch's channels_last) gives the same numbers."""
+    C, N, H, W = 3, 2, 7, 9
+    P = random_probs(rng, N * H * W, C).reshape(N, H, W, C)
+    y = rng.integers(0, C, size=(N, H, W))
+    ref, strided = Evaluator(C), Evaluator(C)
+    ref.update(np.ascontiguousarray(np.moveaxis(P, -1, 1)), y)
+    view = np.moveaxis(P, -1, 1)  # (N, C, H, W) over HWC memory
+    assert not view[0].flags.c_contiguous
+    strided.update(view, y)
+    assert same(ref.compute(), strided.compute())
+    odd = Evaluator(C)
+    odd.update(np.asfortranarray(np.moveaxis(P[0], -1, 0)), y[0], stems="000000000")
+    single = Evaluator(C)
+    single.update(np.moveaxis(P[0], -1, 0).copy(), y[0])
+    assert same(odd.compute(), single.compute())
