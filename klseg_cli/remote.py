@@ -96,8 +96,9 @@ class RemotePath:
     is_remote = True
 
     def __init__(self, url: str, *, kind: str | None = None, size: int | None = None) -> None:
-        self.url = url.rstrip("/") if not url.endswith("://") else url
-        self._kind = kind  # "file" / "folder" when a listing told
+        folder = url.endswith("/") and not url.endswith("://")
+        self.url = url.rstrip("/") if folder else url
+        self._kind = kind or ("folder" if folder else None)  # a listing or a slash told
         self.size = size
 
     # --- names -------------------------------------------------------------------------
@@ -171,6 +172,8 @@ class RemotePath:
     def iterdir(self):
         """The folder's entries (one listing; their kinds and sizes come with it)."""
         fs, path = _filesystem(self.url)
+        if self.url.split("://", 1)[0].lower() in ("http", "https"):
+            path = self.url + "/"  # an index page: its links resolve against the slash
         try:
             entries = fs.ls(path, detail=True)
         except Exception as err:
@@ -184,8 +187,12 @@ class RemotePath:
             yield RemotePath(f"{base}/{name}", kind=kind, size=entry.get("size"))
 
     def object_size(self) -> int:
-        if self.size is None:
-            self.kind()
+        if self.size is None:  # a listing without sizes (an HTTP index page): ask
+            fs, path = _filesystem(self.url)
+            try:
+                self.size = fs.info(path).get("size")
+            except Exception as err:
+                raise ReadError(_describe(err), path=self.url) from None
         if self.size is None:
             raise ReadError("the store does not tell the object's size", path=self.url)
         return int(self.size)

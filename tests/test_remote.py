@@ -270,3 +270,67 @@ def test_zarr_on_s3(s3, tmp_path):
     b = run(str(SAMPLE / "predictions" / "scene_00.npy"), gt, "--format", "json")
     assert a.exit_code == 0, a.output
     assert same(json.loads(a.stdout)["dataset"], json.loads(b.stdout)["dataset"])
+
+
+# --- https:// and file:// ----------------------------------------------------------------
+
+
+@pytest.fixture
+def http_server():
+    """sample_data over HTTP on a free 127.0.0.1 port, with byte ranges (as a CDN or an
+    object store's HTTP endpoint serves them); index pages list the folders."""
+    import functools
+    import http.server
+    import io
+    import os
+    import re
+    import threading
+
+    pytest.importorskip("aiohttp")
+
+    class RangeHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            ranges = self.headers.get("Range")
+            path = self.translate_path(self.path)
+            if not ranges or os.path.isdir(path):
+                return super().send_head()
+            m = re.match(r"bytes=(\d+)-(\d*)", ranges)
+            size = os.path.getsize(path)
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(end - start + 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return io.BytesIO(data)
+
+    handler = functools.partial(RangeHandler, directory=str(SAMPLE))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_http_folders_and_file_urls(http_server, local_summary):
+    result = run(f"{http_server}/predictions/", f"{http_server}/ground_truth/", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert same(numbers(json.loads(result.stdout)), numbers(local_summary))
+    url = f"{http_server}/predictions/nothing.npy"
+    missing = run(url, f"{http_server}/ground_truth/scene_00.png")
+    assert missing.exit_code == 2, missing.output
+    assert missing.stderr.strip() == f"Error: {url}: no such object"
+    local = run(f"file://{SAMPLE / 'predictions'}", f"file://{SAMPLE / 'ground_truth'}",
+                "--format", "json")  # fmt: skip
+    assert local.exit_code == 0, local.output
+    assert same(numbers(json.loads(local.stdout)), numbers(local_summary))
