@@ -6,6 +6,12 @@ The library behind the ``klseg`` command; everything the CLI does can be called 
     result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
     klseg_cli.write_reports(result.summary(), "report/")
 
+and from arrays, in a training loop (sums only, picklable, mergeable)::
+
+    ev = klseg_cli.Evaluator(19, ignore_index=255)
+    ev.update(probs, labels)            # (N, C, H, W) and (N, H, W); NumPy, torch (CPU)...
+    ev.compute()["dataset"]["miou_pooled"]
+
 Submodules are imported on first use, so ``klseg --help`` does not pay for NumPy.
 """
 
@@ -14,6 +20,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Evaluator": "api",
     "EvaluationResult": "evaluation",
     "ImageResult": "evaluation",
     "InputError": "errors",

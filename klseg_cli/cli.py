@@ -469,10 +469,14 @@ def plan_options(params: dict) -> dict:
 @handle_errors
 def evaluate(
     pred: Annotated[
-        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+        str,
+        typer.Argument(
+            metavar="PRED", help="Prediction map file, or a folder of them (or a URL: s3://...)."
+        ),
     ],
     gt: Annotated[
-        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+        str,
+        typer.Argument(metavar="GT", help="Target mask file, or a folder of them (or a URL)."),
     ],
     out: Annotated[
         Optional[Path],
@@ -615,6 +619,20 @@ def evaluate(
             help="Evaluate NIfTI pairs whose affine or voxel spacing differ.",
         ),
     ] = False,
+    zarr_path: Annotated[
+        Optional[str],
+        typer.Option("--zarr-path", metavar="KEY", help="The array inside a Zarr group."),
+    ] = None,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            "--scheduler",
+            metavar="tcp://HOST:PORT|local:N",
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Run on a Dask cluster (klseg[dask]); local:N starts N local workers.",
+            show_envvar=True,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -625,7 +643,20 @@ def evaluate(
     """
     from . import report
     from .evaluation import evaluate as run
+    from .remote import as_input
     from .requirements import check_names, load_summary
+
+    pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
+    if zarr_path is not None:
+        if npz_key is not None:
+            raise UsageError("pass --npz-key or --zarr-path, not both")
+        npz_key = zarr_path  # the array inside a container, as --npz-key
+    if scheduler:  # a Dask cluster runs the pairs (engine_dask.py); the rest is the same
+        import functools
+
+        from .engine_dask import dask_evaluate
+
+        run = functools.partial(dask_evaluate, scheduler=scheduler)
 
     reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None

@@ -606,6 +606,8 @@ def plan(
     allow_affine_mismatch: bool = False,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
+    check_path_argument(pred, "PRED")
+    check_path_argument(target, "GT")
     if isinstance(classes, str) or classes is None:
         names = parse_classes(classes)
     else:
@@ -614,9 +616,11 @@ def plan(
         label_map = load_label_map(label_map)
     if not names and label_map is not None:
         names = label_map.class_names  # a built-in map knows its classes
+    from .remote import as_input
+
     pairing = pair_files(
-        Path(pred),
-        Path(target) if target is not None else None,
+        as_input(pred),
+        as_input(target),
         pred_suffix=pred_suffix,
         gt_suffix=gt_suffix,
     )
@@ -669,6 +673,18 @@ def plan(
     if input_kind == "logits":
         _warn_if_probabilities(job)
     return job
+
+
+def check_path_argument(value, what: str) -> None:
+    """A usage error, not a bare TypeError, when a function reading files gets an array."""
+    import os
+
+    if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "is_remote"):
+        return
+    raise UsageError(
+        f"{what} must be a path or URL, got {type(value).__module__}.{type(value).__qualname__};"
+        " for arrays use klseg_cli.Evaluator(num_classes).update(pred, target)"
+    )
 
 
 def _warn_if_probabilities(job: Job) -> None:

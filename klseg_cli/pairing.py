@@ -35,9 +35,11 @@ def _strip(name: str, suffix: str) -> str:
 def _index(folder: Path, suffixes: tuple[str, ...], strip: str, what: str) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith("."):
             continue
-        if _ext(path).lower() not in suffixes:
+        if not path.is_file() and path.suffix.lower() != ".zarr":  # a Zarr store is a folder
+            continue
+        if _ext(path).lower() not in (*suffixes, ".zarr"):
             continue
         stem = _strip(path.name[: -len(_ext(path))], strip)
         if stem in files:
@@ -72,6 +74,10 @@ def _kind(path: Path) -> str:
     import os
     import stat
 
+    if getattr(path, "is_remote", False):  # a URL: the store tells (remote.py)
+        return "file" if path.suffix.lower() == ".zarr" else path.kind()
+    if path.suffix.lower() == ".zarr" and os.path.isdir(path):  # one Zarr map
+        return "file"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -113,7 +119,9 @@ def _pair_files(
     (``--pred-suffix _prob``, ``--gt-suffix _gtFine_labelIds``). ``target=None`` pairs
     every prediction with no target (for target-free metrics such as entropy).
     """
-    pred, target = Path(pred), Path(target) if target is not None else None
+    from .remote import as_input
+
+    pred, target = as_input(pred), as_input(target)
     pred_kind = _kind(pred)
     target_kind = _kind(target) if target is not None else None
     if pred_kind == "file":

@@ -280,8 +280,16 @@ class TiffSegments:
 
 def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open an array file as stored: ``.npy`` and plain TIFF memory-mapped, ``.npz`` loaded."""
+    if getattr(path, "is_remote", False):  # a URL (remote.py): by byte ranges
+        from .remote import load_array as load_remote
+
+        return load_remote(path, npz_key=npz_key, max_pixels=max_pixels)
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ".zarr":  # a folder of chunks (zarrio.py)
+        from .zarrio import open_zarr
+
+        return open_zarr(path, max_pixels=max_pixels, key=npz_key)
     check_regular(path)  # a FIFO or /dev/zero is refused, never opened (it would block)
     if suffix == ".npy":
         arr = _load_npy(path, max_pixels=max_pixels)
@@ -422,7 +430,7 @@ class PredictionMap:
         ``out``: a buffer to read a plain file's bytes into when it has the right shape and
         dtype (a worker reuses one for every chunk: no fresh pages to fault in each time).
         """
-        if isinstance(self.array, TiffSegments):
+        if hasattr(self.array, "elements"):  # TIFF bands, a URL's ranges, Zarr chunks
             tiff, n, C = self.array, stop - start, self.num_classes
             if self.layout == "chw":
                 HW = self.n_pixels
@@ -524,7 +532,8 @@ class PredictionMap:
 
 def prediction_map(path: Path, arr, layout: str) -> PredictionMap:
     """A PredictionMap over an opened array (TIFF bands serve every layout)."""
-    return PredictionMap(path=Path(path), array=arr, layout=layout)
+    path = path if getattr(path, "is_remote", False) else Path(path)
+    return PredictionMap(path=path, array=arr, layout=layout)
 
 
 def open_prediction(
@@ -537,7 +546,7 @@ def open_prediction(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictionMap:
     """Open a prediction map, check its dtype and find its layout against the target's (H, W)."""
-    path = Path(path)
+    path = path if getattr(path, "is_remote", False) else Path(path)
     arr = load_array(path, npz_key=npz_key, max_pixels=max_pixels)
     _check_float_dtype(arr.dtype, path)
     found = detect_layout(arr.shape, hw, layout=layout, num_classes=num_classes, path=path)
@@ -622,7 +631,15 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
     Soft targets are probability maps and are opened with ``open_prediction`` instead.
     """
+    if getattr(path, "is_remote", False):  # a URL (remote.py): read whole, checked here
+        from .remote import read_target as read_remote
+
+        return read_remote(path, max_pixels=max_pixels)
     path = Path(path)
+    if path.suffix.lower() == ".zarr":
+        from .zarrio import read_zarr_target
+
+        return read_zarr_target(path, max_pixels=max_pixels)
     check_regular(path)  # a FIFO or /dev/zero is refused, never opened (it would block)
     suffix = path.suffix.lower()
     if suffix == ".png":

@@ -95,7 +95,9 @@ def check_out_dir(out: Path) -> Path:
 
 def refuse_overwriting_inputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None]):
     """A UsageError if an output path is one of the input files."""
-    resolved = {Path(p).resolve() for p in inputs if p is not None}
+    resolved = {  # a URL (remote.py) is never a local output
+        Path(p).resolve() for p in inputs if p is not None and not getattr(p, "is_remote", False)
+    }
     for path in outputs:
         if path is not None and Path(path).resolve() in resolved:
             raise UsageError(f"{path} is an input file; writing there would destroy it")

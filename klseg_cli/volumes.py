@@ -35,8 +35,9 @@ AFFINE_ATOL = 1e-4
 """Affines and spacings closer than this (mm) are the same grid (float32 headers)."""
 
 
-def is_nifti(path: Path | None) -> bool:
-    return path is not None and Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+def is_nifti(path) -> bool:
+    """Whether a path (local, or a remote one's name) is a NIfTI file by its name."""
+    return path is not None and str(path.name).lower().endswith(NIFTI_SUFFIXES)
 
 
 def is_volume_pair(pair: Pair, read: ReadOptions) -> bool:
