@@ -1,4 +1,4 @@
-"""Optional compiled kernel (``pip install 'klseg[fast]'``, numba) for the common case.
+"""The compiled kernel (numba, installed with klseg where it has wheels) for the common case.
 
 Scope: probabilities (not logits), hard labels, no label smoothing, float32 (and float16)
 maps. There the NumPy path spends most of its time in ``np.log`` (about 2.5 ns a value

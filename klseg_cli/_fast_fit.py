@@ -1,4 +1,4 @@
-"""Compiled pass of the temperature fit (``klseg[fast]``, numba) for the common case.
+"""Compiled pass of the temperature fit (numba, as the evaluation kernel) for the common case.
 
 Scope as the evaluation kernel's (``_fast.py``): probabilities, hard labels, no smoothing,
 float32 maps. One call per chunk, tile by tile (an HWC tile is first copied class-major

@@ -61,7 +61,7 @@ class ReadOptions:
     npz_key: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS
-    accelerate: bool | None = None  # the compiled kernel (klseg[fast]): None = for large maps
+    accelerate: bool | None = None  # the compiled kernel: None = for large maps
     spatial_dims: int = 2  # 3: .npy/.npz volumes (X, Y, Z[, C]); NIfTI files are always 3
     allow_affine_mismatch: bool = False  # NIfTI pairs whose affines or spacings differ
 
