@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LabelError, ShapeError, UsageError
-from .labels import LabelMap, load_label_map
+from .labels import LabelMap
 from .metrics import DEFAULT_EPS, MetricSettings
 from .readers import PredictionMap, _check_float_dtype, detect_layout
 from .stats import IMAGE_COLUMNS, Stats, class_means_cover, class_metrics, dataset_metrics
@@ -124,37 +124,22 @@ class Evaluator:
         keep_images: bool = True,
         settings: MetricSettings | None = None,
     ) -> None:
-        from .evaluation import DEFAULT_CHUNK_PIXELS, resolve_classes
+        from .evaluation import DEFAULT_CHUNK_PIXELS, class_names_and_map, metric_settings
 
         if settings is None:
-            if label_map is not None and not isinstance(label_map, LabelMap):
-                label_map = load_label_map(label_map)
-            names = tuple(classes or ()) or (label_map.class_names if label_map else ())
+            names, label_map = class_names_and_map(tuple(classes or ()), label_map)
             if num_classes is None:
                 if not names:
                     raise UsageError("Evaluator needs num_classes (or classes=[names])")
                 num_classes = len(names)
-            if isinstance(ignore_index, (int, np.integer)):
-                ignore_index = (int(ignore_index),)
-            settings = MetricSettings(
-                num_classes=int(num_classes),
-                eps=eps,
-                smoothing=smoothing,
-                ignore_index=tuple(sorted({int(i) for i in ignore_index})),
-                input_kind=input_kind,
-                log_base=log_base,
-                soft_gt=soft_gt,
-                class_names=names,
-                renormalize=renormalize,
-                label_map=label_map,
-                reduce_zero_label=reduce_zero_label,
-                exclude_classes=resolve_classes(
-                    exclude_class, names, int(num_classes), "exclude_class"
-                ),
-                temperature=temperature,
-                calibration_views=calibration_views,
+            settings = metric_settings(
+                num_classes, names, label_map, ignore_index=ignore_index,
+                exclude_class=exclude_class, eps=eps, smoothing=smoothing,
+                input_kind=input_kind, log_base=log_base, soft_gt=soft_gt,
+                renormalize=renormalize, reduce_zero_label=reduce_zero_label,
+                temperature=temperature, calibration_views=calibration_views,
                 boundary_band=boundary_band,
-            )
+            )  # fmt: skip
         self.settings = settings
         self.layout = layout
         self.chunk_pixels = chunk_pixels or DEFAULT_CHUNK_PIXELS

@@ -608,14 +608,7 @@ def plan(
     """Pair the files and settle the settings (the class count comes from the first map)."""
     check_path_argument(pred, "PRED")
     check_path_argument(target, "GT")
-    if isinstance(classes, str) or classes is None:
-        names = parse_classes(classes)
-    else:
-        names = tuple(classes)
-    if label_map is not None and not isinstance(label_map, LabelMap):
-        label_map = load_label_map(label_map)
-    if not names and label_map is not None:
-        names = label_map.class_names  # a built-in map knows its classes
+    names, label_map = class_names_and_map(classes, label_map)
     from .remote import as_input
 
     pairing = pair_files(
@@ -651,24 +644,13 @@ def plan(
                 first_error = first_error or err
         else:
             raise first_error
-    settings = MetricSettings(
-        num_classes=num_classes,
-        eps=eps,
-        smoothing=smoothing,
-        ignore_index=tuple(sorted({int(i) for i in ignore_index})),
-        input_kind=input_kind,
-        log_base=log_base,
-        soft_gt=soft_gt,
-        class_names=names,
-        renormalize=renormalize,
-        label_map=label_map,
-        reduce_zero_label=reduce_zero_label,
-        exclude_classes=resolve_classes(exclude_class, names, num_classes, "--exclude-class"),
-        temperature=temperature,
-        calibration_views=calibration_views,
-        boundary_band=boundary_band,
-        boundary=boundary,
-    )
+    settings = metric_settings(
+        num_classes, names, label_map, eps=eps, smoothing=smoothing, ignore_index=ignore_index,
+        input_kind=input_kind, log_base=log_base, soft_gt=soft_gt, renormalize=renormalize,
+        reduce_zero_label=reduce_zero_label, exclude_class=exclude_class,
+        temperature=temperature, calibration_views=calibration_views,
+        boundary_band=boundary_band, boundary=boundary, option="--exclude-class",
+    )  # fmt: skip
     job = Job(pairing, settings, read)
     if input_kind == "logits":
         _warn_if_probabilities(job)
@@ -705,6 +687,47 @@ def _warn_if_probabilities(job: Job) -> None:
             KlsegWarning,
             stacklevel=3,
         )
+
+
+def class_names_and_map(
+    classes: Sequence[str] | str | None, label_map: str | Path | LabelMap | None
+) -> tuple[tuple[str, ...], LabelMap | None]:
+    """(class names, label map) from the options: names from ``--classes`` (a spec or a
+    file), else a built-in label map's own names."""
+    if isinstance(classes, str) or classes is None:
+        names = parse_classes(classes)
+    else:
+        names = tuple(classes)
+    if label_map is not None and not isinstance(label_map, LabelMap):
+        label_map = load_label_map(label_map)
+    if not names and label_map is not None:
+        names = label_map.class_names  # a built-in map knows its classes
+    return names, label_map
+
+
+def metric_settings(
+    num_classes: int,
+    names: Sequence[str],
+    label_map: LabelMap | None,
+    *,
+    ignore_index: int | Sequence[int] = (255,),
+    exclude_class: Sequence[str | int] = (),
+    option: str = "exclude_class",
+    **fields,
+) -> MetricSettings:
+    """The MetricSettings of the options shared by ``plan`` and ``api.Evaluator``: ignore
+    values as a sorted set, excluded classes resolved from names or ids; ``fields`` are
+    MetricSettings fields as they are (eps, smoothing, input_kind, ...)."""
+    if isinstance(ignore_index, (int, np.integer)):
+        ignore_index = (int(ignore_index),)
+    return MetricSettings(
+        num_classes=int(num_classes),
+        class_names=tuple(names),
+        label_map=label_map,
+        ignore_index=tuple(sorted({int(i) for i in ignore_index})),
+        exclude_classes=resolve_classes(exclude_class, names, int(num_classes), option),
+        **fields,
+    )
 
 
 def resolve_classes(
