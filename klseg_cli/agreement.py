@@ -132,6 +132,8 @@ def pair_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarray
     sums = np.asarray(totals["sums"], dtype=np.float64)
     out = {name: safe_divide(sums[..., k], n) / scale for k, name in enumerate(PAIR_METRICS)}
     out["agreement"] = safe_divide(tp.sum(axis=-1), n)
+    keep = list(settings.mean_classes)  # as every class mean: --exclude-class, ignore values
+    tp, n_a, n_b = tp[..., keep], n_a[..., keep], n_b[..., keep]
     out["agreement_miou"] = _nanmean_last(safe_divide(tp, n_a + n_b - tp))
     return out
 

@@ -257,6 +257,11 @@ class Evaluator:
     def from_result(cls, result) -> Evaluator:
         """The accumulator of a folder evaluation (``klseg_cli.evaluate``'s result): its
         settings and images, in pair order, e.g. to merge with images evaluated elsewhere."""
+        if getattr(result.settings, "boundary", None) is not None:
+            raise UsageError(
+                "Evaluator.from_result keeps sums only: boundary metrics (--boundary) are "
+                "per image and class, not sums; use the result's summary() for them"
+            )
         ev = cls(settings=result.settings, layout=result.read.layout)
         for image in result.images:
             ev.add(image.stats, stem=image.stem, height=image.height, width=image.width)

@@ -721,10 +721,6 @@ def evaluate(
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
     report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
                                      [*inputs, baseline])  # fmt: skip
-    if reliability is not None:
-        from .calibration_report import write_reliability_outputs
-
-        write_reliability_outputs(result, reliability)
     gate_written = False
     if out is not None:
         folders = {}
@@ -740,6 +736,10 @@ def evaluate(
         also = gate_files(summary, summary["requirements"], junit=junit, markdown=markdown)
         report.write_reports(summary, out, result=result, folders=folders, also=also)
         gate_written = True
+    if reliability is not None:  # after the report: it may go into the report's folder
+        from .calibration_report import write_reliability_outputs
+
+        write_reliability_outputs(result, reliability)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:

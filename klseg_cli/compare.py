@@ -497,7 +497,15 @@ def make_pair_heatmaps(
 ) -> list[Path]:
     """Heatmaps of where model B departs from model A: one pair of files (``out`` a .png)
     or two folders paired by stem (``out`` a folder, one ``<stem>_<metric>.png`` each)."""
-    from .heatmap import colormap_lut, parse_color, render, write_raw
+    from .heatmap import (
+        DEFAULT_IGNORE_COLOR,
+        colormap_lut,
+        heatmap_outputs,
+        parse_color,
+        render,
+        shared_scale,
+        write_raw,
+    )
     from .report import refuse_overwriting_inputs
 
     if options.metric not in AGAINST_METRICS:
@@ -507,10 +515,10 @@ def make_pair_heatmaps(
     if options.overlay is not None and not Path(options.overlay).is_file():
         raise UsageError("--against takes one --overlay photo file")
     colormap_lut(options.cmap)
-    parse_color(options.ignore_color)
+    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
     pairs, settings, read, _, _, _ = pair_models(Path(a), Path(b), None, **plan_options)
     out = Path(out)
-    single = Path(a).is_file() and out.suffix.lower() == ".png"
+    single, pngs = heatmap_outputs(Path(a), out, [p.stem for p in pairs], options.metric)
     raw = Path(raw) if raw is not None else None
     if not single:
         if out.exists() and not out.is_dir():
@@ -521,17 +529,23 @@ def make_pair_heatmaps(
     inputs = [p for pair in pairs for p in (pair.a, pair.b)]
     if on_start is not None:
         on_start(len(pairs))
+
+    def compute(pair):
+        pa, pb = open_two(pair.a, pair.b, None, settings, read)
+        return divergence_map(pa, pb, settings, options.metric, with_pred=options.panel,
+                              chunk_pixels=read.chunk_pixels)  # fmt: skip
+
+    maps: dict = {}
+    vmax = shared_scale(pairs, options, maps, compute)  # one colour scale for a folder
     written = []
-    for pair in pairs:
-        png = out if single else out / f"{pair.stem}_{options.metric}.png"
+    for pair, png in zip(pairs, pngs):
         tif = (
             None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
         )
         refuse_overwriting_inputs([png, tif], inputs)
-        pa, pb = open_two(pair.a, pair.b, None, settings, read)
-        mm = divergence_map(pa, pb, settings, options.metric, with_pred=options.panel,
-                            chunk_pixels=read.chunk_pixels)  # fmt: skip
-        render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index)
+        mm = maps.pop(pair.stem, None) or compute(pair)
+        render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index,
+               shared_vmax=vmax)  # fmt: skip
         if tif is not None:
             write_raw(mm, tif)
         written.append(png)

@@ -193,6 +193,7 @@ def plan_blocks(job, block_rows: int | None) -> list[tuple[Any, Block | None]]:
 
     splittable = block_rows != 0 and not job.settings.soft_gt
     splittable = splittable and not job.settings.calibration_views
+    splittable = splittable and job.settings.boundary is None  # surfaces need whole masks
     tasks: list[tuple[Any, Block | None]] = []
     for i, pair in enumerate(job.pairing.pairs):
         remote = Pair(pair.stem, _absolute(pair.pred), _absolute(pair.target))

@@ -632,6 +632,14 @@ def plan(
         layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels,
         spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch,
     )  # fmt: skip
+    if calibration_views and pairing.pairs:
+        from .volumes import is_volume_pair
+
+        if spatial_dims == 3 or is_volume_pair(pairing.pairs[0], read):
+            raise UsageError(
+                "--calibration-views works on 2-D images only: its boundary band (pixels near "
+                "another class) is not computed in 3-D; leave out the view names"
+            )
     num_classes = len(names) if names else None
     if num_classes is None:  # the first prediction that opens tells (--keep-going skips bad ones)
         first_error = None

@@ -744,17 +744,16 @@ def heatmap_outputs(pred: Path, out: Path, stems: list[str], metric: str) -> tup
     return False, [out / f"{stem}_{metric}.png" for stem in stems]
 
 
-def shared_scale(pairs, settings, read, options: HeatmapOptions, maps: dict) -> float | None:
+def shared_scale(pairs, options: HeatmapOptions, maps: dict, compute) -> float | None:
     """The folder's one colour scale: the ``percentile`` of every valid pixel of every map
-    (so images can be compared), from a mergeable log histogram. Maps are kept in ``maps``
-    when they fit in memory together, else recomputed when drawn. None when the range is
-    given or fixed."""
+    (so images can be compared), from a mergeable log histogram. ``compute(pair)`` gives a
+    pair's MetricMap; maps are kept in ``maps`` (by stem) when they fit in memory together,
+    else recomputed when drawn. None when the range is given or fixed."""
     if options.vmax is not None or options.metric in ("error", "confidence") or len(pairs) < 2:
         return None
     hist, kept = LogHistogram(), 0
     for pair in pairs:
-        mm = pair_map(pair, settings, read, options.metric, with_pred=options.panel,
-                      view=options.view)  # fmt: skip
+        mm = compute(pair)
         hist.add(mm.values)
         kept += mm.height * mm.width
         if kept <= IN_MEMORY_PIXELS and isinstance(mm.values, np.ndarray):
@@ -801,17 +800,19 @@ def make_heatmaps(
     if on_start is not None:
         on_start(len(pairs))
     maps: dict[str, MetricMap] = {}
-    vmax = shared_scale(pairs, job.settings, job.read, options, maps)
+
+    def compute(pair) -> MetricMap:
+        return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
+                        view=options.view)  # fmt: skip
+
+    vmax = shared_scale(pairs, options, maps, compute)
     written = []
     for pair, png in zip(pairs, pngs):
         tif = (
             None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
         )
         refuse_overwriting_inputs([png, tif], inputs)
-        mm = maps.pop(pair.stem, None) or pair_map(
-            pair, job.settings, job.read, options.metric, with_pred=options.panel,
-            view=options.view,
-        )  # fmt: skip
+        mm = maps.pop(pair.stem, None) or compute(pair)
         render(
             mm,
             png,
@@ -843,12 +844,14 @@ def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions)
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [Pair(img.stem, img.pred_path, img.target_path) for img in ranked]
     maps: dict[str, MetricMap] = {}
-    vmax = shared_scale(pairs, settings, result.read, options, maps)
+
+    def compute(pair) -> MetricMap:
+        return pair_map(pair, settings, result.read, options.metric, with_pred=options.panel)
+
+    vmax = shared_scale(pairs, options, maps, compute)
     written = []
     for pair in pairs:
-        mm = maps.pop(pair.stem, None) or pair_map(
-            pair, settings, result.read, options.metric, with_pred=options.panel
-        )
+        mm = maps.pop(pair.stem, None) or compute(pair)
         png = folder / f"{pair.stem}_{options.metric}.png"
         render(mm, png, options, class_names=settings.names,
                ignore_index=settings.ignore_index, shared_vmax=vmax)  # fmt: skip

@@ -50,9 +50,9 @@ BUILTIN_LABEL_MAPS = {"cityscapes": (CITYSCAPES_TRAIN_IDS, CITYSCAPES_CLASSES)}
 class LabelMap:
     """A raw id → class id table (``--label-map``); ids it does not list are ignored."""
 
-    name: str  # a built-in name, or the file it was read from
-    table: tuple[tuple[int, int], ...]
-    class_names: tuple[str, ...] = ()  # a built-in map's class names
+    name: str = field(compare=False)  # a built-in name, or the file it was read from
+    table: tuple[tuple[int, int], ...] = ()
+    class_names: tuple[str, ...] = field(default=(), compare=False)  # a built-in map's names
 
     def as_dict(self) -> dict:
         return {"name": self.name, "map": {str(k): v for k, v in self.table}}

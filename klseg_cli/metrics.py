@@ -160,8 +160,12 @@ class MetricSettings:
             if key in d:
                 kwargs[key] = d[key]
         if d.get("label_map"):
+            from .labels import BUILTIN_LABEL_MAPS
+
+            name = str(d["label_map"]["name"])
             table = tuple(sorted((int(k), int(v)) for k, v in d["label_map"]["map"].items()))
-            kwargs["label_map"] = LabelMap(str(d["label_map"]["name"]), table)
+            builtin = BUILTIN_LABEL_MAPS.get(name)
+            kwargs["label_map"] = LabelMap(name, table, builtin[1] if builtin else ())
         if d.get("boundary"):
             kwargs["boundary"] = BoundaryOptions.from_dict(d["boundary"])
         excluded = d.get("exclude_classes") or ()

@@ -54,6 +54,8 @@ def as_input(value: Any) -> Any:
 
 
 _FILESYSTEMS: dict[str, Any] = {}
+PROTOCOLS = ("s3", "gs", "gcs", "http", "https", "memory", "file")
+"""URL schemes klseg opens through fsspec (others, e.g. ftp://, need arguments a URL lacks)."""
 
 
 def _filesystem(url: str):
@@ -63,6 +65,11 @@ def _filesystem(url: str):
     except ImportError:
         raise UsageError(f"{url}: reading URLs needs the optional extra: {EXTRA_HINT}") from None
     protocol = url.split("://", 1)[0].lower()
+    if protocol not in PROTOCOLS:
+        raise UsageError(
+            f"{url}: klseg does not read {protocol}:// URLs; it reads "
+            + ", ".join(f"{p}://" for p in PROTOCOLS)
+        )
     try:
         fs = _FILESYSTEMS.get(protocol)
         if fs is None:
@@ -74,6 +81,11 @@ def _filesystem(url: str):
         ) from None
     except ValueError as err:
         raise UsageError(f"{url}: {err}") from None
+    except Exception as err:  # e.g. ftp:// wants a host argument: not a URL klseg can open
+        raise UsageError(
+            f"{url}: cannot open a {protocol}:// filesystem ({type(err).__name__}: {err}); "
+            "klseg reads s3://, gs://, https://, memory:// and file:// URLs"
+        ) from None
     return fs, fs._strip_protocol(url)
 
 
@@ -204,7 +216,13 @@ class RemotePath:
             data = fs.cat_file(path, start=start, end=stop)
         except Exception as err:
             raise ReadError(_describe(err), path=self.url) from None
-        if len(data) != stop - start:
+        if len(data) > stop - start:
+            raise ReadError(
+                f"the server sent {len(data):,} bytes for the range {start:,}..{stop:,}: it "
+                "does not serve byte ranges, which klseg needs to read a map chunk by chunk",
+                path=self.url,
+            )
+        if len(data) < stop - start:
             raise ReadError(
                 f"object ended early: asked for bytes {start:,}..{stop:,}, got {len(data):,} "
                 "(was it truncated or replaced while being read?)",

@@ -272,6 +272,8 @@ def settings_differences(current: Mapping, baseline: Mapping) -> list[str]:
     for key in SETTINGS_THAT_CHANGE_NUMBERS:
         a = current.get(key, SETTING_DEFAULTS.get(key))
         b = baseline.get(key, SETTING_DEFAULTS.get(key))
+        if key == "label_map":  # the table counts, not the path it was read from
+            a, b = (m.get("map") if isinstance(m, dict) else m for m in (a, b))
         if a != b:
             diffs.append(f"{key}: {b!r} in the baseline, {a!r} now")
     a, b = current.get("boundary"), baseline.get("boundary")  # --boundary: when both have it
