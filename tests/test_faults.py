@@ -386,9 +386,13 @@ def test_concurrent_runs_into_one_folder_leave_one_runs_report(tmp_path, n_write
 
 
 KILLABLE = r"""
-import sys, time
+import signal, sys, time
 import klseg_cli.heatmap as hm
 from klseg_cli import cli
+
+# a background job of a shell without job control starts with SIGINT ignored (POSIX), and
+# Python keeps that: restore Ctrl-C's usual meaning, as in a terminal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 real = hm.render
 def slow(*a, **k):
@@ -856,6 +860,7 @@ import os, signal, sys
 import klseg_cli.outputs as outputs
 from klseg_cli import cli
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see KILLABLE)
 real = outputs.install_file
 SIG = getattr(signal, sys.argv[1])
 def install(src, dest):
