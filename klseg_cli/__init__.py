@@ -4,7 +4,7 @@ The library behind the ``klseg`` command; everything the CLI does can be called 
 
     import klseg_cli
     result = klseg_cli.evaluate("preds/", "labels/", classes="classes.txt")
-    klseg_cli.write_reports(result.summary(), "report/")
+    klseg_cli.write_reports(result.summary(), "report/", result=result)
 
 and from arrays, in a training loop (sums only, picklable, mergeable)::
 

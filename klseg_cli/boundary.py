@@ -229,6 +229,10 @@ def class_metrics(
     width: float,
 ) -> tuple[float, float, float, float]:
     """(hd95, assd, nsd, biou) of one class: boolean masks of the same shape."""
+    if gt.dtype != bool or pred.dtype != bool:
+        raise ValueError(
+            "class_metrics takes one class's boolean masks (labels == c), not label images"
+        )
     if gt.shape != pred.shape:
         raise ValueError(f"mask shapes differ: {gt.shape} and {pred.shape}")
     box = _bbox(gt | pred)

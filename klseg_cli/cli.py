@@ -82,10 +82,20 @@ class Layout(str, Enum):
     chw = "chw"
 
 
-def _stderr_console():
+def _console(*, stderr: bool = False):
+    """A rich console; in a CI log (not a terminal) 160 columns wide instead of rich's 80,
+    so that requirement texts and table captions are not wrapped mid-phrase."""
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=True)
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=160 if wide else None)
+
+
+def _stderr_console():
+    return _console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -212,7 +222,11 @@ def _print_library_warnings() -> None:
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 ClassesOpt = Annotated[
     Optional[str],
-    typer.Option("--classes", help="Class names: 'road,car,...' or a file with one name a line."),
+    typer.Option(
+        "--classes",
+        help="Class names: 'road,car,...', or a file: one name a line, 'ID NAME' lines, or "
+        "JSON (a list, or {id: name}).",
+    ),
 ]
 LayoutOpt = Annotated[
     Optional[Layout],
@@ -358,13 +372,11 @@ def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdo
     """
     import os
 
-    from rich.console import Console
-
     from . import report
     from .atomic import write_text
 
     if rows:
-        Console(stderr=json_on_stdout).print(report.requirements_table(rows))
+        _console(stderr=json_on_stdout).print(report.requirements_table(rows))
     if not written:
         for path, content in gate_files(summary, rows, junit=junit, markdown=markdown).items():
             write_text(path, content)
@@ -401,6 +413,15 @@ def _bootstrap_plan(require, bootstrap, baseline, base):
     if baseline is not None and n_resamples:
         base_table = stats_of(baseline, base, required="delta()" if needs_delta else None)
     return n_resamples, base_table
+
+
+def _same_folder(out: Path, *inputs) -> bool:
+    """Whether ``out`` is one of the input folders (local ones; URLs are never ``out``)."""
+    try:
+        resolved = Path(out).resolve()
+        return any("://" not in str(p) and Path(p).resolve() == resolved for p in inputs)
+    except (OSError, RuntimeError):
+        return False
 
 
 def _check_paths_writable(junit, markdown, report_dir=None) -> None:
@@ -673,7 +694,11 @@ def evaluate(
     if reliability is not None:
         from .outputs import check_output_file
 
+        if reliability.suffix.lower() != ".png":
+            raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
         check_output_file(reliability, "--reliability", report_dir=out)
+    if out is not None and _same_folder(out, pred, gt):
+        raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")
     options = plan_options(locals())
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
@@ -743,9 +768,7 @@ def evaluate(
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = _console()
         console.print(report.summary_table(summary))
         console.print(report.class_table(summary))
         if out is not None:
@@ -950,9 +973,7 @@ def compare(
 
         sys.stdout.write(summary_json(summary))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = _console()
         print_compare(summary, console)
         if out is not None:
             console.print(f"reports written to {out}/", highlight=False)
@@ -1027,7 +1048,6 @@ def calibrate(
 
         klseg calibrate val/preds val/labels --holdout 0.3 --out calib/
     """
-    from rich.console import Console
 
     from . import report
     from .calibrate import calibrate as run_calibration
@@ -1049,7 +1069,7 @@ def calibrate(
     run_passes: list = []
     run = run_calibration(pred, gt, holdout=holdout, seed=seed, jobs=jobs, on_pass=on_pass,
                           **options)  # fmt: skip
-    console = Console()
+    console = _console()
     fit = run.fit
     bound = " (at the search bound: the optimum lies beyond)" if fit.at_bound else ""
     console.print(
@@ -1343,7 +1363,6 @@ def info(
 
         klseg info preds/frankfurt_000001.npy
     """
-    from rich.console import Console
     from rich.table import Table
 
     from .evaluation import parse_classes
@@ -1363,7 +1382,7 @@ def info(
     table.add_column("value")
     for key, value in facts.items():
         table.add_row(_text(key), _text(value))
-    Console().print(table)
+    _console().print(table)
 
 
 def _text(value) -> str:

@@ -401,7 +401,8 @@ def open_pair(
     if num_classes is not None and pred.num_classes != num_classes:
         raise ShapeError(
             f"has {pred.num_classes} classes ({pred.layout.upper()} shape "
-            f"{tuple(pred.array.shape)}), expected {num_classes}",
+            f"{tuple(pred.array.shape)}), expected {num_classes} (the classes given or found "
+            "first: check --classes)",
             path=pair.pred,
         )
     if isinstance(target, PredictionMap) and target.num_classes != pred.num_classes:

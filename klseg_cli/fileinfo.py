@@ -71,6 +71,8 @@ def _read_as(arr) -> str:
         return "from the file, a chunk at a time"
     if isinstance(arr, TiffSegments):
         return f"tiles, {arr.band_height} rows at a time"
+    if type(arr).__name__ == "ZarrSource":
+        return "Zarr chunks, one band of chunk rows at a time"
     return "whole, into memory"
 
 

@@ -282,10 +282,10 @@ def value_range(
     elif fixed:
         vmax, source = 1.0, "fixed"
     elif shared_vmax is not None:
-        vmax, source = shared_vmax, f"{options.percentile:g}th percentile of all images"
+        vmax, source = shared_vmax, f"{options.percentile:g}th pct, all images"
     else:
         vmax = percentile(mm.values, options.percentile)
-        source = f"{options.percentile:g}th percentile"
+        source = f"{options.percentile:g}th pct"
         if not math.isfinite(vmax):
             vmax = 1.0
     if not vmax > vmin:

@@ -278,7 +278,7 @@ def check_probabilities(
     lo, hi = float(P.min()), float(P.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int(np.count_nonzero(~np.isfinite(P)))
-        raise ProbabilityError(f"{bad} values are NaN or infinite")
+        raise ProbabilityError(f"{bad} value{'s are' if bad != 1 else ' is'} NaN or infinite")
     off = np.abs(sums - 1.0)
     worst = float(off.max()) if off.size else 0.0
     if lo >= 0.0 and worst > tolerance and sums.size:

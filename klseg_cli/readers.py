@@ -663,8 +663,9 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             path=path,
         )
     if arr.ndim != 2:
+        hint = "; a volume's labels need --spatial-dims 3" if arr.ndim == 3 else ""
         raise ShapeError(
-            f"a label mask must be 2-D (H, W), got shape {tuple(arr.shape)}", path=path
+            f"a label mask must be 2-D (H, W), got shape {tuple(arr.shape)}{hint}", path=path
         )
     if arr.dtype.kind == "f":
         raise LabelError(

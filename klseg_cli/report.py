@@ -195,6 +195,11 @@ def fmt_g(value) -> str:
     return f"{value:.6g}"
 
 
+def _count(n: int, noun: str) -> str:
+    """ "1 image", "8 images"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summary_unit(summary: Mapping) -> str:
     """The unit of the information metrics of a summary: nats, bits or "log base b"."""
     from .metrics import unit_label
@@ -207,8 +212,9 @@ def summary_unit(summary: Mapping) -> str:
 def summary_table(summary: Mapping):
     """Dataset metrics, pooled and image-mean side by side."""
     from rich import box
-    from rich.markup import escape
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     unit = summary_unit(summary)
     caption = f"kl, ce, js, entropy in {unit}; brier: multi-class sum (0..2)"
@@ -216,8 +222,7 @@ def summary_table(summary: Mapping):
     if left_out:
         caption += "; class means leave out " + ", ".join(map(str, left_out))
     table = Table(
-        title=f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels",
-        caption=escape(caption),
+        title=f"{_count(summary['n_images'], 'image')}, {summary['n_valid']:,} valid pixels",
         box=box.SIMPLE_HEAD,
     )
     table.add_column("metric", no_wrap=True)
@@ -225,7 +230,8 @@ def summary_table(summary: Mapping):
     table.add_column("image mean", justify="right", no_wrap=True)
     for name, pooled, image_mean in dataset_rows(summary["dataset"]):
         table.add_row(name, fmt_ci(summary, pooled), fmt_ci(summary, image_mean))
-    return table
+    # the note below the table, not a caption: a caption wraps at the table's narrow width
+    return Group(table, Text(f"  {caption}", style="dim"))
 
 
 def dataset_rows(dataset: Mapping):
@@ -360,7 +366,9 @@ def markdown_report(summary: Mapping | None, rows: list[Mapping]) -> str:
     )
     lines.append(f"## klseg: {verdict}\n")
     if summary is not None:
-        lines.append(f"{summary['n_images']} images, {summary['n_valid']:,} valid pixels.\n")
+        lines.append(
+            f"{_count(summary['n_images'], 'image')}, {summary['n_valid']:,} valid pixels.\n"
+        )
         lines.append("| metric | pooled | image mean |")
         lines.append("|---|---:|---:|")
         for name, pooled, image_mean in dataset_rows(summary["dataset"]):

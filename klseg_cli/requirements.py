@@ -189,6 +189,9 @@ def did_you_mean(word: str, candidates) -> str:
     lowered = {c.lower(): c for c in candidates}
     if word.lower() in lowered:
         return f"; did you mean {lowered[word.lower()]!r}?"
+    prefixed = [c for c in candidates if c.lower().startswith(word.lower() + "_")]
+    if prefixed:  # "miou": miou_pooled or miou_image_mean
+        return "; did you mean " + " or ".join(repr(c) for c in prefixed[:3]) + "?"
     close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
     return f"; did you mean {lowered[close[0]]!r}?" if close else ""
 
@@ -207,7 +210,8 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
             if not hint:
                 hint = did_you_mean(req.metric, [*summary["dataset"], *CLASS_METRICS])
             raise UsageError(
-                f"--require {req.text!r}: unknown name {req.metric!r}{hint}. Valid names: "
+                f"--require {req.text!r}: unknown name {req.metric!r}{hint}"
+                f"{' ' if hint.endswith('?') else '. '}Valid names: "
                 + ", ".join(valid_names(summary))
             )
         value = summary["dataset"][req.metric]

@@ -33,7 +33,7 @@ def _why(err: OSError) -> str:
 
 def _kind_of(mode: int) -> str:
     if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
+        return "is a folder, not a file (a report's file is DIR/summary.json)"
     if stat.S_ISFIFO(mode):
         return "is a FIFO (named pipe), not a regular file"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):

@@ -345,7 +345,7 @@ def test_folder_heatmaps_share_one_scale(tmp_path):
 
 def test_uniformly_good_map_states_its_range(tmp_path):
     info = render(vmap(np.full((10, 10), 1e-3)), tmp_path / "u.png", HeatmapOptions(colorbar=True))
-    assert info["source"] == "99th percentile" and info["vmax"] == pytest.approx(1e-3)
+    assert info["source"] == "99th pct" and info["vmax"] == pytest.approx(1e-3)
     info = render(vmap([[0.0, 1.0]], metric="error"), tmp_path / "e.png",
                   HeatmapOptions(colorbar=True))  # fmt: skip
     assert info["source"] == "fixed"

@@ -119,3 +119,27 @@ def test_evaluator_from_result_refuses_boundary_settings():
     result = evaluate(PRED, GT, boundary=BoundaryOptions())
     with pytest.raises(UsageError, match="boundary"):
         Evaluator.from_result(result)
+
+
+# --- from a new user's trial of the README ---------------------------------------------------
+
+
+def test_new_user_mistakes_get_helpful_errors(tmp_path, rng):
+    r = run("evaluate", PRED, GT, "--reliability", tmp_path / "rel.jpg")
+    assert r.exit_code == 2 and "name it .png" in r.stderr
+    r = run("evaluate", PRED, GT, "--out", PRED)
+    assert r.exit_code == 2 and "is an input folder" in r.stderr
+    r = run("evaluate", PRED, GT, "--require", "miou >= 0.8")
+    assert r.exit_code == 2 and "did you mean 'miou_pooled' or 'miou_image_mean'? Valid" in r.stderr
+    np.save(tmp_path / "p.npy", rng.dirichlet(np.ones(3), size=(6, 7)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.zeros((6, 7, 5), np.uint8))
+    r = run("evaluate", tmp_path / "p.npy", tmp_path / "y.npy")
+    assert r.exit_code == 2 and "--spatial-dims 3" in r.stderr
+    r = run("gate", tmp_path)
+    assert r.exit_code == 2 and "summary.json" in r.stderr
+
+
+def test_tables_are_not_wrapped_in_ci_logs(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    r = run("evaluate", PRED, GT, "--require", "kl_pooled <= 0.5")
+    assert "brier: multi-class sum (0..2)" in r.stdout  # one line, not "brier:" / "multi-..."
