@@ -113,12 +113,14 @@ def calibrate(
     seed: int = 0,
     jobs: int = 1,
     on_pass: Callable[[PassResult], None] | None = None,
+    write: str | Path | None = None,
     **options,
 ) -> CalibrationRun:
     """Fit T on ``pred``/``target`` (files or folders) and evaluate before and after.
 
     ``options`` are those of ``evaluation.plan``. With ``holdout`` (a fraction), that share
     of the images (a seeded random choice) is left out of the fit and evaluated apart.
+    ``write``: the folder the calibrated maps will go to, checked before the fit.
 
     Example::
 
@@ -133,6 +135,10 @@ def calibrate(
     if settings.temperature != 1.0:
         raise UsageError("calibrate fits a temperature to the maps as they are; omit it")
     pairs = list(job.pairing.pairs)
+    if write is not None:
+        from .calibrated_maps import check_write_folder
+
+        check_write_folder(pairs, Path(write))
     if holdout is not None:
         fit_pairs, hold_pairs = split_holdout(pairs, holdout, seed)
     else:

@@ -98,6 +98,20 @@ def _write_tiff(src_npy: Path, original: Path, path: Path) -> None:
     tifffile.imwrite(path, data=data, **kw)
 
 
+def check_write_folder(pairs: Sequence, out: Path) -> None:
+    """A UsageError, before any work, if ``--write`` could not take every map: a file, two
+    maps with one name, or a map's name taken already (klseg replaces nothing)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--write {out} is an existing file; give a folder")
+    names = [Path(p.pred).name for p in pairs]
+    if len(set(names)) != len(names):
+        raise UsageError("--write: two predictions have the same file name")
+    for name in names:
+        if (out / name).exists():
+            raise UsageError(f"--write: {out / name} exists already; give an empty folder")
+
+
 def write_calibrated(
     pairs: Sequence,
     settings: MetricSettings,
@@ -116,14 +130,7 @@ def write_calibrated(
     from .evaluation import open_pair
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--write {out} is an existing file; give a folder")
-    names = [Path(p.pred).name for p in pairs]
-    if len(set(names)) != len(names):
-        raise UsageError("--write: two predictions have the same file name")
-    for name in names:
-        if (out / name).exists():
-            raise UsageError(f"--write: {out / name} exists already; give an empty folder")
+    check_write_folder(pairs, out)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -1068,7 +1068,7 @@ def calibrate(
 
     run_passes: list = []
     run = run_calibration(pred, gt, holdout=holdout, seed=seed, jobs=jobs, on_pass=on_pass,
-                          **options)  # fmt: skip
+                          write=write, **options)  # fmt: skip
     console = _console()
     fit = run.fit
     bound = " (at the search bound: the optimum lies beyond)" if fit.at_bound else ""

@@ -143,3 +143,12 @@ def test_tables_are_not_wrapped_in_ci_logs(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     r = run("evaluate", PRED, GT, "--require", "kl_pooled <= 0.5")
     assert "brier: multi-class sum (0..2)" in r.stdout  # one line, not "brier:" / "multi-..."
+
+
+def test_calibrate_write_folder_is_checked_before_the_fit(tmp_path):
+    import shutil
+
+    shutil.copy(SAMPLE / "predictions" / "scene_00.npy", tmp_path / "scene_00.npy")
+    r = run("calibrate", PRED, GT, "--write", tmp_path)
+    assert r.exit_code == 2 and "exists already" in r.stderr
+    assert "pass 1" not in r.stderr  # refused before any pass over the data
