@@ -20,7 +20,7 @@ import numpy as np
 from .errors import LabelError, ReadError, ShapeError, UsageError
 from .fortran import fortran_rows
 from .labelio import one_series, read_label_npy, read_label_tiff
-from .safeio import check_regular
+from .safeio import check_regular, parse_npy_header
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
 TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
@@ -63,27 +63,13 @@ def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
         )
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) from a .npy header, read without touching the data."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-        return tuple(shape), np.dtype(dtype), fh.tell()
-
-
 def _load_npy(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Memory-map a .npy after checking its header: size, dtype, and that no data is missing."""
     try:
-        shape, dtype, offset = _npy_header(path)
+        with open(path, "rb") as fh:  # the header only, never the data
+            shape, dtype, _, offset = parse_npy_header(fh, path)
     except OSError as err:
         raise ReadError(f"cannot read: {_describe_oserror(err)}", path=path) from None
-    except Exception as err:  # NumPy raises a zoo of errors on damaged headers
-        raise ReadError(f"not a valid .npy file ({err})", path=path) from None
     if dtype.hasobject:
         raise ReadError(
             "holds Python objects; klseg never unpickles files, save a numeric array", path=path

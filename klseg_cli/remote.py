@@ -287,18 +287,9 @@ def _npy_header(rpath: RemotePath) -> tuple[tuple[int, ...], np.dtype, bool, int
         end = min(size, (10 if short else 12) + length)
         if end > len(head):
             head = rpath.read_range(0, end)
-    fh = io.BytesIO(head)
-    try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except Exception as err:
-        raise ReadError(f"not a valid .npy file ({err})", path=rpath.url) from None
-    return tuple(shape), np.dtype(dtype), bool(fortran), fh.tell()
+    from .safeio import parse_npy_header
+
+    return parse_npy_header(io.BytesIO(head), rpath.url)
 
 
 def load_array(rpath: RemotePath, *, npz_key: str | None, max_pixels: int):

@@ -141,22 +141,29 @@ def pread_exact(fd: int, offset: int, out: np.ndarray, path: Path | str) -> None
         got += n
 
 
+def parse_npy_header(fh, path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of the .npy header at the start of the
+    binary file object ``fh`` (a file, or bytes read from a URL), without unpickling; a
+    damaged header is a ReadError naming ``path``."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except OSError as err:
+        raise ReadError(f"cannot read: {_why(err)}", path=path) from None
+    except Exception as err:  # NumPy raises a zoo of errors on damaged headers
+        raise ReadError(f"not a valid .npy file ({err})", path=path) from None
+    return tuple(shape), np.dtype(dtype), bool(fortran), fh.tell()
+
+
 def npy_header(fd: int, path: Path | str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) of the .npy open as ``fd``."""
     with os.fdopen(os.dup(fd), "rb") as fh:
-        try:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except OSError as err:
-            raise ReadError(f"cannot read: {_why(err)}", path=path) from None
-        except Exception as err:  # NumPy raises a zoo of errors on damaged headers
-            raise ReadError(f"not a valid .npy file ({err})", path=path) from None
-        return tuple(shape), np.dtype(dtype), bool(fortran), fh.tell()
+        return parse_npy_header(fh, path)
 
 
 def read_npy(path: Path | str, *, check_shape=None) -> np.ndarray:
