@@ -309,14 +309,7 @@ def dask_evaluate(
             images.append(held)
         held.stats = held.stats + stats
     images = [i for i in images if partial.get(i.stem) is not False]
-    return EvaluationResult(
-        settings=job.settings,
-        images=images,
-        missing_predictions=job.pairing.missing_pred,
-        unpaired_predictions=job.pairing.missing_target,
-        errors=errors,
-        read=job.read,
-    )
+    return EvaluationResult.of(job, images, errors)
 
 
 def _pairs_of(job, tasks):

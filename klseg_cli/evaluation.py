@@ -105,6 +105,18 @@ class EvaluationResult:
     errors: list[dict] = field(default_factory=list)
     read: ReadOptions = field(default_factory=ReadOptions)
 
+    @classmethod
+    def of(cls, job: Job, images: list[ImageResult], errors: list[dict]) -> EvaluationResult:
+        """The result of a job's images (local or from a cluster) and input errors."""
+        return cls(
+            settings=job.settings,
+            images=images,
+            missing_predictions=job.pairing.missing_pred,
+            unpaired_predictions=job.pairing.missing_target,
+            errors=errors,
+            read=job.read,
+        )
+
     @property
     def total(self) -> Stats:
         total = Stats.zeros(self.settings.num_classes, self.settings.ece_bins)
@@ -923,11 +935,4 @@ def evaluate(
             images.append(outcome)
         if on_image is not None:
             on_image(pair)
-    return EvaluationResult(
-        settings=job.settings,
-        images=images,
-        missing_predictions=job.pairing.missing_pred,
-        unpaired_predictions=job.pairing.missing_target,
-        errors=errors,
-        read=job.read,
-    )
+    return EvaluationResult.of(job, images, errors)
