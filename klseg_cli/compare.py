@@ -497,16 +497,7 @@ def make_pair_heatmaps(
 ) -> list[Path]:
     """Heatmaps of where model B departs from model A: one pair of files (``out`` a .png)
     or two folders paired by stem (``out`` a folder, one ``<stem>_<metric>.png`` each)."""
-    from .heatmap import (
-        DEFAULT_IGNORE_COLOR,
-        colormap_lut,
-        heatmap_outputs,
-        parse_color,
-        render,
-        shared_scale,
-        write_raw,
-    )
-    from .report import refuse_overwriting_inputs
+    from .heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color, render_pairs
 
     if options.metric not in AGAINST_METRICS:
         raise UsageError(
@@ -517,38 +508,13 @@ def make_pair_heatmaps(
     colormap_lut(options.cmap)
     parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
     pairs, settings, read, _, _, _ = pair_models(Path(a), Path(b), None, **plan_options)
-    out = Path(out)
-    single, pngs = heatmap_outputs(Path(a), out, [p.stem for p in pairs], options.metric)
-    raw = Path(raw) if raw is not None else None
-    if not single:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
-        out.mkdir(parents=True, exist_ok=True)
-        if raw is not None:
-            raw.mkdir(parents=True, exist_ok=True)
     inputs = [p for pair in pairs for p in (pair.a, pair.b)]
-    if on_start is not None:
-        on_start(len(pairs))
 
     def compute(pair):
         pa, pb = open_two(pair.a, pair.b, None, settings, read)
         return divergence_map(pa, pb, settings, options.metric, with_pred=options.panel,
                               chunk_pixels=read.chunk_pixels)  # fmt: skip
 
-    maps: dict = {}
-    vmax = shared_scale(pairs, options, maps, compute)  # one colour scale for a folder
-    written = []
-    for pair, png in zip(pairs, pngs):
-        tif = (
-            None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
-        )
-        refuse_overwriting_inputs([png, tif], inputs)
-        mm = maps.pop(pair.stem, None) or compute(pair)
-        render(mm, png, options, class_names=settings.names, ignore_index=settings.ignore_index,
-               shared_vmax=vmax)  # fmt: skip
-        if tif is not None:
-            write_raw(mm, tif)
-        written.append(png)
-        if on_image is not None:
-            on_image(pair)
-    return written
+    return render_pairs(pairs, Path(a), Path(out), Path(raw) if raw is not None else None,
+                        options, settings, inputs, compute, on_start=on_start,
+                        on_image=on_image)  # fmt: skip

@@ -778,10 +778,7 @@ def make_heatmaps(
     ``plan_options`` are those of ``evaluation.plan``. Returns the PNGs written. In folder
     mode the default colour range is one scale for every image (see ``shared_scale``).
     """
-    from dataclasses import replace
-
     from .evaluation import plan
-    from .report import refuse_overwriting_inputs
 
     if target is None and options.metric not in TARGET_FREE_METRICS:
         raise UsageError(f"--metric {options.metric} needs a target (GT)")
@@ -791,8 +788,27 @@ def make_heatmaps(
     out = Path(out)
     raw = Path(raw) if raw is not None else None
     pairs = job.pairing.pairs
-    single, pngs = heatmap_outputs(Path(pred), out, [p.stem for p in pairs], options.metric)
     inputs = [p for pair in pairs for p in (pair.pred, pair.target)]
+
+    def compute(pair) -> MetricMap:
+        return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
+                        view=options.view)  # fmt: skip
+
+    return render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
+                        on_start=on_start, on_image=on_image)  # fmt: skip
+
+
+def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: HeatmapOptions,
+                 settings: MetricSettings, inputs, compute, *, on_start=None,
+                 on_image=None) -> list[Path]:  # fmt: skip
+    """Draw ``compute(pair)`` (a MetricMap) of every pair: one ``out`` PNG when ``first``
+    (the PRED argument) is a file, else ``out/<stem>_<metric>.png`` on the folder's one
+    colour scale; ``--raw`` TIFFs beside; never over an input. Returns the PNGs written."""
+    from dataclasses import replace
+
+    from .report import refuse_overwriting_inputs
+
+    single, pngs = heatmap_outputs(first, out, [p.stem for p in pairs], options.metric)
     if not single:
         out.mkdir(parents=True, exist_ok=True)
         if raw is not None:
@@ -800,11 +816,6 @@ def make_heatmaps(
     if on_start is not None:
         on_start(len(pairs))
     maps: dict[str, MetricMap] = {}
-
-    def compute(pair) -> MetricMap:
-        return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
-                        view=options.view)  # fmt: skip
-
     vmax = shared_scale(pairs, options, maps, compute)
     written = []
     for pair, png in zip(pairs, pngs):
@@ -817,8 +828,8 @@ def make_heatmaps(
             mm,
             png,
             replace(options, overlay=_photo_for(options.overlay, pair.stem)),
-            class_names=job.settings.names,
-            ignore_index=job.settings.ignore_index,
+            class_names=settings.names,
+            ignore_index=settings.ignore_index,
             shared_vmax=vmax,
         )
         if tif is not None:
