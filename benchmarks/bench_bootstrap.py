@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from klseg_cli.bootstrap import Source, bootstrap, interval
-from klseg_cli.metrics import MetricSettings
-from klseg_cli.stats import IMAGE_MEAN_METRICS
+from klseg_cli.core.bootstrap import Source, bootstrap, interval
+from klseg_cli.core.metrics import MetricSettings
+from klseg_cli.core.stats import IMAGE_MEAN_METRICS
 
 
 def simulated(n: int, C: int, bins: int = 15, seed: int = 0) -> Source:

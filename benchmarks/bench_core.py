@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from klseg_cli import _fast
-from klseg_cli.evaluation import DEFAULT_CHUNK_PIXELS, image_stats
-from klseg_cli.metrics import MetricSettings
-from klseg_cli.readers import PredictionMap
+from klseg_cli.core import _fast
+from klseg_cli.core.metrics import MetricSettings
+from klseg_cli.engine.local import DEFAULT_CHUNK_PIXELS, image_stats
+from klseg_cli.io.readers import PredictionMap
 
 
 def best_of(fn, repeat):

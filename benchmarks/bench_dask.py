@@ -57,7 +57,7 @@ def main() -> None:
     import zarr
 
     import klseg_cli
-    from klseg_cli.engine_dask import dask_evaluate
+    from klseg_cli.engine.dask_cluster import dask_evaluate
 
     root = Path(tempfile.mkdtemp(prefix="klseg-dask-"))
     try:

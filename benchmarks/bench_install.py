@@ -45,7 +45,7 @@ def main() -> None:
         np.save(work / "map.npy", z)
         Image.fromarray(z.argmax(axis=2).astype(np.uint8)).save(work / "map.png")
         site = next((venv / "lib").glob("python*/site-packages/klseg_cli"))
-        cache = site / "_numba_cache"
+        cache = site / "core" / "_numba_cache"
         before = sorted(p.name for p in cache.glob("*")) if cache.exists() else []
         times = []
         for _ in range(3):

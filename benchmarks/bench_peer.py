@@ -34,11 +34,11 @@ def main() -> None:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench_core import best_of, make_map
 
-    from klseg_cli import _fast
-    from klseg_cli.evaluation import image_stats
-    from klseg_cli.metrics import MetricSettings
-    from klseg_cli.readers import PredictionMap
-    from klseg_cli.stats import class_metrics, ece
+    from klseg_cli.core import _fast
+    from klseg_cli.core.metrics import MetricSettings
+    from klseg_cli.core.stats import class_metrics, ece
+    from klseg_cli.engine.local import image_stats
+    from klseg_cli.io.readers import PredictionMap
 
     torch.set_num_threads(1)
     h, w, C = args.height, args.width, args.classes

@@ -20,25 +20,25 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Evaluator": "api",
-    "EvaluationResult": "evaluation",
-    "ImageResult": "evaluation",
+    "Evaluator": "commands.evaluator",
+    "EvaluationResult": "engine.local",
+    "ImageResult": "engine.local",
     "InputError": "errors",
     "KlsegError": "errors",
     "LabelError": "errors",
-    "MetricSettings": "metrics",
+    "MetricSettings": "core.metrics",
     "OutputError": "errors",
     "ProbabilityError": "errors",
     "ReadError": "errors",
     "ShapeError": "errors",
-    "Stats": "stats",
+    "Stats": "core.stats",
     "UsageError": "errors",
-    "compare_models": "compare",
-    "evaluate": "evaluation",
-    "evaluate_pair": "evaluation",
-    "load_stats": "statsfile",
-    "pixel_terms": "metrics",
-    "write_reports": "report",
+    "compare_models": "commands.compare",
+    "evaluate": "engine.local",
+    "evaluate_pair": "engine.local",
+    "load_stats": "io.statsfile",
+    "pixel_terms": "core.metrics",
+    "write_reports": "render.report",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -1,4 +1,4 @@
-"""Fit the polynomial of klseg's compiled log (``klseg_cli/_fast.py``, ``_P``).
+"""Fit the polynomial of klseg's compiled log (``klseg_cli/core/_fast.py``, ``_P``).
 
     python scripts/fit_log.py [--degree 6]
 

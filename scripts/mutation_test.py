@@ -53,11 +53,11 @@ class Mutant:
 
 
 M, S, F, R, E = (
-    "klseg_cli/metrics.py",
-    "klseg_cli/stats.py",
-    "klseg_cli/_fast.py",
-    "klseg_cli/labels.py",
-    "klseg_cli/evaluation.py",
+    "klseg_cli/core/metrics.py",
+    "klseg_cli/core/stats.py",
+    "klseg_cli/core/_fast.py",
+    "klseg_cli/core/labels.py",
+    "klseg_cli/engine/local.py",
 )
 
 ODD_PLANE = (
@@ -132,7 +132,7 @@ MUTANTS = [
            "check_probabilities, which accepts it again (stricter costs time, not results)"),
     Mutant("metrics-check-range", M, "hi > 1.0 + tolerance or worst", "hi > 1.0 or worst",
            METRICS),
-    Mutant("metrics-tolerance-f16", "klseg_cli/readers.py",
+    Mutant("metrics-tolerance-f16", "klseg_cli/io/readers.py",
            "return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3", "return 1e-3", METRICS),
     # --- stats.py: sums, merges and the final formulas --------------------------------------
     Mutant("stats-ece-correct", S, "b + bins * (y == pred)", "b + bins * (y != pred)", STATS),

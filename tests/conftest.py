@@ -37,7 +37,7 @@ def recording_kernel():
     attribute catches every caller that looks it up at call time (threads included); a
     caller that bound it earlier records nothing, so ``assert_kernel_took`` fails loudly.
     """
-    from klseg_cli import _fast
+    from klseg_cli.core import _fast
 
     if not _fast.AVAILABLE:
         if NO_NUMBA:

@@ -1,0 +1,5 @@
+"""The Typer application: parse options, call the library, render, exit."""
+
+from .root import app, main
+
+__all__ = ["app", "main"]
