@@ -124,7 +124,8 @@ class Evaluator:
         keep_images: bool = True,
         settings: MetricSettings | None = None,
     ) -> None:
-        from ..engine.local import DEFAULT_CHUNK_PIXELS, class_names_and_map, metric_settings
+        from ..core.chunks import DEFAULT_CHUNK_PIXELS
+        from ..engine.local import class_names_and_map, metric_settings
 
         if settings is None:
             names, label_map = class_names_and_map(tuple(classes or ()), label_map)

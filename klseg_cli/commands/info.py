@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.local import chunk_for
+from ..core.chunks import chunk_for
 from ..errors import KlsegError
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,

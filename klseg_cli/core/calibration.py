@@ -422,8 +422,8 @@ class PairData:
         """Pixels spread evenly over the images (or over every k-th image when there are
         many), read in blocks: whole small images are read in order and thinned. Values are
         not checked here — the passes check every one."""
-        from ..engine.local import chunk_for
         from . import _fast_fit
+        from .chunks import chunk_for
 
         settings, read = self.settings, self.read
         budget = max(SAMPLE_BLOCK, min(SAMPLE_PIXELS, (1 << 22) // settings.num_classes))
@@ -483,8 +483,9 @@ class PairData:
 def _kernel_pass(pair, opened, settings, read, a):
     """One pair through the compiled pass; a chunk it refuses goes through NumPy (which
     raises the error, or computes it when the bad values are all under ignored pixels)."""
-    from ..engine.local import _tolerance, chunk_for
+    from ..engine.local import _tolerance
     from . import _fast_fit
+    from .chunks import chunk_for
 
     pred = opened.pred
     labels = opened.target.reshape(-1)

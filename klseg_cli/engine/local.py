@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.boundary import BoundaryOptions
+from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.labels import LabelMap, load_label_map
 from ..core.metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
 from ..core.stats import (
@@ -37,20 +38,9 @@ from ..io.readers import (
 )
 from ..io.safeio import exists, read_small_text
 
-DEFAULT_CHUNK_PIXELS = 1 << 15
-"""Pixels per chunk: 32768 × 19 classes × 4 bytes ≈ 2.5 MB, about an L2/L3 cache's worth."""
 FAST_MIN_VALUES = 1 << 23
 """Maps with at least this many values (8.4M: a 1024×2048 map has 40M) use the compiled
 kernel when it is installed; smaller ones are done before numba would have loaded."""
-MAX_CHUNK_ELEMENTS = 1 << 22
-"""A chunk never holds more values than this (16 MB of float32), however many classes."""
-
-
-def chunk_for(chunk_pixels: int, num_classes: int) -> int:
-    """Pixels per chunk for a map with ``num_classes`` classes: memory stays bounded."""
-    if chunk_pixels < 1:
-        raise UsageError(f"chunk size must be positive, got {chunk_pixels}")
-    return max(1, min(chunk_pixels, MAX_CHUNK_ELEMENTS // max(num_classes, 1)))
 
 
 @dataclass(frozen=True)

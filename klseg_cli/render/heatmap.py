@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
-from ..engine.local import DEFAULT_CHUNK_PIXELS, OpenedPair, chunk_for, iter_terms
+from ..engine.local import OpenedPair, iter_terms
 from ..errors import InputError, UsageError
 from ..io.png import write_rgb_png
 from ..io.readers import read_palette, sum_tolerance

@@ -208,6 +208,7 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     from pathlib import Path
 
     from klseg_cli import evaluate
+    from klseg_cli.core.chunks import chunk_for
     from klseg_cli.engine import local as evaluation
     from klseg_cli.render.report import summary_json
 
@@ -221,7 +222,7 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     chunks = 0
     for pair in job.pairing.pairs:
         pm = evaluation.open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
-        chunks += n_chunks(pm, evaluation.chunk_for(job.read.chunk_pixels, pm.num_classes))
+        chunks += n_chunks(pm, chunk_for(job.read.chunk_pixels, pm.num_classes))
     texts = []
     for j in (1, 2, 3):
         with recording_kernel() as taken:
