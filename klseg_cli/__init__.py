@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Evaluator": "commands.evaluator",
-    "EvaluationResult": "engine.local",
-    "ImageResult": "engine.local",
+    "EvaluationResult": "core.results",
+    "ImageResult": "core.results",
     "InputError": "errors",
     "KlsegError": "errors",
     "LabelError": "errors",

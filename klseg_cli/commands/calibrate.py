@@ -17,7 +17,8 @@ from pathlib import Path
 from .. import __version__
 from ..core.calibration import PairData, PassResult, TemperatureFit, fit_temperature, split_holdout
 from ..core.metrics import MetricSettings
-from ..engine.local import EvaluationResult, Job, ReadOptions, _results, plan
+from ..core.results import EvaluationResult, ReadOptions
+from ..engine.local import Job, _results, plan
 from ..errors import InputError, UsageError
 from ..io.pairing import Pair, Pairing
 

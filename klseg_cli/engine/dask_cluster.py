@@ -246,8 +246,9 @@ def dask_evaluate(
     """``evaluation.evaluate`` on a Dask cluster (``jobs`` is the cluster's business and is
     ignored). ``block_rows``: rows per task of a split map (None: maps of more than
     SPLIT_VALUES values are split; 0: never)."""
+    from ..core.results import EvaluationResult, ImageResult
     from ..core.stats import Stats
-    from .local import EvaluationResult, ImageResult, plan
+    from .local import plan
 
     job = plan(pred, target, **options)
     client, close = connect(scheduler)

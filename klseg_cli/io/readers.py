@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import LabelError, ReadError, ShapeError, UsageError
 from .fortran import fortran_rows
 from .labelio import one_series, read_label_npy, read_label_tiff
@@ -25,7 +26,6 @@ from .safeio import check_regular, parse_npy_header
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
 TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
 LAYOUTS = ("hwc", "chw")
-DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating
 
 
 def sum_tolerance(dtype: np.dtype) -> float:

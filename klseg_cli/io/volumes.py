@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.local import OpenedPair, ReadOptions
+from ..core.results import ReadOptions
+from ..engine.local import OpenedPair
 from ..errors import LabelError, ReadError, ShapeError, UsageError
 from .pairing import Pair
 from .readers import PredictionMap, _check_float_dtype, load_array
@@ -43,13 +44,6 @@ def is_nifti(path) -> bool:
 def is_volume_pair(pair: Pair, read: ReadOptions) -> bool:
     """Whether a pair is read as volumes: NIfTI files, or ``--spatial-dims 3``."""
     return getattr(read, "spatial_dims", 2) == 3 or is_nifti(pair.pred) or is_nifti(pair.target)
-
-
-def shape_columns(shape: tuple[int, ...] | None) -> dict:
-    """A volume's per-image columns: height, width, depth = its X, Y, Z (file order)."""
-    if shape is None or len(shape) != 3:
-        return {}
-    return {"height": int(shape[0]), "width": int(shape[1]), "depth": int(shape[2])}
 
 
 def _nibabel():
