@@ -127,7 +127,7 @@ def write_calibrated(
     is an error here: the written map must be a map). Refuses to replace any existing file
     (klseg never overwrites what it did not create): give an empty or new folder.
     """
-    from ..engine.local import open_pair
+    from ..io.opening import open_pair
 
     out = Path(out)
     check_write_folder(pairs, out)

@@ -365,7 +365,7 @@ def iter_fit_chunks(pairs, settings: MetricSettings, read) -> Iterator:
 
 
 def _open(pair, settings: MetricSettings, read):
-    from ..engine.local import open_pair
+    from ..io.opening import open_pair
 
     opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes,
                        read=read)  # fmt: skip

@@ -117,8 +117,8 @@ def run_task(pair, block: Block | None, settings, read):
 def _block_stats(pair, block: Block, settings, read):
     """The sums of rows [r0, r1) of a pair: the map's rows read through its own source (the
     same chunked reads as a whole map), the target's rows alone where it is Zarr."""
+    from ..io.opening import open_pair
     from ..io.readers import PredictionMap
-    from .local import open_pair
 
     if pair.target is not None and pair.target.suffix.lower() == ".zarr":
         opened = _open_zarr_block(pair, block, settings, read)
@@ -157,9 +157,9 @@ def _open_zarr_block(pair, block: Block, settings, read):
     """The map of a pair whose target is a Zarr label mask, and only the block's label rows
     (a task never reads a huge label mask whole)."""
     from ..errors import ShapeError
+    from ..io.pairing import OpenedPair
     from ..io.readers import open_prediction
     from ..io.zarrio import label_rows, open_zarr
-    from .local import OpenedPair
 
     hw = tuple(open_zarr(pair.target, max_pixels=read.max_pixels).shape)
     if len(hw) != 2:

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.results import ReadOptions
-from ..engine.local import OpenedPair
 from ..errors import LabelError, ReadError, ShapeError, UsageError
-from .pairing import Pair
+from .pairing import OpenedPair, Pair
 from .readers import PredictionMap, _check_float_dtype, load_array
 from .safeio import check_regular
 

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
-from ..engine.local import OpenedPair, iter_terms
+from ..engine.local import iter_terms
 from ..errors import InputError, UsageError
+from ..io.pairing import OpenedPair
 from ..io.png import write_rgb_png
 from ..io.readers import read_palette, sum_tolerance
 
@@ -714,7 +715,7 @@ def pair_map(
 ) -> MetricMap:
     """Open one prediction (and its target) and compute its per-pixel ``metric``
     (of a volume: the slices ``view`` names, see volumes.SliceView)."""
-    from ..engine.local import open_pair
+    from ..io.opening import open_pair
 
     opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
     if getattr(opened, "file_shape", None) is not None:

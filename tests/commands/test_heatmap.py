@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from klseg_cli.cli.root import app
-from klseg_cli.engine.local import open_pair, plan
+from klseg_cli.engine.local import plan
+from klseg_cli.io.opening import open_pair
 from klseg_cli.render import heatmap as hm
 from klseg_cli.render.heatmap import (
     HeatmapOptions,

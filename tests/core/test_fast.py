@@ -210,6 +210,7 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     from klseg_cli import evaluate
     from klseg_cli.core.chunks import chunk_for
     from klseg_cli.engine import local as evaluation
+    from klseg_cli.io.opening import open_pair
     from klseg_cli.render.report import summary_json
 
     sample = Path(__file__).resolve().parents[2] / "sample_data"
@@ -221,7 +222,7 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     assert evaluation.parallel_backend(job) == "threads"
     chunks = 0
     for pair in job.pairing.pairs:
-        pm = evaluation.open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
+        pm = open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
         chunks += n_chunks(pm, chunk_for(job.read.chunk_pixels, pm.num_classes))
     texts = []
     for j in (1, 2, 3):
