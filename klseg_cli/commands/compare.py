@@ -26,17 +26,12 @@ from ..core.agreement import (
     pair_metrics_batch,
     pair_terms,
 )
+from ..core.chunks import chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
+from ..core.results import EvaluationResult, ImageResult, ReadOptions
 from ..core.stats import IMAGE_MEAN_METRICS
-from ..engine.local import (
-    EvaluationResult,
-    ImageResult,
-    ReadOptions,
-    chunk_for,
-    evaluate_pair,
-    plan,
-    pooled_results,
-)
+from ..engine.image import evaluate_pair
+from ..engine.local import plan, pooled_results
 from ..errors import InputError, KlsegError, ShapeError, UsageError
 from ..io.pairing import Pair, _index
 from ..io.readers import (

@@ -197,7 +197,7 @@ class Evaluator:
         return added
 
     def _image(self, P: np.ndarray, T: np.ndarray, stem: str) -> tuple[Stats, tuple[int, int]]:
-        from ..engine.local import image_stats
+        from ..engine.image import image_stats
 
         settings, where = self.settings, f"image {stem}"
         _check_float_dtype(P.dtype, where)

@@ -375,7 +375,7 @@ def _open(pair, settings: MetricSettings, read):
 
 
 def _numpy_chunks(pair, opened, settings: MetricSettings, read) -> Iterator:
-    from ..engine.local import _tolerance, iter_chunks
+    from ..engine.image import _tolerance, iter_chunks
 
     tolerance = _tolerance(opened.pred, settings)
     for _, _, _, P, tgt in iter_chunks(
@@ -401,7 +401,7 @@ class PairData:
     n_pixels: int = 0  # of all predictions, from their headers: spreads the sample
 
     def pass_at(self, a: float):
-        from ..engine.local import uses_kernel
+        from ..engine.image import uses_kernel
 
         n = 0
         neg_h = f = g = h = 0.0
@@ -483,7 +483,7 @@ class PairData:
 def _kernel_pass(pair, opened, settings, read, a):
     """One pair through the compiled pass; a chunk it refuses goes through NumPy (which
     raises the error, or computes it when the bad values are all under ignored pixels)."""
-    from ..engine.local import _tolerance
+    from ..engine.image import _tolerance
     from . import _fast_fit
     from .chunks import chunk_for
 

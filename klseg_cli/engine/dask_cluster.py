@@ -104,7 +104,7 @@ def run_task(pair, block: Block | None, settings, read):
     ``("error", kind, message, path)`` for an InputError — rebuilt by the client, so the
     error is the one line it is locally."""
     _maybe_die()
-    from .local import evaluate_pair
+    from .image import evaluate_pair
 
     try:
         if block is None:
@@ -144,7 +144,7 @@ def _block_stats(pair, block: Block, settings, read):
 
 
 def _stats_of(part, target, pair, settings, read, opened):
-    from .local import image_stats
+    from .image import image_stats
 
     stats = image_stats(
         part, target, settings, chunk_pixels=read.chunk_pixels, target_path=pair.target,

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
-from ..engine.local import iter_terms
+from ..engine.image import iter_terms
 from ..errors import InputError, UsageError
 from ..io.pairing import OpenedPair
 from ..io.png import write_rgb_png

@@ -327,7 +327,7 @@ def test_temperature_with_kernel_sized_maps_matches_numpy(tmp_path):
     from klseg_cli.engine.local import plan
 
     job = plan(pred, gt, temperature=1.3)
-    from klseg_cli.engine.local import uses_kernel
+    from klseg_cli.engine.image import uses_kernel
     from klseg_cli.io.readers import open_prediction
 
     pm = open_prediction(job.pairing.pairs[0].pred, hw=(20, 20))
