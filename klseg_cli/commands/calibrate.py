@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
-from ..core.calibration import PairData, PassResult, TemperatureFit, fit_temperature, split_holdout
+from ..core.calibration import PassResult, TemperatureFit, fit_temperature, split_holdout
 from ..core.metrics import MetricSettings
 from ..core.results import EvaluationResult, ReadOptions
+from ..engine.fit import PairData
 from ..engine.local import Job, _results, plan
 from ..errors import InputError, UsageError
 from ..io.pairing import Pair, Pairing

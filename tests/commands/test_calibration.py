@@ -342,7 +342,8 @@ def test_compiled_pass_gives_the_numpy_optimum(tmp_path, layout, fmt):
     from dataclasses import replace
 
     from klseg_cli.core import _fast_fit
-    from klseg_cli.core.calibration import PairData, fit_temperature
+    from klseg_cli.core.calibration import fit_temperature
+    from klseg_cli.engine.fit import PairData
     from klseg_cli.engine.local import plan
 
     if not _fast_fit.AVAILABLE:
