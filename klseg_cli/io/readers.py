@@ -8,7 +8,6 @@ the image. Targets (label masks) are small integer images and are read whole.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import zipfile
@@ -21,7 +20,13 @@ from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import LabelError, ReadError, ShapeError, UsageError
 from .fortran import fortran_rows
 from .labelio import one_series, read_label_npy, read_label_tiff
-from .safeio import check_regular, parse_npy_header
+from .safeio import (
+    _check_size,
+    _describe_oserror,
+    _quiet_tifffile,
+    check_regular,
+    parse_npy_header,
+)
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
 TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
@@ -31,10 +36,6 @@ LAYOUTS = ("hwc", "chw")
 def sum_tolerance(dtype: np.dtype) -> float:
     """How far a pixel's probabilities may sum from 1: float16 keeps ~3 significant digits."""
     return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3
-
-
-def _describe_oserror(err: OSError) -> str:
-    return err.strerror or str(err)
 
 
 def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
@@ -50,17 +51,6 @@ def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
     else:
         problem = f"has dtype {dtype}"
     raise ReadError(f"{problem}; a prediction must be float16, float32 or float64", path=path)
-
-
-def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
-    """Refuse, from the header alone, an image whose H × W (its two largest axes) is absurd."""
-    pixels = math.prod(sorted(shape)[-2:])
-    if pixels > max_pixels:
-        raise ReadError(
-            f"header claims shape {tuple(shape)}, {pixels:,} pixels, more than --max-pixels "
-            f"{max_pixels:,}; raise --max-pixels if the file is genuine",
-            path=path,
-        )
 
 
 def _load_npy(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -121,18 +111,6 @@ def _load_npz(path: Path, key: str | None) -> np.ndarray:
         raise ReadError(f"not a valid .npz file ({err})", path=path) from None
     except Exception as err:
         raise ReadError(f"not a valid .npz file ({type(err).__name__}: {err})", path=path) from None
-
-
-@contextlib.contextmanager
-def _quiet_tifffile():
-    """tifffile logs warnings about damaged files on stderr; klseg reports one error instead."""
-    logger = logging.getLogger("tifffile")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
 
 
 def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
@@ -266,10 +244,8 @@ class TiffSegments:
 
 def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open an array file as stored: ``.npy`` and plain TIFF memory-mapped, ``.npz`` loaded."""
-    if getattr(path, "is_remote", False):  # a URL (remote.py): by byte ranges
-        from .remote import load_array as load_remote
-
-        return load_remote(path, npz_key=npz_key, max_pixels=max_pixels)
+    if getattr(path, "is_remote", False):  # a URL (remote.RemotePath): by byte ranges
+        return path.load_array(npz_key=npz_key, max_pixels=max_pixels)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".zarr":  # a folder of chunks (zarrio.py)
@@ -617,10 +593,8 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
     Soft targets are probability maps and are opened with ``open_prediction`` instead.
     """
-    if getattr(path, "is_remote", False):  # a URL (remote.py): read whole, checked here
-        from .remote import read_target as read_remote
-
-        return read_remote(path, max_pixels=max_pixels)
+    if getattr(path, "is_remote", False):  # a URL (remote.RemotePath): read whole, checked
+        return path.read_target(max_pixels=max_pixels)
     path = Path(path)
     if path.suffix.lower() == ".zarr":
         from .zarrio import read_zarr_target

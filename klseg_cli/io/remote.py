@@ -236,6 +236,14 @@ class RemotePath:
             raise ReadError(f"object of {size:,} bytes is too large to read whole", path=self.url)
         return self.read_range(0, size) if size else b""
 
+    def load_array(self, *, npz_key: str | None, max_pixels: int):
+        """This object's array (``load_array`` below): ``readers.load_array`` of a URL."""
+        return load_array(self, npz_key=npz_key, max_pixels=max_pixels)
+
+    def read_target(self, *, max_pixels: int) -> np.ndarray:
+        """This object's label mask (``read_target`` below): ``readers.read_target`` of a URL."""
+        return read_target(self, max_pixels=max_pixels)
+
 
 class RemoteNpy:
     """A remote C-order ``.npy`` read by byte ranges: ``elements(e0, e1)`` is one request.
@@ -294,7 +302,7 @@ def _npy_header(rpath: RemotePath) -> tuple[tuple[int, ...], np.dtype, bool, int
 
 def load_array(rpath: RemotePath, *, npz_key: str | None, max_pixels: int):
     """A remote array as stored: ``.npy`` by ranges, ``.zarr`` by chunks, others whole."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     suffix = rpath.suffix.lower()
     if suffix == ".zarr":

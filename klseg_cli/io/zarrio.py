@@ -187,7 +187,7 @@ class ZarrSource:
 
 def open_zarr(path, *, max_pixels: int, key: str | None = None) -> ZarrSource:
     """A prediction (or soft target) map stored as Zarr; the header alone is checked here."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     array = _open(path, key)
     _check_size(tuple(array.shape), str(path), max_pixels)
@@ -196,7 +196,7 @@ def open_zarr(path, *, max_pixels: int, key: str | None = None) -> ZarrSource:
 
 def read_zarr_target(path, *, max_pixels: int, key: str | None = None) -> np.ndarray:
     """A label mask stored as Zarr, read whole (2-D integers, as any target)."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     array = _open(path, key)
     _check_size(tuple(array.shape), str(path), max_pixels)
