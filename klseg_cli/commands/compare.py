@@ -456,7 +456,7 @@ def divergence_map(
     chunk_pixels: int,
 ):
     """The per-pixel KL(A‖B), JS(A, B) or argmax disagreement of two maps, as a MetricMap."""
-    from ..render.heatmap import INFORMATION_METRICS, MetricMap, _empty, _put, _unit
+    from ..engine.maps import INFORMATION_METRICS, MetricMap, _empty, _put, _unit
 
     if metric not in AGAINST_METRICS:
         raise UsageError(
