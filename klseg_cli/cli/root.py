@@ -435,7 +435,7 @@ def _check_paths_writable(junit, markdown, report_dir=None) -> None:
 def _check_outputs(report_dir, report_files, inputs, **named) -> None:
     """Before any work: no output is an input, a report file, or another output."""
     from ..io.outputs import check_distinct_outputs
-    from ..render.report import refuse_overwriting_inputs
+    from ..render.formats import refuse_overwriting_inputs
 
     options = {"--" + k.replace("_", "-"): v for k, v in named.items()}
     check_distinct_outputs(options, report_dir, report_files)
@@ -665,7 +665,7 @@ def evaluate(
     from ..commands.requirements import check_names, load_summary
     from ..engine.local import evaluate as run
     from ..io.remote import as_input
-    from ..render import report
+    from ..render import formats, report
 
     pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
     if zarr_path is not None:
@@ -744,7 +744,7 @@ def evaluate(
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
+    formats.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
                                      [*inputs, baseline])  # fmt: skip
     gate_written = False
     if out is not None:
@@ -766,7 +766,7 @@ def evaluate(
 
         write_reliability_outputs(result, reliability)
     if output_format is OutputFormat.json:
-        sys.stdout.write(report.summary_json(summary))
+        sys.stdout.write(formats.summary_json(summary))
     else:
         console = _console()
         console.print(report.summary_table(summary))
@@ -818,7 +818,7 @@ def gate(
         klseg gate report/summary.json --require "miou_pooled >= 0.7"
     """
     from ..commands.requirements import check_requirements, load_summary
-    from ..render.report import summary_json
+    from ..render.formats import summary_json
 
     _check_outputs(None, (), [summary_path, baseline], junit=junit, markdown=markdown)
     _check_paths_writable(junit, markdown)
@@ -935,7 +935,7 @@ def compare(
     from ..commands.compare import compare_models as run
     from ..commands.intervals import resamples_for
     from ..render.compare_report import COMPARE_FILES, print_compare, write_compare_reports
-    from ..render.report import check_out_dir, refuse_overwriting_inputs
+    from ..render.formats import check_out_dir, refuse_overwriting_inputs
 
     check_compare_names(require or (), with_target=gt is not None)
     n_resamples = resamples_for(bootstrap, require or ())
@@ -969,7 +969,7 @@ def compare(
     if out is not None:
         write_compare_reports(summary, out)
     if output_format is OutputFormat.json:
-        from ..render.report import summary_json
+        from ..render.formats import summary_json
 
         sys.stdout.write(summary_json(summary))
     else:
@@ -1050,7 +1050,7 @@ def calibrate(
     """
 
     from ..commands.calibrate import calibrate as run_calibration
-    from ..render import report
+    from ..render import formats
 
     if out is not None:
         from ..io.outputs import check_out_dir
@@ -1090,7 +1090,7 @@ def calibrate(
     if out is not None:
         from ..render.calibration_report import CALIBRATE_FILES
 
-        report.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
+        formats.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
     if write is not None:
         from dataclasses import replace
 

@@ -639,7 +639,7 @@ def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: Heatm
     colour scale; ``--raw`` TIFFs beside; never over an input. Returns the PNGs written."""
     from dataclasses import replace
 
-    from .report import refuse_overwriting_inputs
+    from .formats import refuse_overwriting_inputs
 
     single, pngs = heatmap_outputs(first, out, [p.stem for p in pairs], options.metric)
     if not single:

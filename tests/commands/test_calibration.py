@@ -16,7 +16,7 @@ from klseg_cli.commands.calibrate import calibrate, load_temperature
 from klseg_cli.core.calibration import split_holdout
 from klseg_cli.engine.local import evaluate
 from klseg_cli.errors import UsageError
-from klseg_cli.render.report import jsonable
+from klseg_cli.render.formats import jsonable
 
 runner = CliRunner()
 C = 5
