@@ -750,7 +750,8 @@ def evaluate(
     if out is not None:
         folders = {}
         if heatmaps:
-            from ..render.heatmap import HeatmapOptions, worst_images_heatmaps
+            from ..commands.heatmap import worst_images_heatmaps
+            from ..render.heatmap import HeatmapOptions
 
             def fill(folder):
                 options = HeatmapOptions(metric="kl", colorbar=True)
@@ -1249,8 +1250,9 @@ def heatmap(
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
+    from ..commands.heatmap import make_heatmaps
     from ..io.volumes import SliceView
-    from ..render.heatmap import HeatmapOptions, make_heatmaps
+    from ..render.heatmap import HeatmapOptions
 
     options = HeatmapOptions(
         metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,

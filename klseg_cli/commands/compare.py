@@ -492,7 +492,8 @@ def make_pair_heatmaps(
 ) -> list[Path]:
     """Heatmaps of where model B departs from model A: one pair of files (``out`` a .png)
     or two folders paired by stem (``out`` a folder, one ``<stem>_<metric>.png`` each)."""
-    from ..render.heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color, render_pairs
+    from ..render.heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color
+    from .heatmap import render_pairs
 
     if options.metric not in AGAINST_METRICS:
         raise UsageError(

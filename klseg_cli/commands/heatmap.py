@@ -1,0 +1,182 @@
+"""``klseg heatmap``: the per-pixel maps of one pair or of folders, drawn on one colour scale
+per folder, with ``--raw`` TIFFs beside, never over an input; and the worst images of an
+evaluation (``evaluate --heatmaps``). Maps are ``engine/maps``'s, drawing ``render/heatmap``'s."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..core.metrics import MetricSettings
+from ..engine.maps import IN_MEMORY_PIXELS, TARGET_FREE_METRICS, MetricMap, pair_map
+from ..errors import InputError, UsageError
+from ..render.heatmap import (
+    DEFAULT_IGNORE_COLOR,
+    HeatmapOptions,
+    LogHistogram,
+    colormap_lut,
+    parse_color,
+    render,
+    write_raw,
+)
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def _photo_for(overlay: Path | None, stem: str) -> Path | None:
+    """The overlay photo of one image: the file given, or the file with its stem in a folder."""
+    if overlay is None or overlay.is_file():
+        return overlay
+    if not overlay.is_dir():
+        raise InputError("no such overlay file or folder", path=overlay)
+    for path in sorted(overlay.iterdir()):
+        if path.suffix.lower() in PHOTO_SUFFIXES and path.stem == stem:
+            return path
+    raise InputError(f"no photo named {stem}.* to overlay", path=overlay)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+
+
+def heatmap_outputs(pred: Path, out: Path, stems: list[str], metric: str) -> tuple[bool, list]:
+    """(one file?, the PNG of each stem) for ``-o``: one pair writes ``OUT.png`` (or into a
+    folder); several pairs need a folder. A non-PNG image name is refused, never made a
+    folder."""
+    looks_like_image = out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir()
+    if looks_like_image and out.suffix.lower() != ".png":
+        raise UsageError(f"-o {out}: heatmaps are PNG images; give a name ending in .png")
+    if looks_like_image and (not Path(pred).is_file() or len(stems) > 1):
+        raise UsageError(f"-o {out}: {len(stems)} pairs need a folder for their heatmaps")
+    if looks_like_image:
+        return True, [out]
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; give a folder for several heatmaps")
+    return False, [out / f"{stem}_{metric}.png" for stem in stems]
+
+
+def shared_scale(pairs, options: HeatmapOptions, maps: dict, compute) -> float | None:
+    """The folder's one colour scale: the ``percentile`` of every valid pixel of every map
+    (so images can be compared), from a mergeable log histogram. ``compute(pair)`` gives a
+    pair's MetricMap; maps are kept in ``maps`` (by stem) when they fit in memory together,
+    else recomputed when drawn. None when the range is given or fixed."""
+    if options.vmax is not None or options.metric in ("error", "confidence") or len(pairs) < 2:
+        return None
+    hist, kept = LogHistogram(), 0
+    for pair in pairs:
+        mm = compute(pair)
+        hist.add(mm.values)
+        kept += mm.height * mm.width
+        if kept <= IN_MEMORY_PIXELS and isinstance(mm.values, np.ndarray):
+            maps[pair.stem] = mm
+    vmax = hist.percentile(options.percentile)
+    return vmax if math.isfinite(vmax) and vmax > 0 else None
+
+
+def make_heatmaps(
+    pred: str | Path,
+    target: str | Path | None,
+    out: str | Path,
+    options: HeatmapOptions = HeatmapOptions(),
+    *,
+    raw: str | Path | None = None,
+    on_start=None,
+    on_image=None,
+    **plan_options,
+) -> list[Path]:
+    """Render heatmaps of one pair (``out`` a .png file) or of folders (``out`` a folder).
+
+    ``plan_options`` are those of ``evaluation.plan``. Returns the PNGs written. In folder
+    mode the default colour range is one scale for every image (see ``shared_scale``).
+    """
+    from ..engine.local import plan
+
+    if target is None and options.metric not in TARGET_FREE_METRICS:
+        raise UsageError(f"--metric {options.metric} needs a target (GT)")
+    colormap_lut(options.cmap)  # fail on a bad name or colour before any work
+    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
+    job = plan(pred, target, **plan_options)
+    out = Path(out)
+    raw = Path(raw) if raw is not None else None
+    pairs = job.pairing.pairs
+    inputs = [p for pair in pairs for p in (pair.pred, pair.target)]
+
+    def compute(pair) -> MetricMap:
+        return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
+                        view=options.view)  # fmt: skip
+
+    return render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
+                        on_start=on_start, on_image=on_image)  # fmt: skip
+
+
+def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: HeatmapOptions,
+                 settings: MetricSettings, inputs, compute, *, on_start=None,
+                 on_image=None) -> list[Path]:  # fmt: skip
+    """Draw ``compute(pair)`` (a MetricMap) of every pair: one ``out`` PNG when ``first``
+    (the PRED argument) is a file, else ``out/<stem>_<metric>.png`` on the folder's one
+    colour scale; ``--raw`` TIFFs beside; never over an input. Returns the PNGs written."""
+    from dataclasses import replace
+
+    from ..render.formats import refuse_overwriting_inputs
+
+    single, pngs = heatmap_outputs(first, out, [p.stem for p in pairs], options.metric)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+        if raw is not None:
+            raw.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(len(pairs))
+    maps: dict[str, MetricMap] = {}
+    vmax = shared_scale(pairs, options, maps, compute)
+    written = []
+    for pair, png in zip(pairs, pngs):
+        tif = (
+            None if raw is None else (raw if single else raw / f"{pair.stem}_{options.metric}.tif")
+        )
+        refuse_overwriting_inputs([png, tif], inputs)
+        mm = maps.pop(pair.stem, None) or compute(pair)
+        render(
+            mm,
+            png,
+            replace(options, overlay=_photo_for(options.overlay, pair.stem)),
+            class_names=settings.names,
+            ignore_index=settings.ignore_index,
+            shared_vmax=vmax,
+        )
+        if tif is not None:
+            write_raw(mm, tif)
+        written.append(png)
+        if on_image is not None:
+            on_image(pair)
+    return written
+
+
+def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions) -> list[Path]:
+    """Heatmaps of the ``k`` images of an evaluation with the highest mean KL, on one scale."""
+    from ..io.pairing import Pair
+
+    settings = result.settings
+    rows = {row["image"]: row for row in result.image_rows()}
+    ranked = sorted(
+        (img for img in result.images if math.isfinite(rows[img.stem]["kl"])),
+        key=lambda img: rows[img.stem]["kl"],
+        reverse=True,
+    )[:k]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [Pair(img.stem, img.pred_path, img.target_path) for img in ranked]
+    maps: dict[str, MetricMap] = {}
+
+    def compute(pair) -> MetricMap:
+        return pair_map(pair, settings, result.read, options.metric, with_pred=options.panel)
+
+    vmax = shared_scale(pairs, options, maps, compute)
+    written = []
+    for pair in pairs:
+        mm = maps.pop(pair.stem, None) or compute(pair)
+        png = folder / f"{pair.stem}_{options.metric}.png"
+        render(mm, png, options, class_names=settings.names,
+               ignore_index=settings.ignore_index, shared_vmax=vmax)  # fmt: skip
+        written.append(png)
+    return written
