@@ -245,21 +245,24 @@ def test_real_process_exit_codes(tmp_path, rng):
 
 
 def test_every_eps_default_follows_the_library_default(monkeypatch):
-    """A changed library default reaches every command: the CLI module, imported afresh with
-    another DEFAULT_EPS, has it in every signature (a literal 1e-7 left anywhere fails)."""
+    """A changed library default reaches every command: the CLI modules, imported afresh with
+    another DEFAULT_EPS, have it in every signature (a literal 1e-7 left anywhere fails)."""
     import importlib
     import inspect
 
     from klseg_cli import defaults
-    from klseg_cli.cli import root as cli
+    from klseg_cli.cli import calibrate, compare, evaluate, gate, heatmap, info, root
 
+    modules = (evaluate, gate, compare, calibrate, heatmap, info, root)  # root last
     monkeypatch.setattr(defaults, "DEFAULT_EPS", 3e-7)
     try:
-        fresh = importlib.reload(cli)
+        fresh = [importlib.reload(module) for module in modules][-1]
+        assert len(fresh.app.registered_commands) == len(modules) - 1
         for command in fresh.app.registered_commands:
             params = inspect.signature(command.callback).parameters
             if "eps" in params:
                 assert params["eps"].default == 3e-7, command.name or command.callback.__name__
     finally:
         monkeypatch.undo()
-        importlib.reload(cli)
+        for module in modules:
+            importlib.reload(module)

@@ -501,9 +501,9 @@ def test_gate_without_stored_requirements_needs_one(tmp_path):
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
-    from klseg_cli.cli import root as cli
+    from klseg_cli.cli import console
 
-    monkeypatch.setattr(cli._Ticker, "every", 0.0)
+    monkeypatch.setattr(console._Ticker, "every", 0.0)
     summary = _sample_summary(tmp_path)
     assert summary.exists()
     from .test_cli import SAMPLE

@@ -1,0 +1,160 @@
+"""``klseg calibrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..defaults import DEFAULT_EPS
+from ..errors import UsageError
+from .console import _console, _stderr_console
+from .errors import handle_errors
+from .options import (
+    AllowMissingOpt,
+    ChunkOpt,
+    ClassesOpt,
+    DebugOpt,
+    EpsOpt,
+    ExcludeClassOpt,
+    GtSuffixOpt,
+    IgnoreOpt,
+    InputKind,
+    InputOpt,
+    LabelMapOpt,
+    LayoutOpt,
+    LogBaseOpt,
+    MaxPixelsOpt,
+    NpzKeyOpt,
+    PredSuffixOpt,
+    ReduceZeroOpt,
+    RenormalizeOpt,
+    SmoothingOpt,
+    SoftGtOpt,
+    plan_options,
+)
+
+
+@handle_errors
+def calibrate(
+    pred: Annotated[
+        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+    ],
+    gt: Annotated[
+        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write calibration.json and reliability.png here."),
+    ] = None,
+    write: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--write",
+            metavar="DIR",
+            help="Write the calibrated maps here (same names, format and layout).",
+        ),
+    ] = None,
+    holdout: Annotated[
+        Optional[float],
+        typer.Option(
+            "--holdout",
+            metavar="F",
+            help="Leave this share of the images (a seeded choice) out of the fit and "
+            "report before/after on them.",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --holdout split.")] = 0,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = DEFAULT_EPS,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Images evaluated in parallel (before/after).")
+    ] = 1,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit a temperature T that minimises the pooled KL(target || softmax(log p / T)).
+
+    The relative-entropy optimization over a temperature (post-hoc calibration), exact over
+    every valid pixel. Prints T, the passes over the data, and metrics before and after;
+    accuracy and IoU do not change. Apply T later with evaluate --temperature.
+
+    Example:
+
+        klseg calibrate val/preds val/labels --holdout 0.3 --out calib/
+    """
+
+    from ..commands.calibrate import calibrate as run_calibration
+    from ..render import formats
+
+    if out is not None:
+        from ..io.outputs import check_out_dir
+
+        check_out_dir(out)
+    if write is not None and write.exists() and not write.is_dir():
+        raise UsageError(f"--write {write} is an existing file; give a folder")
+    options = plan_options(locals())
+    err = _stderr_console()
+
+    def on_pass(p) -> None:
+        err.print(f"pass {len(run_passes) + 1}: T = {p.temperature:.6g}, mean KL "
+                  f"{p.kl_mean:.6g}", highlight=False)  # fmt: skip
+        run_passes.append(p)
+
+    run_passes: list = []
+    run = run_calibration(pred, gt, holdout=holdout, seed=seed, jobs=jobs, on_pass=on_pass,
+                          write=write, **options)  # fmt: skip
+    console = _console()
+    fit = run.fit
+    bound = " (at the search bound: the optimum lies beyond)" if fit.at_bound else ""
+    console.print(
+        f"T = {fit.temperature:.6g}{bound}  ({fit.n_passes} pass"
+        f"{'es' if fit.n_passes != 1 else ''} over "
+        f"{fit.n_valid:,} valid pixels)",
+        highlight=False,
+    )
+    sizes = ", ".join(
+        f"{p.name}: {len(p.pairs)} image{'s' if len(p.pairs) != 1 else ''}" for p in run.parts
+    )
+    console.print(sizes, highlight=False)
+    for part in run.parts:
+        from ..render.calibration_report import before_after_table
+
+        console.print(before_after_table(run, part))
+    inputs = [p for part in run.parts for pair in part.pairs for p in (pair.pred, pair.target)]
+    if out is not None:
+        from ..render.calibration_report import CALIBRATE_FILES
+
+        formats.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
+    if write is not None:
+        from dataclasses import replace
+
+        from ..commands.calibrated_maps import write_calibrated
+
+        pairs = [pair for part in run.parts for pair in part.pairs]
+        pairs.sort(key=lambda p: p.stem)
+        written = write_calibrated(
+            pairs, replace(run.settings, temperature=fit.temperature), run.read, write
+        )
+        console.print(f"{len(written)} calibrated maps written to {write}/", highlight=False)
+    if out is not None:  # after the maps: a map that cannot be written leaves no report
+        from ..render.calibration_report import write_calibration_outputs
+
+        write_calibration_outputs(run, out)
+        console.print(f"calibration written to {out}/", highlight=False)

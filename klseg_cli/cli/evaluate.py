@@ -1,0 +1,353 @@
+"""``klseg evaluate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..defaults import DEFAULT_EPS
+from ..errors import UsageError
+from .console import _console, _progress, _stderr_console, _text
+from .errors import fail, handle_errors
+from .gate import gate_files, gate_outputs
+from .options import (
+    AllowMissingOpt,
+    AllowSettingsOpt,
+    BaselineOpt,
+    BootstrapOpt,
+    ChunkOpt,
+    ClassesOpt,
+    CommonImagesOpt,
+    DebugOpt,
+    EpsOpt,
+    ExcludeClassOpt,
+    GithubSummaryOpt,
+    GtSuffixOpt,
+    IgnoreOpt,
+    InputKind,
+    InputOpt,
+    JunitOpt,
+    LabelMapOpt,
+    LayoutOpt,
+    LogBaseOpt,
+    MarkdownOpt,
+    MaxPixelsOpt,
+    NpzKeyOpt,
+    OutputFormat,
+    PredSuffixOpt,
+    ReduceZeroOpt,
+    RenormalizeOpt,
+    RequireOpt,
+    SeedOpt,
+    SmoothingOpt,
+    SoftGtOpt,
+    _bootstrap_plan,
+    _check_outputs,
+    _check_paths_writable,
+    _same_folder,
+    calibration_options,
+    plan_options,
+    volume_options,
+)
+
+
+@handle_errors
+def evaluate(
+    pred: Annotated[
+        str,
+        typer.Argument(
+            metavar="PRED", help="Prediction map file, or a folder of them (or a URL: s3://...)."
+        ),
+    ],
+    gt: Annotated[
+        str,
+        typer.Argument(metavar="GT", help="Target mask file, or a folder of them (or a URL)."),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write per_image.csv, per_class.csv, summary.json here."),
+    ] = None,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="table: rich tables; json: summary JSON on stdout."),
+    ] = OutputFormat.table,
+    heatmaps: Annotated[
+        int,
+        typer.Option(
+            "--heatmaps",
+            help="Also write KL heatmaps of the K images with the highest mean KL "
+            "into OUT/heatmaps/.",
+            metavar="K",
+            min=0,
+        ),
+    ] = 0,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = DEFAULT_EPS,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    keep_going: Annotated[
+        bool,
+        typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
+    ] = False,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Images evaluated in parallel (threads with the compiled kernel, else "
+            "processes); results are identical for any value. [default: the available "
+            "cores, at most one per image; 1 for small maps without the kernel]",
+            show_default=False,
+        ),
+    ] = None,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
+    require: RequireOpt = None,
+    baseline: BaselineOpt = None,
+    allow_settings_change: AllowSettingsOpt = False,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+    github_summary: GithubSummaryOpt = False,
+    bootstrap: BootstrapOpt = None,
+    seed: SeedOpt = None,
+    common_images: CommonImagesOpt = False,
+    temperature: Annotated[
+        Optional[str],
+        typer.Option(
+            "--temperature",
+            metavar="T|calibration.json",
+            help="Apply a fitted temperature on the fly: p -> softmax(log p / T). A number, "
+            "or the calibration.json of klseg calibrate.",
+        ),
+    ] = None,
+    calibration_views: Annotated[
+        bool,
+        typer.Option(
+            "--calibration-views",
+            help="Also compute ece_adaptive, ece_classwise, ece_boundary, ece_interior "
+            "(NumPy path; on by itself when a --require names one).",
+        ),
+    ] = False,
+    boundary_band: Annotated[
+        int,
+        typer.Option(
+            "--boundary-band",
+            metavar="K",
+            help="Pixels within K pixels of another target class count as boundary.",
+        ),
+    ] = 3,
+    reliability: Annotated[
+        Optional[Path],
+        typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
+    ] = None,
+    boundary: Annotated[
+        bool,
+        typer.Option(
+            "--boundary",
+            help="Also compute boundary metrics per class and image: hd95, assd, nsd, biou "
+            "(distance transforms; on by itself when a --require names one).",
+        ),
+    ] = False,
+    nsd_tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            "--nsd-tolerance",
+            metavar="TAU",
+            help="NSD tolerance in physical units. [default: one voxel step, the smallest spacing]",
+            show_default=False,
+        ),
+    ] = None,
+    boundary_width: Annotated[
+        Optional[float],
+        typer.Option(
+            "--boundary-width",
+            metavar="D",
+            help="Boundary IoU band width in physical units. [default: 2% of the image diagonal]",
+            show_default=False,
+        ),
+    ] = None,
+    spacing: Annotated[
+        Optional[str],
+        typer.Option(
+            "--spacing",
+            metavar="SX,SY[,SZ]",
+            help="Voxel spacing for boundary metrics, in the files' axis order (overrides "
+            "a NIfTI header). [default: the NIfTI header, else 1]",
+            show_default=False,
+        ),
+    ] = None,
+    spatial_dims: Annotated[
+        int,
+        typer.Option(
+            "--spatial-dims",
+            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+            min=2,
+            max=3,
+        ),
+    ] = 2,
+    allow_affine_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-affine-mismatch",
+            help="Evaluate NIfTI pairs whose affine or voxel spacing differ.",
+        ),
+    ] = False,
+    zarr_path: Annotated[
+        Optional[str],
+        typer.Option("--zarr-path", metavar="KEY", help="The array inside a Zarr group."),
+    ] = None,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            "--scheduler",
+            metavar="tcp://HOST:PORT|local:N",
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Run on a Dask cluster (klseg[dask]); local:N starts N local workers.",
+            show_envvar=True,
+        ),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
+
+    Example:
+
+        klseg evaluate preds/ labels/ --classes classes.txt --out report/
+    """
+    from ..commands.requirements import check_names, load_summary
+    from ..engine.local import evaluate as run
+    from ..io.remote import as_input
+    from ..render import formats, report
+
+    pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
+    if zarr_path is not None:
+        if npz_key is not None:
+            raise UsageError("pass --npz-key or --zarr-path, not both")
+        npz_key = zarr_path  # the array inside a container, as --npz-key
+    if scheduler:  # a Dask cluster runs the pairs (engine_dask.py); the rest is the same
+        import functools
+
+        from ..engine.dask_cluster import dask_evaluate
+
+        run = functools.partial(dask_evaluate, scheduler=scheduler)
+
+    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
+    base = load_summary(baseline) if baseline is not None else None
+    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
+    if heatmaps and out is None:
+        raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
+    _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
+                   markdown=markdown, reliability=reliability)  # fmt: skip
+    if out is not None:
+        from ..io.outputs import check_out_dir
+
+        check_out_dir(out)
+    _check_paths_writable(junit, markdown, out)
+    if reliability is not None:
+        from ..io.outputs import check_output_file
+
+        if reliability.suffix.lower() != ".png":
+            raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
+        check_output_file(reliability, "--reliability", report_dir=out)
+    if out is not None and _same_folder(out, pred, gt):
+        raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")
+    options = plan_options(locals())
+    options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
+    options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
+    options.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
+    err = _stderr_console()
+    with _progress(err, "evaluating") as tick:
+        result = run(
+            pred, gt, keep_going=keep_going, jobs=jobs, on_start=tick.start,
+            on_image=tick.advance, **options,
+        )  # fmt: skip
+
+    if not result.images:  # --keep-going and every pair failed: no report of dashes
+        for error in result.errors:
+            sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
+        raise fail("no pair could be evaluated; no report was written")
+    for path in result.unpaired_predictions:
+        err.print(f"[yellow]warning:[/] {_text(path)}: prediction has no target; skipped",
+                  highlight=False)  # fmt: skip
+    for path in result.missing_predictions:
+        err.print(
+            f"[yellow]warning:[/] {_text(path)}: target has no prediction; left out",
+            highlight=False,
+        )
+    summary = result.summary()
+    if n_resamples:
+        from ..io.statsfile import StatsTable
+
+        table = StatsTable.from_result(result)
+        from rich.markup import escape
+
+        from ..commands.intervals import add_intervals, requirement_needs
+
+        note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
+                             baseline=base_table, common_only=common_images,
+                             delta_required=requirement_needs(require or ())[1])  # fmt: skip
+        if note:
+            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+    if require:
+        from ..commands.requirements import check_requirements
+
+        summary["requirements"] = check_requirements(
+            summary, require, baseline=base, allow_settings_change=allow_settings_change
+        )
+    inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
+    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
+    formats.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
+                                     [*inputs, baseline])  # fmt: skip
+    gate_written = False
+    if out is not None:
+        folders = {}
+        if heatmaps:
+            from ..commands.heatmap import worst_images_heatmaps
+            from ..render.heatmap import HeatmapOptions
+
+            def fill(folder):
+                options = HeatmapOptions(metric="kl", colorbar=True)
+                return worst_images_heatmaps(result, folder, heatmaps, options)
+
+            folders["heatmaps"] = fill
+        # the gate files go out under the report's lock, so they match the report
+        also = gate_files(summary, summary["requirements"], junit=junit, markdown=markdown)
+        report.write_reports(summary, out, result=result, folders=folders, also=also)
+        gate_written = True
+    if reliability is not None:  # after the report: it may go into the report's folder
+        from ..render.calibration_report import write_reliability_outputs
+
+        write_reliability_outputs(result, reliability)
+    if output_format is OutputFormat.json:
+        sys.stdout.write(formats.summary_json(summary))
+    else:
+        console = _console()
+        console.print(report.summary_table(summary))
+        console.print(report.class_table(summary))
+        if out is not None:
+            console.print(f"reports written to {_text(out)}/", highlight=False)
+    code = gate_outputs(
+        summary, summary["requirements"], junit=junit, markdown=markdown,
+        github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
+        written=gate_written,
+    ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
+    for error in result.errors:
+        sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
+    if result.errors:
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=code)

@@ -1,0 +1,214 @@
+"""``klseg heatmap``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..defaults import DEFAULT_EPS
+from ..errors import UsageError
+from .console import _progress, _stderr_console, _text
+from .errors import handle_errors
+from .options import (
+    AllowMissingOpt,
+    ChunkOpt,
+    ClassesOpt,
+    DebugOpt,
+    EpsOpt,
+    ExcludeClassOpt,
+    GtSuffixOpt,
+    IgnoreOpt,
+    InputKind,
+    InputOpt,
+    LabelMapOpt,
+    LayoutOpt,
+    LogBaseOpt,
+    MaxPixelsOpt,
+    NpzKeyOpt,
+    PredSuffixOpt,
+    ReduceZeroOpt,
+    RenormalizeOpt,
+    SmoothingOpt,
+    SoftGtOpt,
+    _check_outputs,
+    plan_options,
+)
+
+
+class Metric(str, Enum):
+    kl = "kl"
+    ce = "ce"
+    js = "js"
+    entropy = "entropy"
+    error = "error"
+    confidence = "confidence"
+
+
+class Reduce(str, Enum):
+    max = "max"
+    mean = "mean"
+
+
+@handle_errors
+def heatmap(
+    pred: Annotated[
+        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+    ],
+    gt: Annotated[
+        Optional[Path],
+        typer.Argument(
+            metavar="GT", help="Target file or folder (not needed for entropy and confidence)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="OUT.png for one pair; a folder for several.")
+    ] = Path("heatmaps"),
+    metric: Annotated[Metric, typer.Option("--metric", help="Per-pixel quantity to draw.")] = (
+        Metric.kl
+    ),
+    cmap: Annotated[str, typer.Option("--cmap", help="Colormap name (matplotlib's).")] = "magma",
+    vmin: Annotated[Optional[float], typer.Option("--vmin", help="Value drawn darkest.")] = None,
+    vmax: Annotated[
+        Optional[float],
+        typer.Option("--vmax", help="Value drawn brightest [default: 99th percentile]."),
+    ] = None,
+    log: Annotated[bool, typer.Option("--log", help="Log colour scale (3 decades).")] = False,
+    ignore_color: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ignore-color",
+            help="Colour of ignored pixels [default: #808080, or a palette target's own].",
+        ),
+    ] = None,
+    overlay: Annotated[
+        Optional[Path],
+        typer.Option("--overlay", help="Photo (or folder of photos by stem) to blend under."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Opacity of the map over --overlay.")
+    ] = 0.6,
+    colorbar: Annotated[
+        bool, typer.Option("--colorbar", help="Add a legend strip with the value range.")
+    ] = False,
+    panel: Annotated[
+        bool, typer.Option("--panel", help="Target | predicted classes | map, side by side.")
+    ] = False,
+    max_side: Annotated[
+        Optional[int], typer.Option("--max-side", help="Downsample so no side exceeds N.")
+    ] = None,
+    reduce: Annotated[
+        Reduce, typer.Option("--reduce", help="How --max-side merges pixels.")
+    ] = Reduce.max,
+    raw: Annotated[
+        Optional[Path], typer.Option("--raw", help="Also write the float32 map as TIFF here.")
+    ] = None,
+    volume_slice: Annotated[
+        Optional[str],
+        typer.Option(
+            "--slice",
+            metavar="AXIS=INDEX",
+            help="A volume's slice to draw, e.g. z=40 (x, y or z). [default: the middle z slice]",
+            show_default=False,
+        ),
+    ] = None,
+    montage: Annotated[
+        Optional[int],
+        typer.Option(
+            "--montage",
+            metavar="N",
+            help="Draw N evenly spaced slices of a volume in one PNG (along --slice's axis, "
+            "z by default).",
+        ),
+    ] = None,
+    spatial_dims: Annotated[
+        int,
+        typer.Option(
+            "--spatial-dims",
+            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+            min=2,
+            max=3,
+        ),
+    ] = 2,
+    allow_affine_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-affine-mismatch",
+            help="Draw NIfTI pairs whose affine or voxel spacing differ.",
+        ),
+    ] = False,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--against",
+            metavar="B",
+            help="A second model's map (or folder): draw where PRED and B disagree "
+            "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
+        ),
+    ] = None,
+    classes: ClassesOpt = None,
+    ignore_index: IgnoreOpt = None,
+    smoothing: SmoothingOpt = 0.0,
+    input_kind: InputOpt = InputKind.probs,
+    eps: EpsOpt = DEFAULT_EPS,
+    log_base: LogBaseOpt = "e",
+    layout: LayoutOpt = None,
+    soft_gt: SoftGtOpt = False,
+    renormalize: RenormalizeOpt = False,
+    allow_missing: AllowMissingOpt = False,
+    pred_suffix: PredSuffixOpt = "",
+    gt_suffix: GtSuffixOpt = "",
+    npz_key: NpzKeyOpt = None,
+    max_pixels: MaxPixelsOpt = 1 << 31,
+    chunk_pixels: ChunkOpt = 1 << 15,
+    label_map: LabelMapOpt = None,
+    reduce_zero_label: ReduceZeroOpt = False,
+    exclude_class: ExcludeClassOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
+
+    With --against B (no GT), where two models disagree: KL(PRED||B), JS or argmax.
+
+    Example:
+
+        klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
+        klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
+    """
+    from ..commands.heatmap import make_heatmaps
+    from ..io.volumes import SliceView
+    from ..render.heatmap import HeatmapOptions
+
+    options = HeatmapOptions(
+        metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
+        overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
+        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
+    )  # fmt: skip
+    plan = plan_options(locals())
+    plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
+    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
+    err = _stderr_console()
+    if against is not None and gt is not None:
+        raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
+    with _progress(err, "rendering") as tick:
+        try:
+            if against is not None:
+                from ..commands.compare import make_pair_heatmaps
+
+                written = make_pair_heatmaps(
+                    pred, against, out, options, raw=raw, on_start=tick.start,
+                    on_image=tick.advance, **plan,
+                )  # fmt: skip
+            else:
+                written = make_heatmaps(
+                    pred, gt, out, options, raw=raw, on_start=tick.start,
+                    on_image=tick.advance, **plan,
+                )  # fmt: skip
+        except OSError as error:  # inputs raise ReadError: an OS error here is an output's
+            from ..io.atomic import output_error
+
+            raise output_error(error.filename or out, error) from None
+    for path in written:
+        err.print(f"wrote {_text(path)}", highlight=False)

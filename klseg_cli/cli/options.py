@@ -1,0 +1,318 @@
+"""The options the commands share, declared once: the ``Annotated`` aliases every command
+reuses, their choices, and how they become the library's keywords (``plan_options``)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class InputKind(str, Enum):
+    probs = "probs"
+    logits = "logits"
+
+
+class Layout(str, Enum):
+    hwc = "hwc"
+    chw = "chw"
+
+
+LOG_BASES = {"e": math.e, "2": 2.0, "10": 10.0}
+
+
+def parse_log_base(text: str) -> float:
+    """``e``, ``2``, ``10`` or a finite number above 1: a base ≤ 1 flips or zeroes every
+    divergence (0.5 makes KL negative, inf makes it 0) and would pass any ``<=`` gate."""
+    name = text.strip().lower()
+    if name in LOG_BASES:
+        return LOG_BASES[name]
+    try:
+        value = float(name)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 1):
+        raise UsageError(
+            f"--log-base must be e, 2, 10 or a finite number above 1, got {text!r}"
+        ) from None
+    return value
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+
+
+ClassesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--classes",
+        help="Class names: 'road,car,...', or a file: one name a line, 'ID NAME' lines, or "
+        "JSON (a list, or {id: name}).",
+    ),
+]
+
+
+LayoutOpt = Annotated[
+    Optional[Layout],
+    typer.Option("--layout", help="Class axis of 3-D maps when it is ambiguous (H = W = C)."),
+]
+
+
+NpzKeyOpt = Annotated[
+    Optional[str], typer.Option("--npz-key", help="Array to use from a .npz with several.")
+]
+
+
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", help="Refuse images whose header claims more pixels per plane."),
+]
+
+
+IgnoreOpt = Annotated[
+    Optional[list[int]],
+    typer.Option(
+        "--ignore-index",
+        metavar="N",
+        help="Label value that counts nowhere, even inside 0..C-1 (e.g. 0 for 'void'); "
+        "repeatable. Given values replace the default 255 (pass it too to keep it). "
+        "[default: 255]",
+    ),
+]
+
+
+LabelMapOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--label-map",
+        metavar="FILE|cityscapes",
+        help="Map raw target ids to class ids while reading: a JSON object or a two-column "
+        "CSV (raw,class); ids not listed are ignored. 'cityscapes': labelIds -> trainIds.",
+    ),
+]
+
+
+ReduceZeroOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reduce-zero-label",
+        help="Label 0 is 'unlabelled' (ignored) and every other label is one more than its "
+        "class (ADE20K / mmsegmentation).",
+    ),
+]
+
+
+ExcludeClassOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--exclude-class",
+        metavar="NAME|ID",
+        help="Leave a class out of the class means (miou, mdice, macc, fwiou), e.g. the "
+        "background; its per-class row stays (repeatable).",
+    ),
+]
+
+
+SmoothingOpt = Annotated[
+    float, typer.Option("--smoothing", help="Label smoothing ε of hard targets.")
+]
+
+
+InputOpt = Annotated[InputKind, typer.Option("--input", help="Maps hold probabilities or logits.")]
+
+
+EpsOpt = Annotated[float, typer.Option("--eps", help="Clip p at eps before log p.")]
+
+
+LogBaseOpt = Annotated[
+    str, typer.Option("--log-base", help="'e' (nats), 2 (bits), 10, or a number above 1.")
+]
+
+
+SoftGtOpt = Annotated[bool, typer.Option("--soft-gt", help="Targets are float probability maps.")]
+
+
+RenormalizeOpt = Annotated[
+    bool,
+    typer.Option("--renormalize", help="Divide each pixel's probabilities by their sum first."),
+]
+
+
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option("--allow-missing", help="Go on when targets lack a prediction (they are listed)."),
+]
+
+
+PredSuffixOpt = Annotated[
+    str, typer.Option("--pred-suffix", help="Stripped from prediction stems.")
+]
+
+
+GtSuffixOpt = Annotated[str, typer.Option("--gt-suffix", help="Stripped from target stems.")]
+
+
+ChunkOpt = Annotated[
+    int, typer.Option("--chunk-pixels", help="Pixels per chunk (memory vs. speed).")
+]
+
+
+RequireOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--require",
+        metavar="EXPR",
+        help="Gate: 'NAME OP VALUE', e.g. 'miou_pooled >= 0.7', 'iou[road] > 0.9', "
+        "'kl_pooled <= baseline + 0.01' (repeatable). Exit 1 when one fails.",
+    ),
+]
+
+
+BaselineOpt = Annotated[
+    Optional[Path],
+    typer.Option("--baseline", help="An earlier summary.json that 'baseline' refers to."),
+]
+
+
+AllowSettingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-settings-change", help="Compare with a baseline made with other settings."
+    ),
+]
+
+
+JunitOpt = Annotated[
+    Optional[Path], typer.Option("--junit", help="Write the requirements as JUnit XML here.")
+]
+
+
+MarkdownOpt = Annotated[
+    Optional[Path], typer.Option("--markdown", help="Write a Markdown summary here.")
+]
+
+
+GithubSummaryOpt = Annotated[
+    bool,
+    typer.Option("--github-summary", help="Append the Markdown summary to $GITHUB_STEP_SUMMARY."),
+]
+
+
+BootstrapOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--bootstrap",
+        metavar="N",
+        help="95% intervals over images from N resamples (paired by stem) [default: off; "
+        "1000 when a requirement uses low(), high() or delta()].",
+    ),
+]
+
+
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Seed of the bootstrap resamples [default: 0].")
+]
+
+
+CommonImagesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--common-images",
+        help="delta(): pair only the images both runs have (default: different image sets "
+        "are an error listing them).",
+    ),
+]
+
+
+def _bootstrap_plan(require, bootstrap, baseline, base):
+    """(resamples, the baseline's StatsTable or None) for --bootstrap, low/high/delta."""
+    from ..commands.intervals import requirement_needs, resamples_for, stats_of
+
+    n_resamples = resamples_for(bootstrap, require or ())
+    needs_delta = requirement_needs(require or ())[1]
+    if needs_delta and baseline is None:
+        raise UsageError("delta() compares with a baseline: pass --baseline old/summary.json")
+    base_table = None
+    if baseline is not None and n_resamples:
+        base_table = stats_of(baseline, base, required="delta()" if needs_delta else None)
+    return n_resamples, base_table
+
+
+def _same_folder(out: Path, *inputs) -> bool:
+    """Whether ``out`` is one of the input folders (local ones; URLs are never ``out``)."""
+    try:
+        resolved = Path(out).resolve()
+        return any("://" not in str(p) and Path(p).resolve() == resolved for p in inputs)
+    except (OSError, RuntimeError):
+        return False
+
+
+def _check_paths_writable(junit, markdown, report_dir=None) -> None:
+    from ..io.outputs import check_output_file
+
+    for option, path in (("--junit", junit), ("--markdown", markdown)):
+        if path is not None:
+            check_output_file(path, option, report_dir=report_dir)
+
+
+def _check_outputs(report_dir, report_files, inputs, **named) -> None:
+    """Before any work: no output is an input, a report file, or another output."""
+    from ..io.outputs import check_distinct_outputs
+    from ..render.formats import refuse_overwriting_inputs
+
+    options = {"--" + k.replace("_", "-"): v for k, v in named.items()}
+    check_distinct_outputs(options, report_dir, report_files)
+    refuse_overwriting_inputs(list(options.values()), inputs)
+
+
+PLAN_OPTIONS = (
+    "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
+    "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
+    "max_pixels", "chunk_pixels", "label_map", "reduce_zero_label", "exclude_class",
+)  # fmt: skip
+"""The options every computing command shares (parameters of ``evaluation.plan``)."""
+
+
+def calibration_options(temperature, views: bool, band: int, reqs) -> dict:
+    """``plan`` keywords of evaluate's calibration options; a requirement that names a
+    calibration view turns the views on (a gate never fails for want of a flag)."""
+    from ..commands.calibrate import load_temperature
+    from ..core.calibration import VIEW_NAMES
+
+    views = views or any(r.klass is None and r.metric in VIEW_NAMES for r in reqs)
+    t = load_temperature(temperature) if temperature is not None else 1.0
+    return {"temperature": t, "calibration_views": views, "boundary_band": band}
+
+
+def volume_options(boundary: bool, tolerance, width, spacing, reqs) -> dict:
+    """``plan`` keywords of evaluate's boundary options; a requirement that names a
+    boundary metric turns them on, as for the calibration views."""
+    from ..core.boundary import BOUNDARY_METRICS, BoundaryOptions, check_available, parse_spacing
+
+    names = {f"{m}_image_mean" for m in BOUNDARY_METRICS}
+    boundary = boundary or any(r.klass is None and r.metric in names for r in reqs)
+    if not boundary:
+        return {"boundary": None}
+    check_available()
+    opts = BoundaryOptions(nsd_tolerance=tolerance, width=width, spacing=parse_spacing(spacing))
+    return {"boundary": opts}
+
+
+def plan_options(params: dict) -> dict:
+    """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
+    opts = {name: params[name] for name in PLAN_OPTIONS}
+    opts["ignore_index"] = (255,) if opts["ignore_index"] is None else tuple(opts["ignore_index"])
+    opts["input_kind"] = opts["input_kind"].value
+    opts["log_base"] = parse_log_base(opts["log_base"])
+    opts["layout"] = opts["layout"].value if opts["layout"] else None
+    opts["exclude_class"] = tuple(opts["exclude_class"] or ())
+    return opts
