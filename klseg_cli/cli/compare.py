@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..commands.preflight import _check_paths_writable
 from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 from .console import _console, _progress, _stderr_console
@@ -41,7 +42,6 @@ from .options import (
     SeedOpt,
     SmoothingOpt,
     SoftGtOpt,
-    _check_paths_writable,
     plan_options,
 )
 

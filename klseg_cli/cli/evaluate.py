@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..defaults import DEFAULT_EPS
-from ..errors import UsageError
 from .console import _console, _progress, _stderr_console, _text
 from .errors import fail, handle_errors
-from .gate import gate_files, gate_outputs
+from .gate import gate_outputs
 from .options import (
     AllowMissingOpt,
     AllowSettingsOpt,
@@ -44,13 +43,7 @@ from .options import (
     SeedOpt,
     SmoothingOpt,
     SoftGtOpt,
-    _bootstrap_plan,
-    _check_outputs,
-    _check_paths_writable,
-    _same_folder,
-    calibration_options,
     plan_options,
-    volume_options,
 )
 
 
@@ -229,55 +222,25 @@ def evaluate(
 
         klseg evaluate preds/ labels/ --classes classes.txt --out report/
     """
-    from ..commands.requirements import check_names, load_summary
-    from ..engine.local import evaluate as run
-    from ..io.remote import as_input
+    from ..commands.evaluate import evaluate_report
     from ..render import formats, report
 
-    pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
-    if zarr_path is not None:
-        if npz_key is not None:
-            raise UsageError("pass --npz-key or --zarr-path, not both")
-        npz_key = zarr_path  # the array inside a container, as --npz-key
-    if scheduler:  # a Dask cluster runs the pairs (engine_dask.py); the rest is the same
-        import functools
-
-        from ..engine.dask_cluster import dask_evaluate
-
-        run = functools.partial(dask_evaluate, scheduler=scheduler)
-
-    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
-    base = load_summary(baseline) if baseline is not None else None
-    n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
-    if heatmaps and out is None:
-        raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
-    _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
-                   markdown=markdown, reliability=reliability)  # fmt: skip
-    if out is not None:
-        from ..io.outputs import check_out_dir
-
-        check_out_dir(out)
-    _check_paths_writable(junit, markdown, out)
-    if reliability is not None:
-        from ..io.outputs import check_output_file
-
-        if reliability.suffix.lower() != ".png":
-            raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
-        check_output_file(reliability, "--reliability", report_dir=out)
-    if out is not None and _same_folder(out, pred, gt):
-        raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")
     options = plan_options(locals())
-    options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
-    options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
-    options.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
-        result = run(
-            pred, gt, keep_going=keep_going, jobs=jobs, on_start=tick.start,
-            on_image=tick.advance, **options,
+        done = evaluate_report(
+            pred, gt, out=out, heatmaps=heatmaps, keep_going=keep_going, jobs=jobs,
+            require=require, baseline=baseline, allow_settings_change=allow_settings_change,
+            junit=junit, markdown=markdown, bootstrap=bootstrap, seed=seed,
+            common_images=common_images, temperature=temperature,
+            calibration_views=calibration_views, boundary_band=boundary_band,
+            reliability=reliability, boundary=boundary, nsd_tolerance=nsd_tolerance,
+            boundary_width=boundary_width, spacing=spacing, zarr_path=zarr_path,
+            scheduler=scheduler, on_start=tick.start, on_image=tick.advance,
+            spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch, **options,
         )  # fmt: skip
-
-    if not result.images:  # --keep-going and every pair failed: no report of dashes
+    result, summary = done.result, done.summary
+    if summary is None:  # --keep-going and every pair failed: no report of dashes
         for error in result.errors:
             sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")
         raise fail("no pair could be evaluated; no report was written")
@@ -289,50 +252,10 @@ def evaluate(
             f"[yellow]warning:[/] {_text(path)}: target has no prediction; left out",
             highlight=False,
         )
-    summary = result.summary()
-    if n_resamples:
-        from ..io.statsfile import StatsTable
-
-        table = StatsTable.from_result(result)
+    if done.note:
         from rich.markup import escape
 
-        from ..commands.intervals import add_intervals, requirement_needs
-
-        note = add_intervals(summary, table, n_resamples=n_resamples, seed=seed or 0,
-                             baseline=base_table, common_only=common_images,
-                             delta_required=requirement_needs(require or ())[1])  # fmt: skip
-        if note:
-            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
-    if require:
-        from ..commands.requirements import check_requirements
-
-        summary["requirements"] = check_requirements(
-            summary, require, baseline=base, allow_settings_change=allow_settings_change
-        )
-    inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
-    outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    formats.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
-                                     [*inputs, baseline])  # fmt: skip
-    gate_written = False
-    if out is not None:
-        folders = {}
-        if heatmaps:
-            from ..commands.heatmap import worst_images_heatmaps
-            from ..render.heatmap import HeatmapOptions
-
-            def fill(folder):
-                options = HeatmapOptions(metric="kl", colorbar=True)
-                return worst_images_heatmaps(result, folder, heatmaps, options)
-
-            folders["heatmaps"] = fill
-        # the gate files go out under the report's lock, so they match the report
-        also = gate_files(summary, summary["requirements"], junit=junit, markdown=markdown)
-        report.write_reports(summary, out, result=result, folders=folders, also=also)
-        gate_written = True
-    if reliability is not None:  # after the report: it may go into the report's folder
-        from ..render.calibration_report import write_reliability_outputs
-
-        write_reliability_outputs(result, reliability)
+        err.print(f"[yellow]warning:[/] {escape(done.note)}", highlight=False)
     if output_format is OutputFormat.json:
         sys.stdout.write(formats.summary_json(summary))
     else:
@@ -344,7 +267,7 @@ def evaluate(
     code = gate_outputs(
         summary, summary["requirements"], junit=junit, markdown=markdown,
         github_summary=github_summary, json_on_stdout=output_format is OutputFormat.json,
-        written=gate_written,
+        written=done.gate_written,
     ) if (require or junit or markdown or github_summary) else 0  # fmt: skip
     for error in result.errors:
         sys.stderr.write(f"Error: {error['file']}: {error['message']}\n")

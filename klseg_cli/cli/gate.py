@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from ..commands.preflight import _bootstrap_plan, _check_outputs, _check_paths_writable
+from ..commands.requirements import gate_files
 from ..errors import UsageError
 from .console import _console
 from .errors import handle_errors
@@ -24,22 +26,7 @@ from .options import (
     OutputFormat,
     RequireOpt,
     SeedOpt,
-    _bootstrap_plan,
-    _check_outputs,
-    _check_paths_writable,
 )
-
-
-def gate_files(summary, rows, *, junit, markdown) -> dict:
-    """``{path: text}`` of the ``--junit`` and ``--markdown`` files asked for."""
-    from ..render import report
-
-    files = {}
-    if junit is not None:
-        files[junit] = report.junit_xml(rows)
-    if markdown is not None:
-        files[markdown] = report.markdown_report(summary, rows)
-    return files
 
 
 def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdout,

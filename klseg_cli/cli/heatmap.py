@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..commands.preflight import _check_outputs
 from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 from .console import _progress, _stderr_console, _text
@@ -33,7 +34,6 @@ from .options import (
     RenormalizeOpt,
     SmoothingOpt,
     SoftGtOpt,
-    _check_outputs,
     plan_options,
 )
 

@@ -233,78 +233,12 @@ CommonImagesOpt = Annotated[
 ]
 
 
-def _bootstrap_plan(require, bootstrap, baseline, base):
-    """(resamples, the baseline's StatsTable or None) for --bootstrap, low/high/delta."""
-    from ..commands.intervals import requirement_needs, resamples_for, stats_of
-
-    n_resamples = resamples_for(bootstrap, require or ())
-    needs_delta = requirement_needs(require or ())[1]
-    if needs_delta and baseline is None:
-        raise UsageError("delta() compares with a baseline: pass --baseline old/summary.json")
-    base_table = None
-    if baseline is not None and n_resamples:
-        base_table = stats_of(baseline, base, required="delta()" if needs_delta else None)
-    return n_resamples, base_table
-
-
-def _same_folder(out: Path, *inputs) -> bool:
-    """Whether ``out`` is one of the input folders (local ones; URLs are never ``out``)."""
-    try:
-        resolved = Path(out).resolve()
-        return any("://" not in str(p) and Path(p).resolve() == resolved for p in inputs)
-    except (OSError, RuntimeError):
-        return False
-
-
-def _check_paths_writable(junit, markdown, report_dir=None) -> None:
-    from ..io.outputs import check_output_file
-
-    for option, path in (("--junit", junit), ("--markdown", markdown)):
-        if path is not None:
-            check_output_file(path, option, report_dir=report_dir)
-
-
-def _check_outputs(report_dir, report_files, inputs, **named) -> None:
-    """Before any work: no output is an input, a report file, or another output."""
-    from ..io.outputs import check_distinct_outputs
-    from ..render.formats import refuse_overwriting_inputs
-
-    options = {"--" + k.replace("_", "-"): v for k, v in named.items()}
-    check_distinct_outputs(options, report_dir, report_files)
-    refuse_overwriting_inputs(list(options.values()), inputs)
-
-
 PLAN_OPTIONS = (
     "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
     "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
     "max_pixels", "chunk_pixels", "label_map", "reduce_zero_label", "exclude_class",
 )  # fmt: skip
 """The options every computing command shares (parameters of ``evaluation.plan``)."""
-
-
-def calibration_options(temperature, views: bool, band: int, reqs) -> dict:
-    """``plan`` keywords of evaluate's calibration options; a requirement that names a
-    calibration view turns the views on (a gate never fails for want of a flag)."""
-    from ..commands.calibrate import load_temperature
-    from ..core.calibration import VIEW_NAMES
-
-    views = views or any(r.klass is None and r.metric in VIEW_NAMES for r in reqs)
-    t = load_temperature(temperature) if temperature is not None else 1.0
-    return {"temperature": t, "calibration_views": views, "boundary_band": band}
-
-
-def volume_options(boundary: bool, tolerance, width, spacing, reqs) -> dict:
-    """``plan`` keywords of evaluate's boundary options; a requirement that names a
-    boundary metric turns them on, as for the calibration views."""
-    from ..core.boundary import BOUNDARY_METRICS, BoundaryOptions, check_available, parse_spacing
-
-    names = {f"{m}_image_mean" for m in BOUNDARY_METRICS}
-    boundary = boundary or any(r.klass is None and r.metric in names for r in reqs)
-    if not boundary:
-        return {"boundary": None}
-    check_available()
-    opts = BoundaryOptions(nsd_tolerance=tolerance, width=width, spacing=parse_spacing(spacing))
-    return {"boundary": opts}
 
 
 def plan_options(params: dict) -> dict:
