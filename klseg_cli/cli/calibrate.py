@@ -7,36 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 from .console import _console, _stderr_console
 from .errors import handle_errors
 from .options import (
-    AllowMissingOpt,
-    ChunkOpt,
-    ClassesOpt,
     DebugOpt,
-    EpsOpt,
-    ExcludeClassOpt,
-    GtSuffixOpt,
-    IgnoreOpt,
-    InputKind,
-    InputOpt,
-    LabelMapOpt,
-    LayoutOpt,
-    LogBaseOpt,
-    MaxPixelsOpt,
-    NpzKeyOpt,
-    PredSuffixOpt,
-    ReduceZeroOpt,
-    RenormalizeOpt,
-    SmoothingOpt,
-    SoftGtOpt,
-    plan_options,
+    EvaluationOptions,
+    evaluation_options,
 )
 
 
 @handle_errors
+@evaluation_options(inside=("jobs",))
 def calibrate(
     pred: Annotated[
         Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
@@ -66,27 +48,10 @@ def calibrate(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --holdout split.")] = 0,
-    classes: ClassesOpt = None,
-    ignore_index: IgnoreOpt = None,
-    smoothing: SmoothingOpt = 0.0,
-    input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = DEFAULT_EPS,
-    log_base: LogBaseOpt = "e",
-    layout: LayoutOpt = None,
-    soft_gt: SoftGtOpt = False,
-    renormalize: RenormalizeOpt = False,
-    allow_missing: AllowMissingOpt = False,
+    shared: EvaluationOptions = EvaluationOptions(),
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", help="Images evaluated in parallel (before/after).")
     ] = 1,
-    pred_suffix: PredSuffixOpt = "",
-    gt_suffix: GtSuffixOpt = "",
-    npz_key: NpzKeyOpt = None,
-    max_pixels: MaxPixelsOpt = 1 << 31,
-    chunk_pixels: ChunkOpt = 1 << 15,
-    label_map: LabelMapOpt = None,
-    reduce_zero_label: ReduceZeroOpt = False,
-    exclude_class: ExcludeClassOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fit a temperature T that minimises the pooled KL(target || softmax(log p / T)).
@@ -109,7 +74,7 @@ def calibrate(
         check_out_dir(out)
     if write is not None and write.exists() and not write.is_dir():
         raise UsageError(f"--write {write} is an existing file; give a folder")
-    options = plan_options(locals())
+    options = shared.plan()
     err = _stderr_console()
 
     def on_pass(p) -> None:

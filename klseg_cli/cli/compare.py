@@ -10,39 +10,20 @@ from typing import Annotated, Optional
 import typer
 
 from ..commands.preflight import _check_paths_writable
-from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 from .console import _console, _progress, _stderr_console
 from .errors import handle_errors
 from .gate import gate_outputs
 from .options import (
-    AllowMissingOpt,
     BootstrapOpt,
-    ChunkOpt,
-    ClassesOpt,
     DebugOpt,
-    EpsOpt,
-    ExcludeClassOpt,
+    EvaluationOptions,
     GithubSummaryOpt,
-    GtSuffixOpt,
-    IgnoreOpt,
-    InputKind,
-    InputOpt,
     JunitOpt,
-    LabelMapOpt,
-    LayoutOpt,
-    LogBaseOpt,
     MarkdownOpt,
-    MaxPixelsOpt,
-    NpzKeyOpt,
     OutputFormat,
-    PredSuffixOpt,
-    ReduceZeroOpt,
-    RenormalizeOpt,
     SeedOpt,
-    SmoothingOpt,
-    SoftGtOpt,
-    plan_options,
+    evaluation_options,
 )
 
 
@@ -52,6 +33,7 @@ class RankBy(str, Enum):
 
 
 @handle_errors
+@evaluation_options()
 def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="Model A's maps: a file or a folder.")],
     b: Annotated[Path, typer.Argument(metavar="B", help="Model B's maps of the same images.")],
@@ -89,24 +71,7 @@ def compare(
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", help="Images compared in parallel (processes).")
     ] = 1,
-    classes: ClassesOpt = None,
-    ignore_index: IgnoreOpt = None,
-    smoothing: SmoothingOpt = 0.0,
-    input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = DEFAULT_EPS,
-    log_base: LogBaseOpt = "e",
-    layout: LayoutOpt = None,
-    soft_gt: SoftGtOpt = False,
-    renormalize: RenormalizeOpt = False,
-    allow_missing: AllowMissingOpt = False,
-    pred_suffix: PredSuffixOpt = "",
-    gt_suffix: GtSuffixOpt = "",
-    npz_key: NpzKeyOpt = None,
-    max_pixels: MaxPixelsOpt = 1 << 31,
-    chunk_pixels: ChunkOpt = 1 << 15,
-    label_map: LabelMapOpt = None,
-    reduce_zero_label: ReduceZeroOpt = False,
-    exclude_class: ExcludeClassOpt = None,
+    shared: EvaluationOptions = EvaluationOptions(),
     debug: DebugOpt = False,
 ) -> None:
     """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
@@ -131,7 +96,7 @@ def compare(
         raise UsageError(f"--top must be 0 or more, got {top}")
     if out is not None:
         check_out_dir(out)
-    options = plan_options(locals())
+    options = shared.plan()
     err = _stderr_console()
     with _progress(err, "comparing") as tick:
         result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)

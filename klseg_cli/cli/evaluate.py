@@ -8,46 +8,29 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..defaults import DEFAULT_EPS
 from .console import _console, _progress, _stderr_console, _text
 from .errors import fail, handle_errors
 from .gate import gate_outputs
 from .options import (
-    AllowMissingOpt,
     AllowSettingsOpt,
     BaselineOpt,
     BootstrapOpt,
-    ChunkOpt,
-    ClassesOpt,
     CommonImagesOpt,
     DebugOpt,
-    EpsOpt,
-    ExcludeClassOpt,
+    EvaluationOptions,
     GithubSummaryOpt,
-    GtSuffixOpt,
-    IgnoreOpt,
-    InputKind,
-    InputOpt,
     JunitOpt,
-    LabelMapOpt,
-    LayoutOpt,
-    LogBaseOpt,
     MarkdownOpt,
-    MaxPixelsOpt,
-    NpzKeyOpt,
     OutputFormat,
-    PredSuffixOpt,
-    ReduceZeroOpt,
-    RenormalizeOpt,
     RequireOpt,
     SeedOpt,
-    SmoothingOpt,
-    SoftGtOpt,
-    plan_options,
+    SpatialDimsOpt,
+    evaluation_options,
 )
 
 
 @handle_errors
+@evaluation_options(inside=("keep_going", "jobs"))
 def evaluate(
     pred: Annotated[
         str,
@@ -77,16 +60,7 @@ def evaluate(
             min=0,
         ),
     ] = 0,
-    classes: ClassesOpt = None,
-    ignore_index: IgnoreOpt = None,
-    smoothing: SmoothingOpt = 0.0,
-    input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = DEFAULT_EPS,
-    log_base: LogBaseOpt = "e",
-    layout: LayoutOpt = None,
-    soft_gt: SoftGtOpt = False,
-    renormalize: RenormalizeOpt = False,
-    allow_missing: AllowMissingOpt = False,
+    shared: EvaluationOptions = EvaluationOptions(),
     keep_going: Annotated[
         bool,
         typer.Option("--keep-going", help="Evaluate every readable pair; still exit 2 on errors."),
@@ -102,14 +76,6 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    pred_suffix: PredSuffixOpt = "",
-    gt_suffix: GtSuffixOpt = "",
-    npz_key: NpzKeyOpt = None,
-    max_pixels: MaxPixelsOpt = 1 << 31,
-    chunk_pixels: ChunkOpt = 1 << 15,
-    label_map: LabelMapOpt = None,
-    reduce_zero_label: ReduceZeroOpt = False,
-    exclude_class: ExcludeClassOpt = None,
     require: RequireOpt = None,
     baseline: BaselineOpt = None,
     allow_settings_change: AllowSettingsOpt = False,
@@ -184,15 +150,7 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    spatial_dims: Annotated[
-        int,
-        typer.Option(
-            "--spatial-dims",
-            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
-            min=2,
-            max=3,
-        ),
-    ] = 2,
+    spatial_dims: SpatialDimsOpt = 2,
     allow_affine_mismatch: Annotated[
         bool,
         typer.Option(
@@ -225,7 +183,7 @@ def evaluate(
     from ..commands.evaluate import evaluate_report
     from ..render import formats, report
 
-    options = plan_options(locals())
+    options = shared.plan()
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         done = evaluate_report(

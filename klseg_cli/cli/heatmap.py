@@ -9,32 +9,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..commands.preflight import _check_outputs
-from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 from .console import _progress, _stderr_console, _text
 from .errors import handle_errors
 from .options import (
-    AllowMissingOpt,
-    ChunkOpt,
-    ClassesOpt,
     DebugOpt,
-    EpsOpt,
-    ExcludeClassOpt,
-    GtSuffixOpt,
-    IgnoreOpt,
-    InputKind,
-    InputOpt,
-    LabelMapOpt,
-    LayoutOpt,
-    LogBaseOpt,
-    MaxPixelsOpt,
-    NpzKeyOpt,
-    PredSuffixOpt,
-    ReduceZeroOpt,
-    RenormalizeOpt,
-    SmoothingOpt,
-    SoftGtOpt,
-    plan_options,
+    EvaluationOptions,
+    SpatialDimsOpt,
+    evaluation_options,
 )
 
 
@@ -53,6 +35,7 @@ class Reduce(str, Enum):
 
 
 @handle_errors
+@evaluation_options()
 def heatmap(
     pred: Annotated[
         Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
@@ -123,15 +106,7 @@ def heatmap(
             "z by default).",
         ),
     ] = None,
-    spatial_dims: Annotated[
-        int,
-        typer.Option(
-            "--spatial-dims",
-            help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
-            min=2,
-            max=3,
-        ),
-    ] = 2,
+    spatial_dims: SpatialDimsOpt = 2,
     allow_affine_mismatch: Annotated[
         bool,
         typer.Option(
@@ -148,24 +123,7 @@ def heatmap(
             "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
         ),
     ] = None,
-    classes: ClassesOpt = None,
-    ignore_index: IgnoreOpt = None,
-    smoothing: SmoothingOpt = 0.0,
-    input_kind: InputOpt = InputKind.probs,
-    eps: EpsOpt = DEFAULT_EPS,
-    log_base: LogBaseOpt = "e",
-    layout: LayoutOpt = None,
-    soft_gt: SoftGtOpt = False,
-    renormalize: RenormalizeOpt = False,
-    allow_missing: AllowMissingOpt = False,
-    pred_suffix: PredSuffixOpt = "",
-    gt_suffix: GtSuffixOpt = "",
-    npz_key: NpzKeyOpt = None,
-    max_pixels: MaxPixelsOpt = 1 << 31,
-    chunk_pixels: ChunkOpt = 1 << 15,
-    label_map: LabelMapOpt = None,
-    reduce_zero_label: ReduceZeroOpt = False,
-    exclude_class: ExcludeClassOpt = None,
+    shared: EvaluationOptions = EvaluationOptions(),
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
@@ -186,7 +144,7 @@ def heatmap(
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
         reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
     )  # fmt: skip
-    plan = plan_options(locals())
+    plan = shared.plan()
     plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()

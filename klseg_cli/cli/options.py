@@ -3,13 +3,17 @@ reuses, their choices, and how they become the library's keywords (``plan_option
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from ..defaults import DEFAULT_EPS
 from ..errors import UsageError
 
 
@@ -165,6 +169,16 @@ ChunkOpt = Annotated[
     int, typer.Option("--chunk-pixels", help="Pixels per chunk (memory vs. speed).")
 ]
 
+SpatialDimsOpt = Annotated[
+    int,
+    typer.Option(
+        "--spatial-dims",
+        help="3: .npy/.npz files are volumes (X,Y,Z[,C]); NIfTI files always are.",
+        min=2,
+        max=3,
+    ),
+]
+
 
 RequireOpt = Annotated[
     Optional[list[str]],
@@ -250,3 +264,73 @@ def plan_options(params: dict) -> dict:
     opts["layout"] = opts["layout"].value if opts["layout"] else None
     opts["exclude_class"] = tuple(opts["exclude_class"] or ())
     return opts
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """The options every computing command shares (evaluate, compare, calibrate, heatmap),
+    declared once: a field per option, named as the option and as ``engine.local.plan``'s
+    keyword, typed with its ``Annotated`` alias. ``evaluation_options`` puts them in a
+    command's signature; the command receives them as one ``shared`` value."""
+
+    classes: ClassesOpt = None
+    ignore_index: IgnoreOpt = None
+    smoothing: SmoothingOpt = 0.0
+    input_kind: InputOpt = InputKind.probs
+    eps: EpsOpt = DEFAULT_EPS
+    log_base: LogBaseOpt = "e"
+    layout: LayoutOpt = None
+    soft_gt: SoftGtOpt = False
+    renormalize: RenormalizeOpt = False
+    allow_missing: AllowMissingOpt = False
+    pred_suffix: PredSuffixOpt = ""
+    gt_suffix: GtSuffixOpt = ""
+    npz_key: NpzKeyOpt = None
+    max_pixels: MaxPixelsOpt = 1 << 31
+    chunk_pixels: ChunkOpt = 1 << 15
+    label_map: LabelMapOpt = None
+    reduce_zero_label: ReduceZeroOpt = False
+    exclude_class: ExcludeClassOpt = None
+
+    def plan(self) -> dict:
+        """``engine.local.plan``'s keywords."""
+        return plan_options(vars(self))
+
+
+FIRST_BLOCK = "allow_missing"
+"""``--help`` lists the shared options up to this one, then the command's ``inside`` ones,
+then the rest."""
+
+
+def evaluation_options(*, inside: tuple[str, ...] = ()):
+    """Give a command the shared options: its ``shared: EvaluationOptions`` parameter becomes
+    the options themselves in the signature Typer reads (the command's ``inside`` options
+    listed among them, as ``--help`` has always shown them), and the command is called with
+    them gathered into ``shared``."""
+    hints = get_type_hints(EvaluationOptions, include_extras=True)
+    names = [f.name for f in fields(EvaluationOptions)]
+    split = names.index(FIRST_BLOCK) + 1
+
+    def decorate(func):
+        own = inspect.signature(func, eval_str=True).parameters
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        shared = [
+            inspect.Parameter(f.name, kind, default=f.default, annotation=hints[f.name])
+            for f in fields(EvaluationOptions)
+        ]
+        params = []
+        for p in own.values():
+            if p.name == "shared":
+                params += [*shared[:split], *(own[n] for n in inside), *shared[split:]]
+            elif p.name not in inside:
+                params.append(p)
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            return func(**kwargs, shared=EvaluationOptions(**values))
+
+        command.__signature__ = inspect.Signature(params)
+        return command
+
+    return decorate
