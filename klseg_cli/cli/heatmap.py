@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..commands.preflight import _check_outputs
-from ..errors import UsageError
 from .console import _progress, _stderr_console, _text
 from .errors import handle_errors
 from .options import (
@@ -135,38 +133,18 @@ def heatmap(
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
     """
-    from ..commands.heatmap import make_heatmaps
-    from ..io.volumes import SliceView
-    from ..render.heatmap import HeatmapOptions
+    from ..commands.heatmap import heatmap as draw
 
-    options = HeatmapOptions(
-        metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
-        overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
-    )  # fmt: skip
     plan = shared.plan()
-    plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
-    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
-    if against is not None and gt is not None:
-        raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
     with _progress(err, "rendering") as tick:
-        try:
-            if against is not None:
-                from ..commands.compare import make_pair_heatmaps
-
-                written = make_pair_heatmaps(
-                    pred, against, out, options, raw=raw, on_start=tick.start,
-                    on_image=tick.advance, **plan,
-                )  # fmt: skip
-            else:
-                written = make_heatmaps(
-                    pred, gt, out, options, raw=raw, on_start=tick.start,
-                    on_image=tick.advance, **plan,
-                )  # fmt: skip
-        except OSError as error:  # inputs raise ReadError: an OS error here is an output's
-            from ..io.atomic import output_error
-
-            raise output_error(error.filename or out, error) from None
+        written = draw(
+            pred, gt, out, metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+            ignore_color=ignore_color, overlay=overlay, alpha=alpha, colorbar=colorbar,
+            panel=panel, max_side=max_side, reduce=reduce.value, raw=raw,
+            volume_slice=volume_slice, montage=montage, against=against,
+            on_start=tick.start, on_image=tick.advance, spatial_dims=spatial_dims,
+            allow_affine_mismatch=allow_affine_mismatch, **plan,
+        )  # fmt: skip
     for path in written:
         err.print(f"wrote {_text(path)}", highlight=False)

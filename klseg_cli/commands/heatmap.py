@@ -12,6 +12,7 @@ import numpy as np
 from ..core.metrics import MetricSettings
 from ..engine.maps import IN_MEMORY_PIXELS, TARGET_FREE_METRICS, MetricMap, pair_map
 from ..errors import InputError, UsageError
+from ..io.readers import PredictionMap
 from ..render.heatmap import (
     DEFAULT_IGNORE_COLOR,
     HeatmapOptions,
@@ -21,6 +22,7 @@ from ..render.heatmap import (
     render,
     write_raw,
 )
+from .compare import iter_pair_chunks, open_two, pair_models
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -180,3 +182,127 @@ def worst_images_heatmaps(result, folder: Path, k: int, options: HeatmapOptions)
                ignore_index=settings.ignore_index, shared_vmax=vmax)  # fmt: skip
         written.append(png)
     return written
+
+
+def heatmap(
+    pred,
+    gt=None,
+    out: str | Path = "heatmaps",
+    *,
+    metric: str = "kl",
+    cmap: str = "magma",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    log: bool = False,
+    ignore_color: str | None = None,
+    overlay: Path | None = None,
+    alpha: float = 0.6,
+    colorbar: bool = False,
+    panel: bool = False,
+    max_side: int | None = None,
+    reduce: str = "max",
+    raw: Path | None = None,
+    volume_slice: str | None = None,
+    montage: int | None = None,
+    against=None,
+    on_start=None,
+    on_image=None,
+    **options,
+) -> list[Path]:
+    """``klseg heatmap PRED [GT]`` with the command's options as keywords (``options``: those
+    of ``engine.local.plan``); with ``against`` (no GT), where two models disagree. Returns
+    the PNGs written."""
+    from ..io.volumes import SliceView
+    from .preflight import _check_outputs
+
+    drawing = HeatmapOptions(
+        metric=metric, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
+        overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
+        reduce=reduce, view=SliceView.parse(volume_slice, montage),
+    )  # fmt: skip
+    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
+    if against is not None and gt is not None:
+        raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
+    try:
+        if against is not None:
+            return make_pair_heatmaps(pred, against, out, drawing, raw=raw, on_start=on_start,
+                                      on_image=on_image, **options)  # fmt: skip
+        return make_heatmaps(pred, gt, out, drawing, raw=raw, on_start=on_start,
+                             on_image=on_image, **options)  # fmt: skip
+    except OSError as error:  # inputs raise ReadError: an OS error here is an output's
+        from ..io.atomic import output_error
+
+        raise output_error(error.filename or out, error) from None
+
+
+AGAINST_METRICS = ("kl", "js", "error")
+"""``klseg heatmap A --against B``: KL(A‖B), JS(A, B), or 1 where the argmaxes differ."""
+
+
+def divergence_map(
+    pa: PredictionMap,
+    pb: PredictionMap,
+    settings: MetricSettings,
+    metric: str,
+    *,
+    with_pred: bool = False,
+    chunk_pixels: int,
+):
+    """The per-pixel KL(A‖B), JS(A, B) or argmax disagreement of two maps, as a MetricMap."""
+    from ..engine.maps import INFORMATION_METRICS, MetricMap, _empty, _put, _unit
+
+    if metric not in AGAINST_METRICS:
+        raise UsageError(
+            f"--against draws {', '.join(AGAINST_METRICS)} (KL(A‖B), JS, argmax "
+            f"disagreement), not {metric!r}"
+        )
+    H, W = pa.height, pa.width
+    values = _empty((H, W), np.float32, np.nan)
+    pred_map = _empty((H, W), np.uint16, 0) if with_pred else None
+    scale = math.log(settings.log_base) if metric in INFORMATION_METRICS else 1.0
+    for start, stop, _, t in iter_pair_chunks(pa, pb, settings, chunk_pixels=chunk_pixels):
+        if metric == "error":
+            v = (t.pred_a != t.pred_b).astype(np.float32)
+        else:
+            v = (t.kl_ab if metric == "kl" else t.js) / scale
+        _put(values, start, stop, v, None, np.nan)
+        if pred_map is not None:
+            _put(pred_map, start, stop, t.pred_a, None, 0)
+    name = {"kl": "KL(A||B)", "js": "JS(A,B)", "error": "A != B"}[metric]
+    return MetricMap(name, values, pred_map, None, _unit(metric, settings))
+
+
+def make_pair_heatmaps(
+    a: str | Path,
+    b: str | Path,
+    out: str | Path,
+    options,
+    *,
+    raw: str | Path | None = None,
+    on_start=None,
+    on_image=None,
+    **plan_options,
+) -> list[Path]:
+    """Heatmaps of where model B departs from model A: one pair of files (``out`` a .png)
+    or two folders paired by stem (``out`` a folder, one ``<stem>_<metric>.png`` each)."""
+    from ..render.heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color
+
+    if options.metric not in AGAINST_METRICS:
+        raise UsageError(
+            f"--against draws --metric {', '.join(AGAINST_METRICS)}, not {options.metric!r}"
+        )
+    if options.overlay is not None and not Path(options.overlay).is_file():
+        raise UsageError("--against takes one --overlay photo file")
+    colormap_lut(options.cmap)
+    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
+    pairs, settings, read, _, _, _ = pair_models(Path(a), Path(b), None, **plan_options)
+    inputs = [p for pair in pairs for p in (pair.a, pair.b)]
+
+    def compute(pair):
+        pa, pb = open_two(pair.a, pair.b, None, settings, read)
+        return divergence_map(pa, pb, settings, options.metric, with_pred=options.panel,
+                              chunk_pixels=read.chunk_pixels)  # fmt: skip
+
+    return render_pairs(pairs, Path(a), Path(out), Path(raw) if raw is not None else None,
+                        options, settings, inputs, compute, on_start=on_start,
+                        on_image=on_image)  # fmt: skip
