@@ -66,7 +66,7 @@ def calibrate(
     """
 
     from ..commands.calibrate import calibrate as run_calibration
-    from ..render import formats
+    from ..commands.calibrate import write_calibration
 
     if out is not None:
         from ..io.outputs import check_out_dir
@@ -102,24 +102,10 @@ def calibrate(
         from ..render.calibration_report import before_after_table
 
         console.print(before_after_table(run, part))
-    inputs = [p for part in run.parts for pair in part.pairs for p in (pair.pred, pair.target)]
-    if out is not None:
-        from ..render.calibration_report import CALIBRATE_FILES
 
-        formats.refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
-    if write is not None:
-        from dataclasses import replace
+    def said(text: str) -> None:
+        console.print(text, highlight=False)
 
-        from ..commands.calibrated_maps import write_calibrated
-
-        pairs = [pair for part in run.parts for pair in part.pairs]
-        pairs.sort(key=lambda p: p.stem)
-        written = write_calibrated(
-            pairs, replace(run.settings, temperature=fit.temperature), run.read, write
-        )
-        console.print(f"{len(written)} calibrated maps written to {write}/", highlight=False)
-    if out is not None:  # after the maps: a map that cannot be written leaves no report
-        from ..render.calibration_report import write_calibration_outputs
-
-        write_calibration_outputs(run, out)
-        console.print(f"calibration written to {out}/", highlight=False)
+    write_calibration(run, out=out, write=write,
+                      on_maps=lambda n: said(f"{n} calibrated maps written to {write}/"),
+                      on_report=lambda: said(f"calibration written to {out}/"))  # fmt: skip
