@@ -312,6 +312,7 @@ def test_readme_first_commands_are_what_ci_runs():
         "sample_data/predictions sample_data/ground_truth --classes sample_data/classes.txt",
         "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test,fast]' && pytest",
     ]
+    assert shell_blocks(DOCS / "index.md")[0][1] == block, "docs/index.md repeats them"
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert "pip install --quiet -e '.[test,fast]'" in ci
     assert "pip install --quiet .\n" in ci
