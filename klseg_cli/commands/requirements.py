@@ -35,11 +35,11 @@ CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
     "soft_gt", "ece_bins", "renormalize", "label_map", "reduce_zero_label", "exclude_classes",
-    "temperature", "boundary_band",
+    "temperature", "boundary_band", "raters",
 )  # fmt: skip
 SETTING_DEFAULTS = {
     "label_map": None, "reduce_zero_label": False, "exclude_classes": [], "temperature": 1.0,
-    "boundary_band": 3,
+    "boundary_band": 3, "raters": None,
 }  # fmt: skip
 """Values of settings that summaries written before they existed lack."""
 
