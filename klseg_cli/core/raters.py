@@ -7,8 +7,8 @@ chunks, images and workers (``RaterStats``):
 
 - soft Dice (the QUBIQ challenge's score): per class, the Dice of the prediction p_c and
   the raters' frequency q_c both binarised at the thresholds 0.1, 0.2, ..., 0.9, averaged
-  over the thresholds. Kept as per-class histograms of how many thresholds each pixel's
-  p_c, q_c and min of the two exceed (``DICE_THRESHOLDS``).
+  over the thresholds. Kept as a per-class joint histogram of how many thresholds each
+  pixel's p_c and q_c exceed (``DICE_THRESHOLDS``; 10 × 10 counts a class).
 - the generalized energy distance (Kohl et al. 2018) between the model's samples and the
   raters' maps with d = 1 − IoU; and the mean IoU of the prediction against each rater
   beside the raters' own pairwise IoU. Kept as per-class intersection and union counts of
@@ -49,9 +49,11 @@ def frequency_map(codes: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.n
     no rater labels a pixel (those pixels are ignored by the caller). float32 division of
     two exact integers is correctly rounded: q is the float32 nearest n_c / n.
     """
-    labelled = codes >= 0
-    counts = class_counts(codes, num_classes)
-    raters = labelled.sum(axis=0)
+    return frequency_from_counts(class_counts(codes, num_classes), (codes >= 0).sum(axis=0))
+
+
+def frequency_from_counts(counts: np.ndarray, raters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``frequency_map`` of the (C, n) class counts and the (n,) rater counts."""
     q = counts.astype(np.float32)
     np.divide(q, np.maximum(raters, 1).astype(np.float32), out=q)
     return q, raters
@@ -66,20 +68,49 @@ def class_counts(codes: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(flat, minlength=num_classes * n).reshape(num_classes, n)
 
 
+_TAUS64 = np.asarray(DICE_THRESHOLDS, dtype=np.float64)
+_TAUS32_ABOVE = np.nextafter(_TAUS64.astype(np.float32), np.float32(np.inf))
+_TAUS32_ABOVE = np.where(
+    _TAUS64.astype(np.float32).astype(np.float64) > _TAUS64, _TAUS64.astype(np.float32),
+    _TAUS32_ABOVE,
+)  # fmt: skip
+"""The smallest float32 above each τ_k (as a double): a float32 p exceeds τ_k exactly when
+p ≥ this, so float32 maps are compared without a float64 copy."""
+
+
+_ABOVE = {
+    np.dtype(np.float32): _TAUS32_ABOVE.astype(np.float32),
+    np.dtype(np.float64): np.nextafter(_TAUS64, np.inf),
+}
+
+
 def threshold_levels_p(P: np.ndarray) -> np.ndarray:
-    """(C, n) int8: how many of the thresholds τ_k each p_c exceeds (p > τ, float64)."""
-    taus = np.asarray(DICE_THRESHOLDS, dtype=np.float64)
-    return np.searchsorted(taus, P.astype(np.float64), side="left").astype(np.int8)
+    """(C, n) int8: how many of the thresholds τ_k each p_c exceeds (p > τ_k in float64):
+    p > τ_k ⇔ p ≥ the float just above τ_k, nine comparisons in the chunk's dtype."""
+    if P.dtype not in _ABOVE:
+        P = P.astype(np.float64)
+    level = np.zeros(P.shape, dtype=np.int8)
+    hit = np.empty(P.shape, dtype=bool)
+    for bound in _ABOVE[P.dtype]:
+        np.greater_equal(P, bound, out=hit)
+        level += hit
+    return level
+
+
+def _level_table(max_raters: int) -> np.ndarray:
+    """T[n, n_c]: how many τ_k = k/10 the fraction n_c/n exceeds, exactly: the k with
+    10·n_c > k·n, i.e. ceil(10·n_c / n) − 1 of them (0 when n_c = 0; row n = 0 unused)."""
+    n = np.maximum(np.arange(max_raters + 1), 1)[:, None]
+    nc = np.arange(max_raters + 1)[None, :]
+    return np.clip((10 * nc + n - 1) // n - 1, 0, N_LEVELS - 1).astype(np.int8)
 
 
 def threshold_levels_q(counts: np.ndarray, raters: np.ndarray) -> np.ndarray:
-    """(C, n) int8: how many τ_k = k/10 each q_c = n_c/n exceeds, exactly: the k with
-    10·n_c > k·n, i.e. ceil(10·n_c / n) − 1 of them (0 when n_c = 0)."""
-    n = np.maximum(raters, 1).astype(np.int64)
-    ten = 10 * counts.astype(np.int64)
-    levels = (ten + n - 1) // n - 1  # ceil(10 n_c / n) − 1
-    np.clip(levels, 0, N_LEVELS - 1, out=levels)
-    return levels.astype(np.int8)
+    """(C, n) int8: how many τ_k each q_c = n_c / n exceeds, compared exactly (integers)."""
+    R = int(raters.max(initial=0))
+    table = _level_table(R).reshape(-1)
+    index = raters.astype(np.intp) * (R + 1) + counts
+    return table[index]
 
 
 def item_pairs(n_items: int) -> list[tuple[int, int]]:
@@ -97,7 +128,7 @@ class RaterStats:
 
     n_raters: int
     n_samples: int  # 0: the prediction's argmax is the model's one sample
-    dice_hist: np.ndarray  # (C, 3, N_LEVELS) int64: levels of p_c, q_c and min(p, q)
+    dice_joint: np.ndarray  # (C, N_LEVELS, N_LEVELS) int64: pixels by (level of p_c, of q_c)
     pair_inter: np.ndarray  # (n_pairs, C) int64: |a = c ∧ b = c| on pixels both label
     pair_union: np.ndarray  # (n_pairs, C) int64: |a = c ∨ b = c| on pixels both label
 
@@ -107,14 +138,14 @@ class RaterStats:
         return cls(
             n_raters=n_raters,
             n_samples=n_samples,
-            dice_hist=np.zeros((num_classes, 3, N_LEVELS), dtype=np.int64),
+            dice_joint=np.zeros((num_classes, N_LEVELS, N_LEVELS), dtype=np.int64),
             pair_inter=np.zeros((n_pairs, num_classes), dtype=np.int64),
             pair_union=np.zeros((n_pairs, num_classes), dtype=np.int64),
         )
 
     @property
     def num_classes(self) -> int:
-        return self.dice_hist.shape[0]
+        return self.dice_joint.shape[0]
 
     def __add__(self, other: RaterStats) -> RaterStats:
         if (self.n_raters, self.n_samples) != (other.n_raters, other.n_samples):
@@ -122,7 +153,7 @@ class RaterStats:
         return RaterStats(
             self.n_raters,
             self.n_samples,
-            self.dice_hist + other.dice_hist,
+            self.dice_joint + other.dice_joint,
             self.pair_inter + other.pair_inter,
             self.pair_union + other.pair_union,
         )
@@ -134,26 +165,29 @@ class RaterStats:
         pred: np.ndarray,
         rater_codes: np.ndarray,
         sample_codes: np.ndarray | None = None,
+        *,
+        counts: np.ndarray | None = None,
     ) -> RaterStats:
         """The counts of one chunk of pixels that some rater labels.
 
         ``P`` (C, n) the prediction's probabilities, ``pred`` (n,) its argmax,
         ``rater_codes`` (R, n) the raters' class codes (negative: ignored by that rater),
-        ``sample_codes`` (S, n) the samples' argmax, or None.
+        ``sample_codes`` (S, n) the samples' argmax, or None; ``counts`` (C, n) the raters'
+        class counts when the caller has them (``class_counts``).
         """
         C = P.shape[0]
         R = rater_codes.shape[0]
         S = 0 if sample_codes is None else sample_codes.shape[0]
         out = cls.zeros(C, R, S)
-        counts = class_counts(rater_codes, C)
+        if counts is None:
+            counts = class_counts(rater_codes, C)
         raters = (rater_codes >= 0).sum(axis=0)
-        lp = threshold_levels_p(P)
-        lq = threshold_levels_q(counts, raters)
-        lm = np.minimum(lp, lq)
-        offsets = (np.arange(C, dtype=np.int64) * N_LEVELS)[:, None]
-        for j, levels in enumerate((lp, lq, lm)):
-            hist = np.bincount((levels + offsets).reshape(-1), minlength=C * N_LEVELS)
-            out.dice_hist[:, j, :] = hist.reshape(C, N_LEVELS)
+        key = threshold_levels_p(P).astype(np.intp)
+        key *= N_LEVELS
+        key += threshold_levels_q(counts, raters)
+        key += (np.arange(C, dtype=np.intp) * N_LEVELS * N_LEVELS)[:, None]
+        joint = np.bincount(key.reshape(-1), minlength=C * N_LEVELS * N_LEVELS)
+        out.dice_joint[...] = joint.reshape(C, N_LEVELS, N_LEVELS)
         items = [np.asarray(pred, dtype=np.int64)[None]]
         if S:
             items.append(np.asarray(sample_codes, dtype=np.int64))
@@ -183,7 +217,8 @@ def soft_dice_per_class(stats: RaterStats) -> np.ndarray:
     """(C,) soft Dice: per class the mean over τ_k of 2|A∩B| / (|A| + |B|), A = {p_c > τ_k},
     B = {q_c > τ_k}; a threshold where both are empty scores 1 (QUBIQ), a class empty in
     both at every threshold (so at 0.1) is undefined (NaN, left out of class means)."""
-    hist = stats.dice_hist.astype(np.float64)
+    joint = stats.dice_joint.astype(np.float64)  # (C, level of p, level of q)
+    hist = np.stack([joint.sum(axis=2), joint.sum(axis=1), _min_hist(joint)], axis=1)
     # pixels exceeding at least k thresholds: reverse cumulative sums, k = 1..9
     above = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]
     a, b, inter = above[:, 0], above[:, 1], above[:, 2]
@@ -193,6 +228,14 @@ def soft_dice_per_class(stats: RaterStats) -> np.ndarray:
     out = dice.mean(axis=1)
     out[size[:, 0] == 0] = np.nan
     return out
+
+
+def _min_hist(joint: np.ndarray) -> np.ndarray:
+    """(C, N_LEVELS) pixels by min(level of p, level of q), from the joint histogram."""
+    i, j = np.meshgrid(np.arange(N_LEVELS), np.arange(N_LEVELS), indexing="ij")
+    low = np.minimum(i, j).reshape(-1)
+    flat = joint.reshape(joint.shape[0], -1)
+    return np.stack([flat[:, low == k].sum(axis=1) for k in range(N_LEVELS)], axis=1)
 
 
 def pair_iou(stats: RaterStats) -> np.ndarray:

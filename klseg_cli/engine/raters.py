@@ -219,7 +219,7 @@ def rater_image_stats(
         stop = min(start + step, pred.n_pixels)
         band = masks.band(start, stop)
         P = pred.block(start, stop, logits=logits)
-        Q, codes = band.q, band.codes
+        Q, codes, rater_counts = band.q, band.codes, band.counts
         sample_codes = None
         if samples:
             sample_codes = np.stack([np.argmax(s.block(start, stop), axis=0) for s in samples])
@@ -229,11 +229,14 @@ def rater_image_stats(
             P = P.compress(band.valid, axis=1)
             Q = Q.compress(band.valid, axis=1)
             codes = codes.compress(band.valid, axis=1)
+            rater_counts = rater_counts.compress(band.valid, axis=1)
             if sample_codes is not None:
                 sample_codes = sample_codes.compress(band.valid, axis=1)
         terms = _terms(pred, P, Q, settings, tolerance)
         total = total + Stats.from_terms(terms, settings)
-        counts = counts + RaterStats.from_chunk(terms.p, terms.pred, codes, sample_codes)
+        counts = counts + RaterStats.from_chunk(
+            terms.p, terms.pred, codes, sample_codes, counts=rater_counts
+        )
     return total, counts
 
 

@@ -133,6 +133,7 @@ class RaterBand:
     codes: np.ndarray  # (R, n) int64 class codes, negative where a rater ignored the pixel
     q: np.ndarray  # (C, n) float32 frequency map (0 where no rater labels the pixel)
     valid: np.ndarray | None  # (n,) pixels some rater labels; None when all are
+    counts: np.ndarray  # (C, n) int64: how many raters gave each pixel each class
 
 
 class RaterMasks:
@@ -178,12 +179,13 @@ class RaterMasks:
 
     def band(self, start: int, stop: int) -> RaterBand:
         """The codes and frequency map of pixels [start, stop) (row-major)."""
-        from ..core.raters import frequency_map
+        from ..core.raters import class_counts, frequency_from_counts
 
         codes = self.codes(start, stop)
-        q, raters = frequency_map(codes, self.num_classes)
+        counts = class_counts(codes, self.num_classes)
+        q, raters = frequency_from_counts(counts, (codes >= 0).sum(axis=0))
         labelled = raters > 0
-        return RaterBand(codes, q, None if labelled.all() else labelled)
+        return RaterBand(codes, q, None if labelled.all() else labelled, counts)
 
     def rows(self, r0: int, r1: int) -> RaterBand:
         """The band of rows [r0, r1)."""

@@ -135,9 +135,23 @@ def test_soft_dice_q_at_a_threshold_is_not_above_it():
     P = np.array([[0.7], [0.3]], dtype=np.float32)  # float32(0.3) > 0.3 as a float64
     stats = RaterStats.from_chunk(P, np.array([0]), codes)
     # class 1: q = 0.3 above τ = 0.1, 0.2 only; p = float32(0.3) above 0.1, 0.2 and 0.3
-    hist = stats.dice_hist[1]
-    assert hist[1].argmax() == 2 and hist[0].argmax() == 3
+    assert stats.dice_joint[1, 3, 2] == 1 and stats.dice_joint[1].sum() == 1
     np.testing.assert_allclose(soft_dice_per_class(stats), ref_soft_dice(P, codes, 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_probability_levels_compare_with_the_thresholds_in_float64(rng, dtype):
+    """Each p's level is the number of τ_k with float64(p) > τ_k, for float32 maps too
+    (compared against the float32 just above each τ_k), also right at the thresholds."""
+    from klseg_cli.core.raters import threshold_levels_p
+
+    near = np.array([k / 10 for k in range(11)], dtype=dtype)
+    values = np.concatenate([
+        near, np.nextafter(near, dtype(0)), np.nextafter(near, dtype(1)),
+        rng.random(2000).astype(dtype),
+    ])[None].clip(0, 1)  # fmt: skip
+    expected = [sum(float(v) > k / 10 for k in range(1, 10)) for v in values[0]]
+    np.testing.assert_array_equal(threshold_levels_p(values)[0], expected)
 
 
 def test_soft_dice_of_a_class_nobody_uses_is_undefined():
@@ -216,7 +230,7 @@ def test_chunks_merge_by_plus_in_any_grouping(case):
     left = (parts[0] + parts[1]) + parts[2]
     right = parts[0] + (parts[1] + parts[2])
     for x in (left, right):
-        np.testing.assert_array_equal(x.dice_hist, whole.dice_hist)
+        np.testing.assert_array_equal(x.dice_joint, whole.dice_joint)
         np.testing.assert_array_equal(x.pair_inter, whole.pair_inter)
         np.testing.assert_array_equal(x.pair_union, whole.pair_union)
 
