@@ -703,17 +703,18 @@ def evaluate(
 
         run = functools.partial(dask_evaluate, scheduler=scheduler)
 
-    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     if rater or samples:
-        from ..commands.raters import rater_run
+        from ..commands.raters import RATER_NAMES, rater_run
 
+        reqs = check_names(require or (), extra=sorted(RATER_NAMES))  # before any work
         run = rater_run(gt, rater, samples, reqs, scheduler=scheduler, heatmaps=heatmaps)
     elif gt is None:
         raise UsageError("missing argument GT: pass the targets, or --rater DIR at least twice")
     else:
         from ..commands.raters import check_no_rater_names
 
-        check_no_rater_names(reqs)
+        check_no_rater_names(require or ())
+        reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     if heatmaps and out is None:

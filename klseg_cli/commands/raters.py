@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.raters import RATER_METRICS, disagreement
+from ..core.raters import dataset_names, disagreement
 from ..errors import UsageError
 
-RATER_NAMES = {f"{m}_{kind}" for m in RATER_METRICS for kind in ("pooled", "image_mean")}
+RATER_NAMES = frozenset(dataset_names())
 
 
-def check_no_rater_names(reqs) -> None:
+def check_no_rater_names(texts: Sequence[str]) -> None:
     """A usage error, before any work, for a requirement on a multi-rater score without
     --rater (those scores exist only against raters)."""
-    for req in reqs:
+    from .requirements import parse_requirement
+
+    for req in map(parse_requirement, texts):
         if req.klass is None and req.metric in RATER_NAMES:
             raise UsageError(
                 f"--require {req.text!r}: {req.metric} is computed against raters; pass "

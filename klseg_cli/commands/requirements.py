@@ -163,13 +163,15 @@ def dataset_keys() -> list[str]:
     return dataset_metric_names()
 
 
-def check_names(texts: Sequence[str]) -> list[Requirement]:
+def check_names(texts: Sequence[str], extra: Sequence[str] = ()) -> list[Requirement]:
     """Parse every expression and check the names that do not depend on the data.
 
     Called before an evaluation, so a typo fails in a second, not after an hour of work.
-    Class names are checked once the classes are known.
+    Class names are checked once the classes are known. ``extra``: names this run adds
+    (``--rater``: raters.dataset_names()).
     """
-    template = {"dataset": dict.fromkeys(dataset_keys(), math.nan), "classes": []}
+    names = [*dataset_keys(), *extra]
+    template = {"dataset": dict.fromkeys(names, math.nan), "classes": []}
     reqs = [parse_requirement(t) for t in texts]
     for req in reqs:
         if req.klass is None or req.metric not in CLASS_METRICS:

@@ -340,9 +340,8 @@ def dataset_metric_names() -> list[str]:
     names = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
     names += [f"{m}_pooled" for m in (*POOLED_ONLY_METRICS, *CALIBRATION_METRICS)]
     from .boundary import dataset_names  # with --boundary only (boundary.py)
-    from .raters import dataset_names as rater_names  # with --rater only (raters.py)
 
-    return names + dataset_names() + rater_names()
+    return names + dataset_names()
 
 
 def class_means_cover(settings: MetricSettings) -> dict:
