@@ -139,13 +139,19 @@ class RaterBand:
 class RaterMasks:
     """The raters' masks of one image, checked: one shape, only classes or ignore values."""
 
-    def __init__(self, paths: Sequence[Path], labels, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-        """``labels``: the LabelSpec that maps raw values to class codes (settings.labels)."""
+    def __init__(self, paths: Sequence[Path], labels, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 masks: Sequence[np.ndarray] | None = None):  # fmt: skip
+        """``labels``: the LabelSpec that maps raw values to class codes (settings.labels).
+        ``masks``: the masks already in memory (``paths`` then only name them)."""
         self.paths = tuple(Path(p) for p in paths)
         self.labels = labels
         self.masks = []
-        for path in self.paths:
-            mask = read_target(path, max_pixels=max_pixels)
+        for k, path in enumerate(self.paths):
+            mask = read_target(path, max_pixels=max_pixels) if masks is None else masks[k]
+            if mask.ndim != 2:
+                raise ShapeError(
+                    f"a label mask must be 2-D (H, W), got shape {tuple(mask.shape)}", path=path
+                )
             if self.masks and mask.shape != self.masks[0].shape:
                 raise ShapeError(
                     f"shape {tuple(mask.shape)} does not match the first rater's "

@@ -206,3 +206,49 @@ def test_masks_are_read_once_and_banded(tmp_path, rng):
     labelled = band.valid if band.valid is not None else np.ones(band.q.shape[1], bool)
     np.testing.assert_allclose(band.q[:, labelled].sum(axis=0), 1.0, rtol=1e-6)
     assert not band.q[:, ~labelled].any()
+
+
+def test_the_api_gives_the_numbers_of_the_folder_evaluation(tmp_path, rng):
+    """RaterEvaluator on the arrays == evaluate_raters on the files, number for number."""
+    from klseg_cli.commands.rater_evaluator import RaterEvaluator
+
+    pred, dirs, masks = write_set(tmp_path, rng, ignore=0.2, all_ignored=0.05)
+    samples = tmp_path / "s0"
+    samples.mkdir()
+    for stem in masks:
+        np.save(samples / f"{stem}.npy", random_probs(rng, 13 * 17, C).reshape(13, 17, C))
+    files = evaluate_raters(pred, dirs, samples=[samples]).summary()
+    ev = RaterEvaluator(C)
+    for stem in sorted(masks):
+        chw = np.load(pred / f"{stem}.npy").transpose(2, 0, 1)  # another layout, same map
+        ev.update_raters(chw, np.stack(masks[stem]), stems=stem,
+                         samples=np.load(samples / f"{stem}.npy")[None])  # fmt: skip
+    half = RaterEvaluator(C)
+    api = ev.compute()
+    assert all(same(*v) for v in common(files["dataset"], api["dataset"]).values())
+    assert set(files["dataset"]) <= set(api["dataset"])
+    for row_f, row_a in zip(files["images"], api["images"]):
+        assert all(same(*v) for v in common(row_f, row_a).values())
+    assert [r["soft_dice"] for r in api["classes"]] == [r["soft_dice"] for r in files["classes"]]
+    # merged accumulators: the same numbers
+    other = RaterEvaluator(C)
+    for k, stem in enumerate(sorted(masks)):
+        target = half if k % 2 else other
+        target.update_raters(np.load(pred / f"{stem}.npy"), np.stack(masks[stem]), stems=stem,
+                             samples=np.load(samples / f"{stem}.npy")[None])  # fmt: skip
+    merged = other.merge(half).compute()
+    assert all(same(*v) for v in common(api["dataset"], merged["dataset"]).values())
+
+
+def test_the_api_refuses_one_rater_and_plain_update():
+    from klseg_cli.commands.rater_evaluator import RaterEvaluator
+
+    ev = RaterEvaluator(C)
+    with pytest.raises(ShapeError, match="R ≥ 2"):
+        ev.update_raters(np.full((5, 5, C), 1 / C, np.float32), np.zeros((1, 5, 5), np.uint8))
+    with pytest.raises(UsageError, match="update_raters"):
+        ev.update(np.full((5, 5, C), 1 / C, np.float32), np.zeros((5, 5), np.uint8))
+    bad = np.zeros((2, 5, 5), np.uint8)
+    bad[1, 0, 0] = 9
+    with pytest.raises(LabelError, match="rater 1"):
+        ev.update_raters(np.full((5, 5, C), 1 / C, np.float32), bad, stems="x")
