@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.raters import dataset_names, disagreement
+from ..core.raters import class_counts, dataset_names, disagreement
 from ..errors import UsageError
 
 RATER_NAMES = frozenset(dataset_names())
@@ -62,25 +62,36 @@ def rater_run(gt, raters: Sequence[str] | None, samples: Sequence[str] | None, r
     return run
 
 
+def _class_codes(raw: np.ndarray) -> np.ndarray:
+    """The majority map holds class codes already (−1: no rater labels the pixel)."""
+    return raw
+
+
 def rater_map(pred_map, masks, settings, *, with_pred: bool = False, chunk_pixels: int):
     """The rater-disagreement MetricMap of one image (NaN where no rater labels a pixel);
-    with ``with_pred`` the prediction's argmax for ``--panel``."""
+    with ``with_pred`` (``--panel``) the prediction's argmax and, as the target panel, the
+    raters' most frequent label (ties to the lowest class, as argmax q everywhere)."""
     from ..engine.local import chunk_for
     from ..render.heatmap import MetricMap, _empty, _put
 
     H, W = masks.shape
     values = _empty((H, W), np.float32, np.nan)
     pred = _empty((H, W), np.uint16, 0) if with_pred else None
+    majority = _empty((H, W), np.int16, -1) if with_pred else None
     step = chunk_for(chunk_pixels, settings.num_classes)
     logits = settings.input_kind == "logits"
     for start in range(0, H * W, step):
         stop = min(start + step, H * W)
-        v, labelled = disagreement(masks.codes(start, stop), settings.num_classes)
-        _put(values, start, stop, v[labelled], None if labelled.all() else labelled, np.nan)
+        codes = masks.codes(start, stop)
+        v, labelled = disagreement(codes, settings.num_classes)
+        valid = None if labelled.all() else labelled
+        _put(values, start, stop, v[labelled], valid, np.nan)
         if pred is not None:
             _put(pred, start, stop, np.argmax(pred_map.block(start, stop, logits=logits), 0),
                  None, 0)  # fmt: skip
-    return MetricMap("rater-disagreement", values, pred, None, "")
+            top = np.argmax(class_counts(codes, settings.num_classes), axis=0)
+            _put(majority, start, stop, top[labelled], valid, -1)
+    return MetricMap("rater-disagreement", values, pred, majority, "", _class_codes)
 
 
 def make_rater_heatmaps(

@@ -198,3 +198,23 @@ def test_sample_data_raters_are_what_the_script_makes(tmp_path):
     for folder in ("raters/rater_a", "raters/rater_b", "raters/rater_c", "ground_truth"):
         for path in sorted((SAMPLE / folder).iterdir()):
             assert (tmp_path / folder / path.name).read_bytes() == path.read_bytes(), path
+
+
+def test_panel_target_is_the_raters_majority(data):
+    """--panel: the target panel is the most frequent label (ties to the lowest class),
+    unlabelled pixels -1; the predicted panel is the argmax of PRED."""
+    from klseg_cli.commands.raters import rater_map
+    from klseg_cli.core.labels import LabelSpec
+    from klseg_cli.core.metrics import MetricSettings
+    from klseg_cli.io.raters import RaterMasks
+    from klseg_cli.io.readers import open_prediction
+
+    pred, dirs, _ = data
+    masks = RaterMasks([d / "a.png" for d in dirs], LabelSpec(C, (255,)))
+    pm = open_prediction(pred / "a.npy", hw=(H, W))
+    mm = rater_map(pm, masks, MetricSettings(C), with_pred=True, chunk_pixels=7)
+    stack = np.stack(masks.masks).astype(np.int64)
+    counts = np.stack([(stack == c).sum(0) for c in range(C)])
+    expected = np.where((stack != 255).any(0), counts.argmax(0), -1)
+    np.testing.assert_array_equal(mm.labels, expected)
+    np.testing.assert_array_equal(mm.pred, np.load(pred / "a.npy").argmax(-1))

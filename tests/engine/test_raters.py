@@ -64,11 +64,17 @@ def same(x, y) -> bool:
     return (x == y) or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
 
 
-def test_identical_to_soft_gt_on_the_saved_frequency_map(tmp_path, rng):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 1.7, "log_base": 2.0}, {"eps": 1e-3, "exclude_class": (1,)}],
+    ids=["default", "temperature-bits", "eps-exclude"],
+)
+def test_identical_to_soft_gt_on_the_saved_frequency_map(tmp_path, rng, options):
     pred, dirs, masks = write_set(tmp_path, rng, ignore=0.2)
     soft = frequency_file(tmp_path / "soft", masks)
-    raters = evaluate_raters(pred, dirs).summary()
-    reference = evaluate(pred, soft, soft_gt=True).summary()
+    raters = evaluate_raters(pred, dirs, **options).summary()
+    reference = evaluate(pred, soft, soft_gt=True, **options).summary()
+    assert raters["settings"] == reference["settings"] | {"raters": raters["settings"]["raters"]}
     assert raters["n_valid"] == reference["n_valid"]
     pairs = common(reference["dataset"], raters["dataset"])
     assert len(pairs) >= 20
