@@ -47,16 +47,18 @@ def rater_run(gt, raters: Sequence[str] | None, samples: Sequence[str] | None, r
             f"--rater needs at least two rater folders (got {len(raters)}); give --rater once "
             "per rater, or pass one target as GT"
         )
-    if scheduler:
-        raise UsageError("--rater runs on this machine; leave out --scheduler")
     if heatmaps:
         raise UsageError(
             "--heatmaps draws KL against one target; with --rater draw maps with "
             "klseg heatmap PRED --rater DIR --rater DIR --metric rater-disagreement"
         )
-    from ..engine.raters import evaluate_raters
+    from ..engine.raters import dask_evaluate_raters, evaluate_raters
 
     def run(pred, _gt, **options):
+        if scheduler:
+            options["scheduler"] = scheduler
+            return dask_evaluate_raters(pred, list(raters), samples=list(samples or ()),
+                                        **options)  # fmt: skip
         return evaluate_raters(pred, list(raters), samples=list(samples or ()), **options)
 
     return run

@@ -320,10 +320,101 @@ def evaluate_raters(
     )
 
 
+def dask_evaluate_raters(
+    pred: str | Path,
+    raters: Sequence[str | Path],
+    *,
+    scheduler: str,
+    samples: Sequence[str | Path] = (),
+    keep_going: bool = False,
+    jobs: int | None = None,
+    on_image: Callable | None = None,
+    on_start: Callable[[int], None] | None = None,
+    **options,
+) -> RaterEvaluationResult:
+    """``evaluate_raters`` on a Dask cluster (``--scheduler``): one task per image, sent with
+    absolute paths, results merged in pair order, so the numbers are those of one process.
+    ``jobs`` is the cluster's business and is ignored."""
+    import os
+
+    from .dask_cluster import _distributed, connect
+
+    job = plan_raters(pred, raters, samples=samples, **options)
+    pairs = job.pairing.pairs
+    sent = [_absolute_pair(p) for p in pairs]
+    client, close = connect(scheduler)
+    distributed = _distributed()
+    try:
+        if on_start is not None:
+            on_start(len(pairs))
+        futures = [
+            client.submit(
+                _evaluate_one,
+                pair,
+                job.settings,
+                job.read,
+                pure=False,
+                key=f"klseg-raters-{i}-{os.getpid()}-{id(job)}",
+            )
+            for i, pair in enumerate(sent)
+        ]
+        index = {f.key: i for i, f in enumerate(futures)}
+        outcomes: list = [None] * len(pairs)
+        try:
+            for future in distributed.as_completed(futures):
+                i = index[future.key]
+                outcomes[i] = future.result()
+                if on_image is not None:
+                    on_image(pairs[i])
+        except BaseException:
+            client.cancel(futures)
+            raise
+    finally:
+        close()
+    images, errors = [], []
+    for pair, remote, outcome in zip(pairs, sent, outcomes):
+        if isinstance(outcome, InputError):
+            err = _as_given(outcome, pair, remote)
+            if not keep_going:
+                raise err
+            errors.append({"file": err.path or str(pair.pred), "message": err.message})
+            continue
+        outcome.pred_path, outcome.rater_paths = pair.pred, pair.raters
+        images.append(outcome)
+    return RaterEvaluationResult(
+        settings=job.settings, images=images, missing_predictions=job.pairing.missing_pred,
+        unpaired_predictions=job.pairing.missing_target, errors=errors, read=job.read,
+        rater_settings=job.describe(),
+    )  # fmt: skip
+
+
+def _absolute_pair(pair: RaterPair) -> RaterPair:
+    """The pair with absolute paths (a worker need not share this process's folder)."""
+    import os
+
+    def absolute(p: Path) -> Path:
+        return Path(os.path.abspath(p))
+
+    return RaterPair(pair.stem, absolute(pair.pred), tuple(map(absolute, pair.raters)),
+                     tuple(map(absolute, pair.samples)))  # fmt: skip
+
+
+def _as_given(err: InputError, pair: RaterPair, sent: RaterPair) -> InputError:
+    """A worker's error naming the path as the user gave it."""
+    given = {str(a): str(b) for a, b in zip(
+        (sent.pred, *sent.raters, *sent.samples), (pair.pred, *pair.raters, *pair.samples)
+    )}  # fmt: skip
+    message = err.message
+    for absolute, as_given in given.items():
+        message = message.replace(absolute, as_given)
+    return type(err)(message, path=given.get(err.path, err.path))
+
+
 __all__ = [
     "RATER_METRICS",
     "RaterEvaluationResult",
     "RaterImageResult",
+    "dask_evaluate_raters",
     "evaluate_rater_pair",
     "evaluate_raters",
     "plan_raters",

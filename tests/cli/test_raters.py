@@ -137,7 +137,6 @@ def test_a_samples_folder_without_a_map(data):
         (["GT", "--require", "ged_pooled <= 1"], "ged_pooled is computed against raters"),
         (["--rater", "R0", "--rater", "R1", "--soft-gt"], "leave out --soft-gt"),
         (["--rater", "R0", "--rater", "R1", "--heatmaps", "2"], "rater-disagreement"),
-        (["--rater", "R0", "--rater", "R1", "--scheduler", "local:1"], "--scheduler"),
     ],
 )
 def test_command_lines_that_do_not_fit(data, args, needle):

@@ -258,3 +258,31 @@ def test_the_api_refuses_one_rater_and_plain_update():
     bad[1, 0, 0] = 9
     with pytest.raises(LabelError, match="rater 1"):
         ev.update_raters(np.full((5, 5, C), 1 / C, np.float32), bad, stems="x")
+
+
+def test_dask_gives_the_numbers_of_one_process(tmp_path, rng, monkeypatch):
+    """--scheduler local:2 with --rater: the same summary as a local run; a bad mask is the
+    same one-line error naming the file as given (relative here)."""
+    pytest.importorskip("distributed")
+    from klseg_cli.engine.raters import dask_evaluate_raters
+
+    _, dirs, masks = write_set(tmp_path, rng, n_images=3, ignore=0.1, all_ignored=0.05)
+    samples = tmp_path / "s0"
+    samples.mkdir()
+    for stem in masks:
+        np.save(samples / f"{stem}.npy", random_probs(rng, 13 * 17, C).reshape(13, 17, C))
+    monkeypatch.chdir(tmp_path)
+    rel = [d.name for d in dirs]
+    local = evaluate_raters("pred", rel, samples=["s0"]).summary()
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(dirs[1] / "img2.png")
+    result = dask_evaluate_raters("pred", rel, samples=["s0"], scheduler="local:2",
+                                  keep_going=True)  # fmt: skip
+    assert result.errors == [{
+        "file": "r1/img2.png",
+        "message": "shape (3, 3) does not match the first rater's r0/img2.png (13, 17)",
+    }]  # fmt: skip
+    remote = result.summary()
+    assert remote["n_images"] == 2
+    first_two = evaluate_raters("pred", rel, samples=["s0"], keep_going=True).summary()
+    assert all(same(*v) for v in common(first_two["dataset"], remote["dataset"]).values())
+    assert local["n_images"] == 3
