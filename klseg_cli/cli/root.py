@@ -496,12 +496,35 @@ def evaluate(
         ),
     ],
     gt: Annotated[
-        str,
-        typer.Argument(metavar="GT", help="Target mask file, or a folder of them (or a URL)."),
-    ],
+        Optional[str],
+        typer.Argument(
+            metavar="GT",
+            help="Target mask file, or a folder of them (or a URL). Left out with --rater.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Write per_image.csv, per_class.csv, summary.json here."),
+    ] = None,
+    rater: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--rater",
+            metavar="DIR",
+            help="A rater's label masks (folder, paired by stem like GT); give it once per "
+            "rater, at least twice, instead of GT: the target is the raters' frequency map.",
+        ),
+    ] = None,
+    samples: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--samples",
+            metavar="DIR",
+            help="With --rater: a folder of sampled prediction maps (repeatable); their argmax "
+            "maps are the model's samples for ged. [default: the argmax of PRED]",
+            show_default=False,
+        ),
     ] = None,
     output_format: Annotated[
         OutputFormat,
@@ -661,6 +684,7 @@ def evaluate(
     Example:
 
         klseg evaluate preds/ labels/ --classes classes.txt --out report/
+        klseg evaluate preds/ --rater rater_a/ --rater rater_b/ --rater rater_c/
     """
     from ..commands.requirements import check_names, load_summary
     from ..engine.local import evaluate as run
@@ -679,13 +703,25 @@ def evaluate(
 
         run = functools.partial(dask_evaluate, scheduler=scheduler)
 
-    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
+    if rater or samples:
+        from ..commands.raters import RATER_NAMES, rater_run
+
+        reqs = check_names(require or (), extra=sorted(RATER_NAMES))  # before any work
+        run = rater_run(gt, rater, samples, reqs, scheduler=scheduler, heatmaps=heatmaps)
+    elif gt is None:
+        raise UsageError("missing argument GT: pass the targets, or --rater DIR at least twice")
+    else:
+        from ..commands.raters import check_no_rater_names
+
+        check_no_rater_names(require or ())
+        reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
-    _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
-                   markdown=markdown, reliability=reliability)  # fmt: skip
+    _check_outputs(out, report.REPORT_FILES, [pred, gt, *(rater or ()), *(samples or ()),
+                   baseline], junit=junit, markdown=markdown,
+                   reliability=reliability)  # fmt: skip
     if out is not None:
         from ..io.outputs import check_out_dir
 
@@ -697,7 +733,9 @@ def evaluate(
         if reliability.suffix.lower() != ".png":
             raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
         check_output_file(reliability, "--reliability", report_dir=out)
-    if out is not None and _same_folder(out, pred, gt):
+    if out is not None and _same_folder(
+        out, pred, *[p for p in (gt, *(rater or ()), *(samples or ())) if p is not None]
+    ):
         raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")
     options = plan_options(locals())
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
@@ -742,7 +780,11 @@ def evaluate(
         summary["requirements"] = check_requirements(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
-    inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
+    inputs = [
+        p
+        for img in result.images
+        for p in (img.pred_path, img.target_path, *getattr(img, "rater_paths", ()))
+    ]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
     report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
                                      [*inputs, baseline])  # fmt: skip
@@ -1116,6 +1158,7 @@ class Metric(str, Enum):
     entropy = "entropy"
     error = "error"
     confidence = "confidence"
+    rater_disagreement = "rater-disagreement"
 
 
 class Reduce(str, Enum):
@@ -1220,6 +1263,15 @@ def heatmap(
             "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
         ),
     ] = None,
+    rater: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--rater",
+            metavar="DIR",
+            help="A rater's label masks (repeat, at least twice; no GT): --metric "
+            "rater-disagreement draws 1 - the raters' top frequency.",
+        ),
+    ] = None,
     classes: ClassesOpt = None,
     ignore_index: IgnoreOpt = None,
     smoothing: SmoothingOpt = 0.0,
@@ -1248,6 +1300,7 @@ def heatmap(
 
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
+        klseg heatmap preds/ --rater a/ --rater b/ --metric rater-disagreement -o maps/
     """
     from ..io.volumes import SliceView
     from ..render.heatmap import HeatmapOptions, make_heatmaps
@@ -1259,13 +1312,22 @@ def heatmap(
     )  # fmt: skip
     plan = plan_options(locals())
     plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
-    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
+    _check_outputs(None, (), [pred, gt, overlay, *(rater or ())], out=out, raw=raw)
     err = _stderr_console()
     if against is not None and gt is not None:
         raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
+    if rater and (gt is not None or against is not None):
+        raise UsageError("--rater takes the place of GT: give PRED and --rater DIR twice or more")
     with _progress(err, "rendering") as tick:
         try:
-            if against is not None:
+            if rater:
+                from ..commands.raters import make_rater_heatmaps
+
+                written = make_rater_heatmaps(
+                    pred, rater, out, options, raw=raw, on_start=tick.start,
+                    on_image=tick.advance, **plan,
+                )  # fmt: skip
+            elif against is not None:
                 from ..commands.compare import make_pair_heatmaps
 
                 written = make_pair_heatmaps(

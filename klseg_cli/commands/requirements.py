@@ -35,11 +35,11 @@ CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
     "soft_gt", "ece_bins", "renormalize", "label_map", "reduce_zero_label", "exclude_classes",
-    "temperature", "boundary_band",
+    "temperature", "boundary_band", "raters",
 )  # fmt: skip
 SETTING_DEFAULTS = {
     "label_map": None, "reduce_zero_label": False, "exclude_classes": [], "temperature": 1.0,
-    "boundary_band": 3,
+    "boundary_band": 3, "raters": None,
 }  # fmt: skip
 """Values of settings that summaries written before they existed lack."""
 
@@ -163,13 +163,15 @@ def dataset_keys() -> list[str]:
     return dataset_metric_names()
 
 
-def check_names(texts: Sequence[str]) -> list[Requirement]:
+def check_names(texts: Sequence[str], extra: Sequence[str] = ()) -> list[Requirement]:
     """Parse every expression and check the names that do not depend on the data.
 
     Called before an evaluation, so a typo fails in a second, not after an hour of work.
-    Class names are checked once the classes are known.
+    Class names are checked once the classes are known. ``extra``: names this run adds
+    (``--rater``: raters.dataset_names()).
     """
-    template = {"dataset": dict.fromkeys(dataset_keys(), math.nan), "classes": []}
+    names = [*dataset_keys(), *extra]
+    template = {"dataset": dict.fromkeys(names, math.nan), "classes": []}
     reqs = [parse_requirement(t) for t in texts]
     for req in reqs:
         if req.klass is None or req.metric not in CLASS_METRICS:

@@ -24,7 +24,8 @@ from ..errors import InputError, UsageError
 from ..io.png import write_rgb_png
 from ..io.readers import read_palette, sum_tolerance
 
-HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence")
+HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence", "rater-disagreement")
+FIXED_RANGE_METRICS = ("error", "confidence", "rater-disagreement")  # drawn on 0..1
 TARGET_FREE_METRICS = ("entropy", "confidence")
 INFORMATION_METRICS = ("kl", "ce", "js", "entropy")  # in nats or bits
 IN_MEMORY_PIXELS = 1 << 24
@@ -275,7 +276,7 @@ def value_range(
 ) -> tuple[float, float, str]:
     """(vmin, vmax, where vmax comes from): given, fixed for 0..1 metrics, one scale for a
     folder (``shared_vmax``), else 0 and this map's ``percentile``."""
-    fixed = mm.metric in ("error", "confidence")
+    fixed = mm.metric in FIXED_RANGE_METRICS
     vmin = options.vmin if options.vmin is not None else 0.0
     if options.vmax is not None:
         vmax, source = options.vmax, "--vmax"
@@ -749,7 +750,7 @@ def shared_scale(pairs, options: HeatmapOptions, maps: dict, compute) -> float |
     (so images can be compared), from a mergeable log histogram. ``compute(pair)`` gives a
     pair's MetricMap; maps are kept in ``maps`` (by stem) when they fit in memory together,
     else recomputed when drawn. None when the range is given or fixed."""
-    if options.vmax is not None or options.metric in ("error", "confidence") or len(pairs) < 2:
+    if options.vmax is not None or options.metric in FIXED_RANGE_METRICS or len(pairs) < 2:
         return None
     hist, kept = LogHistogram(), 0
     for pair in pairs:
@@ -780,6 +781,8 @@ def make_heatmaps(
     """
     from ..engine.local import plan
 
+    if options.metric == "rater-disagreement":  # commands/raters.py draws it
+        raise UsageError("--metric rater-disagreement needs --rater DIR at least twice, no GT")
     if target is None and options.metric not in TARGET_FREE_METRICS:
         raise UsageError(f"--metric {options.metric} needs a target (GT)")
     colormap_lut(options.cmap)  # fail on a bad name or colour before any work

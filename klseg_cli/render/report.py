@@ -126,9 +126,13 @@ boundary metrics of ``--boundary`` (boundary.BOUNDARY_METRICS)."""
 
 
 def with_extra(rows, columns: tuple[str, ...]) -> tuple[str, ...]:
-    """``columns`` plus those of EXTRA_COLUMNS that some row holds."""
+    """``columns`` plus those of EXTRA_COLUMNS (and RATER_METRICS, ``--rater``; the class
+    rows' ``soft_dice``) that some row holds."""
+    from ..core.raters import RATER_METRICS
+
     rows = list(rows)
-    return columns + tuple(c for c in EXTRA_COLUMNS if any(c in row for row in rows))
+    extra = (*EXTRA_COLUMNS, *RATER_METRICS)
+    return columns + tuple(c for c in extra if c not in columns and any(c in r for r in rows))
 
 
 def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
@@ -251,6 +255,11 @@ def dataset_rows(dataset: Mapping):
     for name in EXTRA_COLUMNS[1:]:  # --boundary: image means only
         if f"{name}_image_mean" in dataset:
             yield name, None, f"{name}_image_mean"
+    from ..core.raters import RATER_METRICS
+
+    for name in RATER_METRICS:  # --rater: pooled and image mean
+        if f"{name}_pooled" in dataset:
+            yield name, f"{name}_pooled", f"{name}_image_mean"
 
 
 def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:
