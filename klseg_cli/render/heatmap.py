@@ -794,8 +794,12 @@ def make_heatmaps(
         return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
                         view=options.view)  # fmt: skip
 
-    return render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
-                        on_start=on_start, on_image=on_image)  # fmt: skip
+    written = render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
+                           on_start=on_start, on_image=on_image)  # fmt: skip
+    from ..io.zarrio import warn_missing
+
+    warn_missing(inputs)  # Zarr chunks read as the fill value
+    return written
 
 
 def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: HeatmapOptions,
