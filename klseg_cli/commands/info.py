@@ -96,11 +96,11 @@ def inspect_file(
     network.use(network.settings_for(timeout))
     zarrio.use_strict(strict_zarr)
     path, target = as_input(path), as_input(target)
-    try:
-        return _inspect(path, target=target, layout=layout, num_classes=num_classes,
-                        npz_key=npz_key, max_pixels=max_pixels)  # fmt: skip
-    finally:
-        zarrio.warn_missing([path, target])
+    with zarrio.collect_missing() as missing:
+        facts = _inspect(path, target=target, layout=layout, num_classes=num_classes,
+                         npz_key=npz_key, max_pixels=max_pixels)  # fmt: skip
+    zarrio.warn_missing(missing)
+    return facts
 
 
 def _inspect(path, *, target, layout, num_classes, npz_key, max_pixels) -> dict:

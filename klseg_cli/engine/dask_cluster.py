@@ -114,7 +114,11 @@ def run_task(pair, block: Block | None, settings, read):
     try:
         if block is None:
             return evaluate_pair(pair, settings, read=read)
-        return _block_stats(pair, block, settings, read)
+        from ..io.zarrio import collect_missing, frozen
+
+        with collect_missing() as missing:
+            stats, height, width = _block_stats(pair, block, settings, read)
+        return stats, height, width, frozen(missing) or None
     except InputError as err:
         return ("error", type(err).__name__, err.message, err.path)
 
@@ -149,15 +153,13 @@ def _block_stats(pair, block: Block, settings, read):
 
 
 def _stats_of(part, target, pair, settings, read, opened):
-    from ..io.zarrio import missing_chunks
     from .local import image_stats
 
     stats = image_stats(
         part, target, settings, chunk_pixels=read.chunk_pixels, target_path=pair.target,
         accelerate=read.accelerate,
     )  # fmt: skip
-    missing = missing_chunks([pair.pred, pair.target]) or None
-    return stats, opened.height, opened.width, missing
+    return stats, opened.height, opened.width
 
 
 def _open_zarr_block(pair, block: Block, settings, read):

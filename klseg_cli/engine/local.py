@@ -531,29 +531,32 @@ def evaluate_pair(
     pair: Pair, settings: MetricSettings, *, read: ReadOptions = ReadOptions()
 ) -> ImageResult:
     """Sums and counts of one prediction against its target."""
-    from ..io.zarrio import missing_chunks
+    from ..io.zarrio import collect_missing, frozen
 
     use_read_options(read)
-    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
-    if opened.target is None:
-        raise UsageError(f"{pair.pred}: evaluation needs a target")
-    total = image_stats(
-        opened.pred,
-        opened.target,
-        settings,
-        chunk_pixels=read.chunk_pixels,
-        target_path=pair.target,
-        accelerate=read.accelerate,
-    )
-    boundary = None
-    if settings.boundary is not None:
-        from ..core.boundary import image_boundary
+    with collect_missing() as missing:  # Zarr chunks read as the fill value
+        opened = open_pair(
+            pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read
+        )
+        if opened.target is None:
+            raise UsageError(f"{pair.pred}: evaluation needs a target")
+        total = image_stats(
+            opened.pred,
+            opened.target,
+            settings,
+            chunk_pixels=read.chunk_pixels,
+            target_path=pair.target,
+            accelerate=read.accelerate,
+        )
+        boundary = None
+        if settings.boundary is not None:
+            from ..core.boundary import image_boundary
 
-        boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
+            boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
     return ImageResult(
         pair.stem, pair.pred, pair.target, opened.height, opened.width, total,
         shape=getattr(opened, "file_shape", None), boundary=boundary,
-        zarr_missing=missing_chunks([pair.pred, pair.target]) or None,
+        zarr_missing=frozen(missing) or None,
     )  # fmt: skip
 
 

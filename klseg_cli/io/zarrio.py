@@ -11,7 +11,8 @@ block of image rows, which is what a Dask task of a split map reads (engine_dask
 Zarr allows sparse arrays: a chunk that is not stored reads as the array's fill value. So a
 lost chunk of a label mask would silently evaluate as class 0; every store is therefore
 opened through a ``CountingStore`` that records the chunks found missing while reading
-(``missing_chunks``: the engine reports them per file in summary.json and as a warning), and
+(into the ``collect_missing`` collector it was opened under: a task's own, so that threads
+and runs do not mix; the engine reports them per file in summary.json and as a warning), and
 under ``use_strict(True)`` (``--strict-zarr``) a missing chunk is a ReadError. The same store
 bounds every request by the timeouts of ``network.py`` (a remote store over fsspec gets the
 client options of ``remote.storage_options``) and retries transient errors.
@@ -30,6 +31,7 @@ import asyncio
 import atexit
 import math
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,8 +46,7 @@ BAND_VALUES = 1 << 25
 _METADATA = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 _strict = False
 _lock = threading.Lock()
-_missing: dict[str, set[str]] = {}  # store (as named) -> chunk keys found missing
-_fill: dict[str, Any] = {}  # store -> its array's fill value
+_bags = threading.local()  # the collector of the thread that opens a store (collect_missing)
 _drain_registered = False
 
 
@@ -55,16 +56,24 @@ def use_strict(strict: bool) -> None:
     _strict = bool(strict)
 
 
-def missing_chunks(paths) -> dict[str, tuple[frozenset[str], Any]]:
-    """{store: (missing chunk keys, fill value)} of the stores among ``paths`` (as named
-    when opened) that had chunks missing in this process's reads so far."""
-    out = {}
+@contextmanager
+def collect_missing():
+    """Collect the chunks found missing in the stores opened in this thread meanwhile:
+    yields {store (as named): (set of chunk keys, fill value)}, filled as they are read
+    (zarr reads on its own thread: each store holds the collector it was opened under)."""
+    bag: dict[str, tuple[set[str], Any]] = {}
+    previous = getattr(_bags, "bag", None)
+    _bags.bag = bag
+    try:
+        yield bag
+    finally:
+        _bags.bag = previous
+
+
+def frozen(bag: dict) -> dict[str, tuple[frozenset[str], Any]]:
+    """A collector's stores that had chunks missing, as plain values (to pickle, merge)."""
     with _lock:
-        for path in paths:
-            keys = _missing.get(str(path)) if path is not None else None
-            if keys:
-                out[str(path)] = (frozenset(keys), _fill.get(str(path)))
-    return out
+        return {store: (frozenset(keys), fill) for store, (keys, fill) in bag.items() if keys}
 
 
 def missing_message(store: str, n: int, fill) -> str:
@@ -75,13 +84,13 @@ def missing_message(store: str, n: int, fill) -> str:
     )
 
 
-def warn_missing(paths) -> None:
-    """A warning per store among ``paths`` that had chunks missing in this process."""
+def warn_missing(bag: dict) -> None:
+    """A warning per store of a collector (``collect_missing``) that had chunks missing."""
     import warnings
 
     from ..errors import KlsegWarning
 
-    for store, (keys, fill) in sorted(missing_chunks(paths).items()):
+    for store, (keys, fill) in sorted(frozen(bag).items()):
         warnings.warn(missing_message(store, len(keys), fill), KlsegWarning, stacklevel=2)
 
 
@@ -127,8 +136,9 @@ def _zarr():
     return zarr
 
 
-def _counting_store(store, where: str):
-    """``store`` wrapped: missing chunks counted (or refused), requests bounded in time."""
+def _counting_store(store, where: str, bag: dict | None):
+    """``store`` wrapped: missing chunks counted into ``bag`` (or refused), requests
+    bounded in time."""
     from zarr.storage import WrapperStore
 
     from .remote import _describe, _is_transient, _timeout_message
@@ -137,7 +147,7 @@ def _counting_store(store, where: str):
         chunk_bytes: int | None = None  # set once the array is open: the deadline's size
 
         def _with_store(self, store):
-            return _counting_store(store, where)
+            return _counting_store(store, where, bag)
 
         async def get(self, key, prototype, byte_range=None):
             settings = network.current()
@@ -168,8 +178,9 @@ def _counting_store(store, where: str):
                         "is an error; without it, missing chunks read as the fill value)",
                         path=where,
                     )
-                with _lock:
-                    _missing.setdefault(where, set()).add(key)
+                if bag is not None:
+                    with _lock:
+                        bag.setdefault(where, (set(), None))[0].add(key)
             return value
 
     return CountingStore(store)
@@ -191,7 +202,8 @@ def _open(path, key: str | None):
             from zarr.storage import LocalStore
 
             inner = LocalStore(str(path), read_only=True)
-        store = _counting_store(inner, where)
+        bag = getattr(_bags, "bag", None)
+        store = _counting_store(inner, where, bag)
         node = zarr.open(store=store, mode="r")
         if isinstance(node, zarr.Group):
             keys = sorted(node.array_keys())
@@ -212,8 +224,9 @@ def _open(path, key: str | None):
             if not isinstance(node, zarr.Array):
                 raise ReadError(f"{key!r} is a group, not an array", path=where)
         store.chunk_bytes = math.prod(node.chunks) * np.dtype(node.dtype).itemsize
-        with _lock:
-            _fill[where] = _plain(node.fill_value)
+        if bag is not None:
+            with _lock:
+                bag[where] = (bag.get(where, (set(), None))[0], _plain(node.fill_value))
         return node
     except InputError:
         raise
