@@ -355,3 +355,29 @@ def test_a_zarr_store_over_http_counts_missing_chunks_and_times_out(tmp_path, mo
         "KLSEG_TIMEOUT gives a slow store longer)"
     )
     assert seconds < 5
+
+
+def test_a_stalled_s3_endpoint_is_given_up(monkeypatch):
+    """s3fs through botocore: its connect/read timeouts and retries are configured, and the
+    request's deadline bounds them all."""
+    pytest.importorskip("s3fs")
+    import fsspec.config
+
+    from klseg_cli.io.remote import reset_filesystems
+
+    monkeypatch.setenv("KLSEG_TIMEOUT", "1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with FaultyServer({}, "stall") as server:
+        conf = {"endpoint_url": server.url, "key": "k", "secret": "s"}
+        monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+        reset_filesystems()
+        try:
+            t0 = time.monotonic()
+            result = CliRunner().invoke(app, ["evaluate", "s3://b/p/a.npy", "s3://b/g/a.png",
+                                              "--classes", CLASSES])  # fmt: skip
+            seconds = time.monotonic() - t0
+        finally:
+            reset_filesystems()
+    assert result.exit_code == 2, result.output
+    assert one_line(result.stderr).startswith("Error: s3://b/p/a.npy: timed out: ")
+    assert seconds < 10
