@@ -71,6 +71,7 @@ class NetworkSettings:
     backoff: float = DEFAULT_BACKOFF
     index_bytes: int = DEFAULT_INDEX_BYTES
     index_links: int = DEFAULT_INDEX_LINKS
+    run: str = ""  # which run these are (settings_for): a new run asks every server again
 
     def deadline(self, nbytes: int | None = None) -> float:
         """Seconds a whole request of ``nbytes`` may take (None: a small one)."""
@@ -149,14 +150,19 @@ def use(settings: NetworkSettings | None) -> None:
     """Make ``settings`` this process's (None: back to the environment's). A worker calls
     this with the settings its task carries before it reads."""
     global _current
-    from .remote import forget_timeouts, reset_filesystems
-
-    forget_timeouts()
     if settings != _current:
+        from .remote import forget_timeouts, reset_filesystems
+
         _current = settings
         reset_filesystems()  # clients are configured when made: make new ones
+        forget_timeouts()  # a new run gives every server a new chance
 
 
 def settings_for(timeout: float | None = None) -> NetworkSettings:
-    """The environment's settings with ``timeout`` (``--timeout``) applied."""
-    return from_environment().with_timeout(timeout)
+    """A new run's settings: the environment's, with ``timeout`` (``--timeout``) applied.
+
+    Each call is a new ``run``: a server that timed out is not asked again within a run
+    (its tasks, on any worker, carry the same settings), but is in the next one."""
+    import uuid
+
+    return replace(from_environment().with_timeout(timeout), run=uuid.uuid4().hex)

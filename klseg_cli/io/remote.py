@@ -217,7 +217,7 @@ again, so a dead server costs one timeout, not one per file (``forget_timeouts``
 
 
 def forget_timeouts() -> None:
-    """A new run (``network.use``) gives every server a new chance."""
+    """A new run (``network.use`` of another run's settings) asks every server again."""
     _timed_out.clear()
 
 

@@ -5,7 +5,7 @@ misbehaves as ``mode`` says:
 
 - ``"ok"``: a correct server (ranges, HEAD, index pages of folders);
 - ``"stall"``: accepts every request and never answers;
-- ``"stall-get"``: answers HEADs (sizes), never a GET;
+- ``"stall-get"``: answers HEADs (sizes) and index pages, never a GET of a file;
 - ``"trickle"``: answers GETs with headers, then one byte of the body every ``interval``
   seconds (1: a byte a second);
 - ``"endless-index"``: a folder's index page never ends (links, forever);
@@ -58,7 +58,7 @@ class FaultyServer:
             def do_GET(self):
                 owner.gets[self.path] += 1
                 mode = owner.mode
-                if mode in ("stall", "stall-get"):
+                if mode == "stall" or (mode == "stall-get" and not self._is_folder()):
                     owner.stop.wait(30)
                     return
                 if self._is_folder():
@@ -129,7 +129,10 @@ class FaultyServer:
                 except OSError:
                     pass  # the client gave up: what the test wants
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # zarr opens ten connections at once: none may wait
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -381,3 +381,34 @@ def test_a_stalled_s3_endpoint_is_given_up(monkeypatch):
     assert result.exit_code == 2, result.output
     assert one_line(result.stderr).startswith("Error: s3://b/p/a.npy: timed out: ")
     assert seconds < 10
+
+
+def _file_gets(server: FaultyServer) -> int:
+    return sum(n for path, n in server.gets.items() if not path.endswith("/"))
+
+
+def test_a_server_that_timed_out_is_asked_once_per_run(monkeypatch):
+    """Three maps on a stalled server: one timeout, not three (the others are "not asked"
+    in that run); the next run asks it again. (The first map's own error is the timeout
+    quoted: its header was first read, and its error held, while the run was planned.)"""
+    monkeypatch.setenv("KLSEG_TIMEOUT", "0.5")
+    files = _files(3)
+    with FaultyServer(files, "stall-get") as server:
+        args = ["evaluate", f"{server.url}/p/", str(SAMPLE / "ground_truth"), "--classes",
+                CLASSES, "--keep-going", "--allow-missing", "--format", "json",
+                "--jobs", "1"]  # fmt: skip
+        t0 = time.monotonic()
+        first = CliRunner().invoke(app, args)
+        seconds = time.monotonic() - t0
+        gets_first = _file_gets(server)
+        second = CliRunner().invoke(app, args)
+        gets_second = _file_gets(server) - gets_first
+    assert first.exit_code == 2
+    *lines, last = first.stderr.strip().splitlines()  # --keep-going: each pair's error
+    assert len(lines) == 3 and last == "Error: no pair could be evaluated; no report was written"
+    assert all(": not asked: its server timed out earlier in this run (" in ln for ln in lines)
+    assert lines[0].endswith(": timed out: no data from the server for 0.5 s (--timeout or "
+                             "KLSEG_TIMEOUT gives a slow store longer))")  # fmt: skip
+    assert (gets_first, gets_second) == (1, 1)
+    assert seconds < 4
+    assert second.exit_code == 2
