@@ -220,6 +220,23 @@ def _print_library_warnings() -> None:
 
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+TimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Give up a remote read (URL inputs) after this long without a byte; also bounds "
+        "connecting. Env: KLSEG_TIMEOUT. [default: 60]",
+    ),
+]
+StrictZarrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict-zarr",
+        help="A missing Zarr chunk is an error (without it: read as the fill value, counted, "
+        "warned and recorded in summary.json).",
+    ),
+]
 ClassesOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -446,6 +463,7 @@ PLAN_OPTIONS = (
     "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
     "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
     "max_pixels", "chunk_pixels", "label_map", "reduce_zero_label", "exclude_class",
+    "timeout", "strict_zarr",
 )  # fmt: skip
 """The options every computing command shares (parameters of ``evaluation.plan``)."""
 
@@ -677,6 +695,8 @@ def evaluate(
             show_envvar=True,
         ),
     ] = None,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate probability maps against targets: KL, CE, JS, entropy, Brier, IoU, Dice, ECE.
@@ -962,6 +982,8 @@ def compare(
     label_map: LabelMapOpt = None,
     reduce_zero_label: ReduceZeroOpt = False,
     exclude_class: ExcludeClassOpt = None,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
@@ -1078,6 +1100,8 @@ def calibrate(
     label_map: LabelMapOpt = None,
     reduce_zero_label: ReduceZeroOpt = False,
     exclude_class: ExcludeClassOpt = None,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fit a temperature T that minimises the pooled KL(target || softmax(log p / T)).
@@ -1290,6 +1314,8 @@ def heatmap(
     label_map: LabelMapOpt = None,
     reduce_zero_label: ReduceZeroOpt = False,
     exclude_class: ExcludeClassOpt = None,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
@@ -1406,15 +1432,17 @@ def _progress(console, description: str) -> _Ticker:
 @app.command()
 @handle_errors
 def info(
-    file: Annotated[Path, typer.Argument(help="A prediction map or a target mask.")],
+    file: Annotated[str, typer.Argument(help="A prediction map or a target mask (or a URL).")],
     target: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option("--target", help="Target mask whose (H, W) decides the layout."),
     ] = None,
     layout: LayoutOpt = None,
     classes: ClassesOpt = None,
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Shape, dtype, detected layout, value range and sum check of one file.
@@ -1438,6 +1466,8 @@ def info(
         num_classes=len(names) or None,
         npz_key=npz_key,
         max_pixels=max_pixels,
+        timeout=timeout,
+        strict_zarr=strict_zarr,
     )
     table = Table(title=_text(file), show_header=False)
     table.add_column("key", style="bold")

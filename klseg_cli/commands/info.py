@@ -84,9 +84,26 @@ def inspect_file(
     num_classes: int | None = None,
     npz_key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float | None = None,
+    strict_zarr: bool = False,
 ) -> dict:
-    """Facts about one prediction map or target mask, as display strings."""
-    path = Path(path)
+    """Facts about one prediction map or target mask (a path or URL), as display strings.
+
+    ``timeout`` and ``strict_zarr`` as for ``evaluation.plan``."""
+    from ..io import network, zarrio
+    from ..io.remote import as_input
+
+    network.use(network.settings_for(timeout))
+    zarrio.use_strict(strict_zarr)
+    path, target = as_input(path), as_input(target)
+    with zarrio.collect_missing() as missing:
+        facts = _inspect(path, target=target, layout=layout, num_classes=num_classes,
+                         npz_key=npz_key, max_pixels=max_pixels)  # fmt: skip
+    zarrio.warn_missing(missing)
+    return facts
+
+
+def _inspect(path, *, target, layout, num_classes, npz_key, max_pixels) -> dict:
     from ..io.volumes import is_nifti
 
     if is_nifti(path):  # a volume (volumes.py)

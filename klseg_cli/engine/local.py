@@ -26,6 +26,7 @@ from ..core.stats import (
     pixel_metrics,
 )
 from ..errors import InputError, KlsegError, KlsegWarning, ShapeError, UsageError
+from ..io.network import NetworkSettings
 from ..io.pairing import Pair, Pairing, pair_files
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,
@@ -64,6 +65,17 @@ class ReadOptions:
     accelerate: bool | None = None  # the compiled kernel: None = for large maps
     spatial_dims: int = 2  # 3: .npy/.npz volumes (X, Y, Z[, C]); NIfTI files are always 3
     allow_affine_mismatch: bool = False  # NIfTI pairs whose affines or spacings differ
+    network: NetworkSettings | None = None  # remote reads' bounds (None: the environment's)
+    strict_zarr: bool = False  # a missing Zarr chunk is an error, not the fill value
+
+
+def use_read_options(read: ReadOptions) -> None:
+    """Make a run's network bounds and Zarr strictness this process's: the client calls it
+    before it lists and opens anything, a worker (process or Dask) before its task reads."""
+    from ..io import network, zarrio
+
+    network.use(read.network)
+    zarrio.use_strict(read.strict_zarr)
 
 
 @dataclass
@@ -76,6 +88,7 @@ class ImageResult:
     stats: Stats
     shape: tuple[int, ...] | None = None  # a volume's (X, Y, Z) (volumes.py); None: (H, W)
     boundary: dict[str, np.ndarray] | None = None  # --boundary: {metric: (C,)} (boundary.py)
+    zarr_missing: dict | None = None  # {store: (missing chunk keys, fill value)} (zarrio.py)
 
     def row(self, settings: MetricSettings) -> dict:
         """This image's ``per_image.csv`` row."""
@@ -161,7 +174,40 @@ class EvaluationResult:
             "requirements": [],
             "missing_predictions": [str(p) for p in self.missing_predictions],
             "errors": list(self.errors),
+            "zarr_missing_chunks": zarr_missing_summary(self.images),
         }
+
+    def warn_missing_chunks(self) -> None:
+        """One warning per Zarr store that had chunks missing (read as the fill value)."""
+        from ..io.zarrio import missing_message
+
+        for entry in zarr_missing_summary(self.images)["files"]:
+            message = missing_message(entry["file"], entry["chunks"], entry["fill_value"])
+            warnings.warn(message, KlsegWarning, stacklevel=2)
+
+
+def merge_missing(into: dict | None, more: dict | None) -> dict | None:
+    """Two ``ImageResult.zarr_missing`` records as one (the chunk keys united)."""
+    if not more:
+        return into
+    out = dict(into or {})
+    for store, (keys, fill) in more.items():
+        held = out.get(store)
+        out[store] = (keys | held[0], fill) if held else (keys, fill)
+    return out
+
+
+def zarr_missing_summary(images) -> dict:
+    """summary.json's ``zarr_missing_chunks``: the total and, per store, how many chunks
+    were missing and the fill value they were read as."""
+    stores: dict | None = None
+    for image in images:
+        stores = merge_missing(stores, image.zarr_missing)
+    files = [
+        {"file": store, "chunks": len(keys), "fill_value": fill}
+        for store, (keys, fill) in sorted((stores or {}).items())
+    ]
+    return {"total": sum(f["chunks"] for f in files), "files": files}
 
 
 def _with_boundary_means(rows: list[dict], result: EvaluationResult) -> list[dict]:
@@ -485,25 +531,32 @@ def evaluate_pair(
     pair: Pair, settings: MetricSettings, *, read: ReadOptions = ReadOptions()
 ) -> ImageResult:
     """Sums and counts of one prediction against its target."""
-    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
-    if opened.target is None:
-        raise UsageError(f"{pair.pred}: evaluation needs a target")
-    total = image_stats(
-        opened.pred,
-        opened.target,
-        settings,
-        chunk_pixels=read.chunk_pixels,
-        target_path=pair.target,
-        accelerate=read.accelerate,
-    )
-    boundary = None
-    if settings.boundary is not None:
-        from ..core.boundary import image_boundary
+    from ..io.zarrio import collect_missing, frozen
 
-        boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
+    use_read_options(read)
+    with collect_missing() as missing:  # Zarr chunks read as the fill value
+        opened = open_pair(
+            pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read
+        )
+        if opened.target is None:
+            raise UsageError(f"{pair.pred}: evaluation needs a target")
+        total = image_stats(
+            opened.pred,
+            opened.target,
+            settings,
+            chunk_pixels=read.chunk_pixels,
+            target_path=pair.target,
+            accelerate=read.accelerate,
+        )
+        boundary = None
+        if settings.boundary is not None:
+            from ..core.boundary import image_boundary
+
+            boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
     return ImageResult(
         pair.stem, pair.pred, pair.target, opened.height, opened.width, total,
         shape=getattr(opened, "file_shape", None), boundary=boundary,
+        zarr_missing=frozen(missing) or None,
     )  # fmt: skip
 
 
@@ -617,10 +670,20 @@ def plan(
     boundary: BoundaryOptions | None = None,
     spatial_dims: int = 2,
     allow_affine_mismatch: bool = False,
+    timeout: float | None = None,
+    strict_zarr: bool = False,
 ) -> Job:
-    """Pair the files and settle the settings (the class count comes from the first map)."""
+    """Pair the files and settle the settings (the class count comes from the first map).
+
+    ``timeout``: seconds a remote read may go without a byte (``--timeout``; None: the
+    environment's ``KLSEG_TIMEOUT``, else 60; see ``io/network.py``). ``strict_zarr``: a
+    missing Zarr chunk is an error instead of the fill value."""
+    from ..io import network
+
     check_path_argument(pred, "PRED")
     check_path_argument(target, "GT")
+    net = network.settings_for(timeout)
+    use_read_options(ReadOptions(network=net, strict_zarr=strict_zarr))  # before any listing
     names, label_map = class_names_and_map(classes, label_map)
     from ..io.remote import as_input
 
@@ -644,6 +707,7 @@ def plan(
     read = ReadOptions(
         layout=layout, npz_key=npz_key, max_pixels=max_pixels, chunk_pixels=chunk_pixels,
         spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch,
+        network=net, strict_zarr=strict_zarr,
     )  # fmt: skip
     if calibration_views and pairing.pairs:
         from ..io.volumes import is_volume_pair
@@ -935,4 +999,6 @@ def evaluate(
             images.append(outcome)
         if on_image is not None:
             on_image(pair)
-    return EvaluationResult.of(job, images, errors)
+    result = EvaluationResult.of(job, images, errors)
+    result.warn_missing_chunks()
+    return result

@@ -797,8 +797,13 @@ def make_heatmaps(
         return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
                         view=options.view)  # fmt: skip
 
-    return render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
-                        on_start=on_start, on_image=on_image)  # fmt: skip
+    from ..io.zarrio import collect_missing, warn_missing
+
+    with collect_missing() as missing:  # Zarr chunks read as the fill value: warned
+        written = render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs,
+                               compute, on_start=on_start, on_image=on_image)  # fmt: skip
+    warn_missing(missing)
+    return written
 
 
 def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: HeatmapOptions,

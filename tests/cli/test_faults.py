@@ -584,7 +584,7 @@ def test_permission_errors_as_another_user(shared_dir):
     proc = klseg("evaluate", pred_dir, gt_dir, user="nobody")
     sub_one_line(proc, 2, "a.npy", "Permission denied")
     proc = klseg("info", pred_dir / "a.npy", user="nobody")
-    sub_one_line(proc, 2, "a.npy", "not readable")
+    sub_one_line(proc, 2, "a.npy", "Permission denied")  # klseg's reader says it
 
 
 # --- files that never end, are not files, or are too big ----------------------------------
