@@ -24,7 +24,9 @@ DEFAULT_SCORE = "entropy"
 SUB_BITS = 10
 """Bins per octave: 2¹⁰, a bin 0.1% of its score wide."""
 OCTAVE_MIN = -60
-"""The lowest octave [2⁻⁶⁰, 2⁻⁵⁹); smaller scores (and 0) go to bin 0."""
+"""The lowest octave [2⁻⁶⁰, 2⁻⁵⁹). Bin 0 holds the scores that are exactly 0 (a saturated
+softmax: exact ties, so they add nothing to the bounds); positive scores below 2⁻⁶⁰·(1 +
+2⁻¹⁰) share bin 1."""
 OCTAVES = 64
 BINS = OCTAVES << SUB_BITS
 """65,536 bins over [2⁻⁶⁰, 16): above log C for any C < 8.8·10⁶."""
@@ -49,11 +51,12 @@ def check_scores(names: Sequence[str]) -> tuple[str, ...]:
 
 def bin_index(u: np.ndarray) -> np.ndarray:
     """Bin of each score (float32; negatives from rounding count as 0): octave and top
-    SUB_BITS mantissa bits from the float's bits, monotone in the score."""
+    SUB_BITS mantissa bits from the float's bits, monotone in the score; bin 0 is exactly 0."""
     u = np.asarray(u, dtype=np.float32)
     u = np.maximum(u, np.float32(0.0))  # also turns −0.0 into +0.0
     idx = (u.view(np.int32) >> _SHIFT).astype(np.int64) - _OFFSET
-    np.clip(idx, 0, BINS - 1, out=idx)
+    np.clip(idx, 1, BINS - 1, out=idx)
+    idx[u == 0] = 0
     return idx
 
 
@@ -147,7 +150,7 @@ def failure_detection(hist: np.ndarray, edges: np.ndarray | None = None) -> dict
     if Nc > 0 and Nw > 0:
         c_below = np.cumsum(c) - c
         out["auroc"] = float(np.sum(w * (c_below + 0.5 * c)) / (Nc * Nw))
-        out["auroc_bound"] = float(0.5 * np.sum(c * w) / (Nc * Nw))
+        out["auroc_bound"] = float(0.5 * np.sum(c[1:] * w[1:]) / (Nc * Nw))  # bin 0: exact
     # risk–coverage: bin b holds pixels K_b + 1 … K_b + n_b, errors E_b before it;
     # Σ_j (E + j·w/n)/(K + j) = w + (E − K·w/n)·(H_{K+n} − H_K)
     nz = n > 0
@@ -158,7 +161,10 @@ def failure_detection(hist: np.ndarray, edges: np.ndarray | None = None) -> dict
     aurc = float(np.sum(wn + (E - K * wn / nn) * gap) / N)
     optimal = float((Nw - Nc * harmonic_gap(Nc, Nw)) / N)
     out["aurc"], out["aurc_optimal"], out["eaurc"] = aurc, optimal, aurc - optimal
-    out["aurc_bound"] = float(np.sum(cn * wn / nn * gap) / N)
+    d = cn * wn / nn
+    if nz[0]:
+        d[0] = 0.0  # bin 0 (exact zeros): the interpolation is the tie rule itself
+    out["aurc_bound"] = float(np.sum(d * gap) / N)
     # UEO: uncertain = bins ≥ b; Dice = 2·A_b / (U_b + N_w)
     A = np.cumsum(w[::-1])[::-1]  # wrong pixels in bins ≥ b
     U = np.cumsum(n[::-1])[::-1]
@@ -173,6 +179,7 @@ def failure_detection(hist: np.ndarray, edges: np.ndarray | None = None) -> dict
     out["ueo_threshold"] = float(edges[b])
     A_above, U_above = A - w, U - n  # the bins above b
     best = np.where(nz, 2 * (A_above + w) / (U_above + w + Nw), -1.0)
+    best[0] = -1.0  # no threshold splits the exact zeros
     out["ueo_bound"] = float(max(best.max(), out["ueo"]) - out["ueo"])
     return out
 
@@ -293,3 +300,55 @@ def qc_rows(rows: Sequence[dict], names: Sequence[str], qc_threshold: float) -> 
         row["below_threshold"] = bool(miou < qc_threshold) if math.isfinite(miou) else None
         out.append(row)
     return out
+
+
+def image_columns(names: Sequence[str] = SCORES) -> tuple[str, ...]:
+    """per_image.csv columns of the scores ``names``, in order."""
+    return tuple(
+        col for s in names for col in (f"uncertainty_{s}", *(f"{q}_{s}" for q in PIXEL_NAMES))
+    )
+
+
+def stats_image_values(stats, settings) -> dict[str, float]:
+    """One image's uncertainty columns from its Stats (empty without ``--uncertainty``)."""
+    if not settings.uncertainty:
+        return {}
+    return image_values(stats.unc_hist, stats.unc_sum, stats.n_valid, settings.uncertainty)
+
+
+def dataset_values(image_rows: Sequence[dict], total, settings) -> dict[str, float]:
+    """summary.json ``dataset`` entries of ``--uncertainty`` (empty without it): pooled and
+    image-mean pixel-level values, and the image-level Spearman and QC AUROC."""
+    names = settings.uncertainty
+    if not names:
+        return {}
+    out: dict[str, float] = {}
+    for s, name in enumerate(names):
+        fd = failure_detection(total.unc_hist[s]) if total.unc_hist is not None else {}
+        for q in PIXEL_NAMES:
+            out[f"{q}_{name}_pooled"] = fd.get(q, math.nan)
+            values = np.array([_num(r.get(f"{q}_{name}")) for r in image_rows], np.float64)
+            values = values[np.isfinite(values)]
+            out[f"{q}_{name}_image_mean"] = float(values.mean()) if values.size else math.nan
+    image = image_level(image_rows, names, settings.qc_threshold) if image_rows else {}
+    for name in names:
+        for k in ("spearman", "qc_auroc"):
+            out[f"{k}_{name}"] = image.get(f"{k}_{name}", math.nan)
+    return out
+
+
+def summary_section(total, settings) -> dict:
+    """summary.json's ``uncertainty`` object: per score the error rate, the optimal AURC,
+    the UEO threshold and the bounds of §11.2.1; the grid and the QC threshold."""
+    scores = {}
+    for s, name in enumerate(settings.uncertainty):
+        fd = failure_detection(total.unc_hist[s]) if total.unc_hist is not None else {}
+        scores[name] = {k: fd.get(k, math.nan) for k in (
+            "error_rate", "aurc_optimal", "ueo_threshold", "auroc_bound", "aurc_bound",
+            "ueo_bound")}  # fmt: skip
+    return {
+        "scores": scores,
+        "grid": {"bins": BINS, "bins_per_octave": 1 << SUB_BITS, "lowest": 2.0**OCTAVE_MIN},
+        "qc_threshold": settings.qc_threshold,
+        "image_error": "1 - miou",
+    }

@@ -87,6 +87,10 @@ class ImageResult:
             "n_valid": self.stats.n_valid,
         }
         row.update({k: values[k] for k in IMAGE_COLUMNS[4:]})
+        if settings.uncertainty:  # --uncertainty: mean score, AUROC ... (uncertainty.py)
+            from ..core.uncertainty import stats_image_values
+
+            row.update(stats_image_values(self.stats, settings))
         if self.shape is not None or self.boundary is not None:
             from ..core.boundary import image_values
             from ..io.volumes import shape_columns
@@ -157,11 +161,21 @@ class EvaluationResult:
                 dataset_metrics(images, total, self.settings), self, images
             ),
             "classes": _with_boundary_means(class_metrics(total, self.settings), self),
+            **_uncertainty_section(total, self.settings),
             "images": images,
             "requirements": [],
             "missing_predictions": [str(p) for p in self.missing_predictions],
             "errors": list(self.errors),
         }
+
+
+def _uncertainty_section(total: Stats, settings: MetricSettings) -> dict:
+    """``--uncertainty``: summary.json's ``uncertainty`` object (bounds, thresholds)."""
+    if not settings.uncertainty:
+        return {}
+    from ..core.uncertainty import summary_section
+
+    return {"uncertainty": summary_section(total, settings)}
 
 
 def _with_boundary_means(rows: list[dict], result: EvaluationResult) -> list[dict]:
@@ -617,6 +631,8 @@ def plan(
     boundary: BoundaryOptions | None = None,
     spatial_dims: int = 2,
     allow_affine_mismatch: bool = False,
+    uncertainty: Sequence[str] = (),
+    qc_threshold: float = 0.5,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map)."""
     check_path_argument(pred, "PRED")
@@ -671,6 +687,8 @@ def plan(
         reduce_zero_label=reduce_zero_label, exclude_class=exclude_class,
         temperature=temperature, calibration_views=calibration_views,
         boundary_band=boundary_band, boundary=boundary, option="--exclude-class",
+        **({"uncertainty": tuple(uncertainty), "qc_threshold": qc_threshold}
+           if uncertainty else {}),
     )  # fmt: skip
     job = Job(pairing, settings, read)
     if input_kind == "logits":

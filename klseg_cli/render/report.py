@@ -128,7 +128,10 @@ boundary metrics of ``--boundary`` (boundary.BOUNDARY_METRICS)."""
 def with_extra(rows, columns: tuple[str, ...]) -> tuple[str, ...]:
     """``columns`` plus those of EXTRA_COLUMNS that some row holds."""
     rows = list(rows)
-    return columns + tuple(c for c in EXTRA_COLUMNS if any(c in row for row in rows))
+    from ..core.uncertainty import image_columns  # --uncertainty
+
+    extra = (*EXTRA_COLUMNS, *image_columns())
+    return columns + tuple(c for c in extra if any(c in row for row in rows))
 
 
 def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
@@ -251,6 +254,15 @@ def dataset_rows(dataset: Mapping):
     for name in EXTRA_COLUMNS[1:]:  # --boundary: image means only
         if f"{name}_image_mean" in dataset:
             yield name, None, f"{name}_image_mean"
+    from ..core.uncertainty import PIXEL_NAMES, SCORES  # --uncertainty: where computed
+
+    for score in SCORES:
+        for q in PIXEL_NAMES:
+            if f"{q}_{score}_pooled" in dataset:
+                yield f"{q}_{score}", f"{q}_{score}_pooled", f"{q}_{score}_image_mean"
+        for k in ("spearman", "qc_auroc"):
+            if f"{k}_{score}" in dataset:
+                yield f"{k}_{score}", f"{k}_{score}", None
 
 
 def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:

@@ -104,6 +104,21 @@ def test_distinct_bins_give_exact_values():
     assert fd["ueo"] == pytest.approx(exact_ueo(u64, wrong), abs=1e-13)
 
 
+def test_exact_zeros_are_ties_without_error():
+    """Saturated pixels (score exactly 0) tie in the exact computation too: no bound."""
+    rng = np.random.default_rng(4)
+    u = np.where(rng.random(3001) < 0.7, 0.0, rng.random(3001)).astype(np.float32)
+    u[:7] = np.float32(1e-25)  # tiny but positive: above the zeros
+    wrong = rng.random(3001) < 0.1
+    hist, _ = unc.chunk_histograms(u[None], wrong)
+    fd = unc.failure_detection(hist[0])
+    u64 = u.astype(np.float64)
+    ref = mannwhitneyu(u64[wrong], u64[~wrong]).statistic / (wrong.sum() * (~wrong).sum())
+    assert fd["auroc"] == pytest.approx(ref, abs=fd["auroc_bound"] + 1e-13)
+    assert fd["auroc_bound"] < 1e-3  # the 2,100 zeros contribute nothing
+    assert abs(fd["aurc"] - exact_aurc(u64, wrong)) <= fd["aurc_bound"] + 1e-13
+
+
 def test_optimal_aurc_and_eaurc():
     rng = np.random.default_rng(5)
     for n, nw in ((1, 0), (10, 1), (503, 77), (4000, 3999)):
@@ -143,7 +158,7 @@ def test_bins_are_monotone_and_cover_the_range():
     assert unc.bin_index(np.float32([0.0, -1e-9, 1e-30, 11.0, 100.0])).tolist() == [
         0,
         0,
-        0,
+        1,
         unc.bin_index(np.float32([11.0]))[0],
         unc.BINS - 1,
     ]
