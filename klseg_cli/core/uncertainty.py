@@ -79,7 +79,7 @@ def chunk_scores(names: Sequence[str], *, p, confidence, pred, entropy) -> np.nd
         elif name == "entropy":
             out[s] = entropy
         else:  # margin: the largest value once the argmax is set aside
-            work = np.array(p, copy=True)
+            work = np.array(p, dtype=p.dtype, order="C")  # a copy, flat view below
             work.reshape(-1)[pred * n + np.arange(n)] = -1.0
             second = work.max(axis=0) if p.shape[0] > 1 else np.zeros(n, p.dtype)
             out[s] = 1.0 - (confidence - np.maximum(second, 0.0))

@@ -16,7 +16,7 @@ from ..io.atomic import atomic_path
 
 REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
-    "stats.npz", "reliability.png", "calibration.csv",
+    "stats.npz", "reliability.png", "calibration.csv", "qc.csv",
 )  # fmt: skip
 
 
@@ -158,8 +158,21 @@ def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
         from .calibration_report import reliability_files
 
         files.update(reliability_files(result))
+    if summary.get("uncertainty"):  # --uncertainty: images ranked for review (DESIGN §11.3)
+        files["qc.csv"] = qc_csv(summary)
     files["summary.json"] = summary_json(summary)
     return files
+
+
+def qc_csv(summary: Mapping) -> str:
+    """``qc.csv``: images by decreasing mean uncertainty (first score), true error beside."""
+    from ..core.uncertainty import qc_rows
+
+    names = tuple(summary["settings"].get("uncertainty") or ())
+    thr = summary["uncertainty"]["qc_threshold"]
+    columns = ("rank", "image", *(f"uncertainty_{s}" for s in names), "miou", "error",
+               "accuracy", "below_threshold")  # fmt: skip
+    return rows_csv(qc_rows(summary["images"], names, thr), columns)
 
 
 def write_reports(

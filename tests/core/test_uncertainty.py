@@ -214,6 +214,14 @@ def test_coarse_grid_is_a_merge_of_fine_bins():
     assert abs(fd_f["auroc"] - fd_c["auroc"]) <= fd_c["auroc_bound"] + 1e-12
 
 
+def test_margin_of_a_class_major_view():
+    """A (C, n) view of an (n, C) array (not C-contiguous) gives the same margins."""
+    p = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], np.float32)
+    ent = np.zeros(2, np.float32)
+    s = unc.chunk_scores(["margin"], p=p.T, confidence=p.max(1), pred=p.argmax(1), entropy=ent)
+    assert s[0] == pytest.approx([0.5, 0.95])
+
+
 def test_unknown_score_is_refused():
     with pytest.raises(ValueError, match="unknown uncertainty score 'foo'"):
         unc.check_scores(["entropy", "foo"])
