@@ -588,6 +588,29 @@ def evaluate(
         Optional[Path],
         typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
     ] = None,
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="Failure detection: AUROC, AURC, E-AURC, UEO of uncertainty scores "
+            "(entropy, maxprob, margin) for finding wrong pixels, image-level QC and qc.csv "
+            "(on by itself when a --require names one).",
+        ),
+    ] = None,
+    qc_threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--qc-threshold",
+            metavar="IOU",
+            help="Images with mIoU below this are failures for qc_auroc_*. [default: 0.5]",
+            show_default=False,
+        ),
+    ] = None,
+    risk_coverage: Annotated[
+        Optional[Path],
+        typer.Option("--risk-coverage", metavar="FILE.png", help="Write the risk-coverage curves."),
+    ] = None,
     boundary: Annotated[
         bool,
         typer.Option(
@@ -685,7 +708,8 @@ def evaluate(
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
-                   markdown=markdown, reliability=reliability)  # fmt: skip
+                   markdown=markdown, reliability=reliability,
+                   risk_coverage=risk_coverage)  # fmt: skip
     if out is not None:
         from ..io.outputs import check_out_dir
 
@@ -703,6 +727,10 @@ def evaluate(
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
     options.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
+    from ..commands import uncertainty as unc  # --uncertainty (DESIGN §11)
+
+    options.update(unc.plan_keywords(uncertainty, qc_threshold, reqs))
+    unc.check_risk_coverage(risk_coverage, options.get("uncertainty", ()), out)
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
@@ -744,7 +772,7 @@ def evaluate(
         )
     inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
+    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability, risk_coverage],
                                      [*inputs, baseline])  # fmt: skip
     gate_written = False
     if out is not None:
@@ -765,6 +793,8 @@ def evaluate(
         from ..render.calibration_report import write_reliability_outputs
 
         write_reliability_outputs(result, reliability)
+    if risk_coverage is not None:
+        unc.write_risk_coverage(result, risk_coverage)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
