@@ -325,6 +325,10 @@ def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarra
     out["fwiou"] = safe_divide(np.where(weights > 0, weights * iou, 0.0).sum(axis=-1),
                                weights.sum(axis=-1))  # fmt: skip
     out.update(view_metrics_batch(totals, settings))
+    if settings.uncertainty:  # --uncertainty: AUROC ... of each resample (uncertainty.py)
+        from .uncertainty import pooled_batch
+
+        out.update(pooled_batch(totals, settings))
     return out
 
 

@@ -352,3 +352,58 @@ def summary_section(total, settings) -> dict:
         "qc_threshold": settings.qc_threshold,
         "image_error": "1 - miou",
     }
+
+
+# --- bootstrap: the same quantities for many resamples ------------------------------------
+
+IMAGE_LEVEL = ("spearman", "qc_auroc")
+
+
+def pooled_batch(totals, settings) -> dict[str, np.ndarray]:
+    """``<q>_<score>`` (q in PIXEL_NAMES) of R resamples, from their totals of the coarse
+    per-image histograms ``unc_coarse`` (R, S, 2, OCTAVES·2^COARSE_BITS) — the bootstrap's
+    grid, see DESIGN §11.2.1 — or of the fine ``unc_hist``; {} without ``--uncertainty``."""
+    names = settings.uncertainty
+    if not names:
+        return {}
+    if "unc_coarse" in totals:
+        hist = np.asarray(totals["unc_coarse"])
+    elif "unc_hist" in totals:
+        hist = coarsen(np.asarray(totals["unc_hist"]))
+    else:
+        return {}
+    edges = bin_edges(COARSE_BITS)
+    R = hist.shape[0]
+    out = {f"{q}_{s}": np.full(R, np.nan) for s in names for q in PIXEL_NAMES}
+    for r in range(R):
+        for k, s in enumerate(names):
+            fd = failure_detection(np.rint(hist[r, k]), edges)
+            for q in PIXEL_NAMES:
+                out[f"{q}_{s}"][r] = fd[q]
+    return out
+
+
+def image_level_batch(W: np.ndarray, values, names: Sequence[str], settings) -> dict:
+    """``spearman_<score>`` and ``qc_auroc_<score>`` of R resamples (rows of counts W (R, N))
+    from the per-image ``uncertainty_<score>`` and ``miou`` values."""
+    out: dict[str, np.ndarray] = {}
+    miou = np.asarray(values.get("miou", np.full(W.shape[1], np.nan)), dtype=np.float64)
+    for name in names:
+        kind, score = ("qc_auroc", name[9:]) if name.startswith("qc_auroc_") else (
+            "spearman", name[9:])  # fmt: skip
+        u = np.asarray(values.get(f"uncertainty_{score}", np.full(W.shape[1], np.nan)))
+        res = np.full(W.shape[0], np.nan)
+        for r in range(W.shape[0]):
+            idx = np.repeat(np.arange(W.shape[1]), W[r].astype(np.int64))
+            if kind == "spearman":
+                res[r] = spearman(u[idx], 1.0 - miou[idx])
+            else:
+                m = miou[idx]
+                keep = np.isfinite(m)
+                res[r] = auroc_exact(u[idx][keep], m[keep] < settings.qc_threshold)
+        out[name] = res
+    return out
+
+
+def is_image_level(name: str) -> bool:
+    return any(name.startswith(f"{k}_") and name[len(k) + 1 :] in SCORES for k in IMAGE_LEVEL)
