@@ -950,6 +950,15 @@ def compare(
     label_map: LabelMapOpt = None,
     reduce_zero_label: ReduceZeroOpt = False,
     exclude_class: ExcludeClassOpt = None,
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="With GT: both models' failure detection (auroc_entropy_pooled ...) and "
+            "its paired difference.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
@@ -975,6 +984,12 @@ def compare(
     if out is not None:
         check_out_dir(out)
     options = plan_options(locals())
+    if uncertainty:
+        from ..commands.uncertainty import plan_keywords
+
+        if gt is None:
+            raise UsageError("--uncertainty in compare needs GT (errors need a target)")
+        options.update(plan_keywords(uncertainty, None))
     err = _stderr_console()
     with _progress(err, "comparing") as tick:
         result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)
