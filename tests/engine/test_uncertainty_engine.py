@@ -189,3 +189,53 @@ def test_bad_score_is_a_usage_error(folders):
     res = CliRunner().invoke(app, ["evaluate", str(pred), str(gt), "--uncertainty", "variance"])
     assert res.exit_code == 2
     assert "unknown uncertainty score 'variance'" in res.output
+
+
+def test_bootstrap_intervals_and_stats_npz_round_trip(folders, tmp_path):
+    from klseg_cli.core.bootstrap import dataset_intervals
+    from klseg_cli.io.statsfile import StatsTable, load_stats, write_stats
+
+    pred, gt = folders
+    result = evaluate(pred, gt, uncertainty=("entropy",))
+    summary = result.summary()
+    path = tmp_path / "stats.npz"
+    write_stats(StatsTable.from_result(result), path)
+    table = load_stats(path)
+    assert table.arrays["unc_hist"].shape == (4, 1, 2, unc.BINS)
+    again = table.to_result().summary()
+    for key in unc.dataset_names(("entropy",)):
+        a, b = again["dataset"][key], summary["dataset"][key]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12), key
+    ci = dataset_intervals(table, summary, n_resamples=200, seed=1)
+    for key in ("auroc_entropy_pooled", "aurc_entropy_pooled", "ueo_entropy_pooled",
+                "auroc_entropy_image_mean", "spearman_entropy"):  # fmt: skip
+        lo, hi = ci[key]
+        assert math.isfinite(lo) and math.isfinite(hi) and lo <= hi, key
+    lo, hi = ci["auroc_entropy_pooled"]
+    assert lo - 0.01 <= summary["dataset"]["auroc_entropy_pooled"] <= hi + 0.01
+
+
+def test_compare_and_baseline_gate(folders, tmp_path):
+    pred, gt = folders
+    run = CliRunner().invoke
+    first = tmp_path / "first"
+    res = run(app, ["evaluate", str(pred), str(gt), "--uncertainty", "entropy",
+                    "--out", str(first)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = run(app, [
+        "evaluate", str(pred), str(gt), "--uncertainty", "entropy", "--baseline",
+        str(first / "summary.json"), "--require", "auroc_entropy_pooled >= baseline - 0.001",
+        "--require", "ueo_entropy_pooled > 0.99", "--format", "json",
+    ])  # fmt: skip
+    assert res.exit_code == 1, res.output  # the second requirement fails, the first holds
+    reqs = json.loads(res.stdout)["requirements"]
+    assert [r["passed"] for r in reqs] == [True, False]
+    res = run(app, ["compare", str(pred), str(pred), str(gt), "--uncertainty", "entropy",
+                    "--bootstrap", "50", "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["delta"]["auroc_entropy_pooled"] == 0.0
+    assert out["delta_ci"]["auroc_entropy_pooled"] == [0.0, 0.0]
+    assert out["models"]["a"]["auroc_entropy_pooled"] == pytest.approx(
+        evaluate(pred, gt, uncertainty=("entropy",)).summary()["dataset"]["auroc_entropy_pooled"]
+    )
