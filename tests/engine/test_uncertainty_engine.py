@@ -239,3 +239,16 @@ def test_compare_and_baseline_gate(folders, tmp_path):
     assert out["models"]["a"]["auroc_entropy_pooled"] == pytest.approx(
         evaluate(pred, gt, uncertainty=("entropy",)).summary()["dataset"]["auroc_entropy_pooled"]
     )
+
+
+@pytest.mark.cluster
+def test_dask_gives_the_numbers_of_a_local_run(folders):
+    pytest.importorskip("distributed")
+    pred, gt = folders
+    args = ["evaluate", str(pred), str(gt), "--uncertainty", "entropy,margin", "--format", "json"]
+    local = CliRunner().invoke(app, [*args, "--jobs", "1"])
+    dask = CliRunner().invoke(app, [*args, "--scheduler", "local:2"])
+    assert local.exit_code == 0 and dask.exit_code == 0, dask.output
+    a, b = json.loads(local.stdout), json.loads(dask.stdout)
+    assert a["dataset"] == b["dataset"] and a["images"] == b["images"]
+    assert a["uncertainty"] == b["uncertainty"]
