@@ -46,6 +46,16 @@ def plan_keywords(specs: Sequence[str] | None, qc_threshold: float | None, reqs=
     return {"uncertainty": names, "qc_threshold": thr}
 
 
+def heatmap_keywords(metric: str, score: str | None, threshold: float | None) -> dict:
+    """``plan`` keywords of heatmap's ``--uncertainty SCORE`` and ``--threshold``."""
+    if metric != "uncertainty-error":
+        raise UsageError("--uncertainty and --threshold go with --metric uncertainty-error")
+    names = parse_scores([score or "entropy"])
+    if len(names) != 1:
+        raise UsageError("heatmap --uncertainty takes one score")
+    return {"uncertainty": names}
+
+
 def check_risk_coverage(path: Path | None, names: Sequence[str], out: Path | None) -> None:
     """``--risk-coverage FILE.png``: a PNG name, and scores to draw."""
     if path is None:
