@@ -1161,6 +1161,7 @@ class Metric(str, Enum):
     entropy = "entropy"
     error = "error"
     confidence = "confidence"
+    uncertainty_error = "uncertainty-error"
 
 
 class Reduce(str, Enum):
@@ -1283,6 +1284,25 @@ def heatmap(
     label_map: LabelMapOpt = None,
     reduce_zero_label: ReduceZeroOpt = False,
     exclude_class: ExcludeClassOpt = None,
+    uncertainty: Annotated[
+        Optional[str],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE",
+            help="--metric uncertainty-error: the score (entropy, maxprob, margin). "
+            "[default: entropy]",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="--metric uncertainty-error: a score at or above it is uncertain. "
+            "[default: each image's UEO threshold]",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
@@ -1300,9 +1320,13 @@ def heatmap(
     options = HeatmapOptions(
         metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
+        reduce=reduce.value, view=SliceView.parse(volume_slice, montage), threshold=threshold,
     )  # fmt: skip
     plan = plan_options(locals())
+    if uncertainty or threshold is not None:  # --metric uncertainty-error's score
+        from ..commands.uncertainty import heatmap_keywords
+
+        plan.update(heatmap_keywords(metric.value, uncertainty, threshold))
     plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
     err = _stderr_console()
