@@ -16,8 +16,9 @@ from ..io.atomic import atomic_path
 
 REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
-    "stats.npz", "reliability.png", "calibration.csv", "qc.csv",
+    "stats.npz", "reliability.png", "calibration.csv",
 )  # fmt: skip
+"""Files every ``evaluate --out`` writes (``--uncertainty`` adds ``qc.csv``)."""
 
 
 def jsonable(value):
