@@ -98,6 +98,11 @@ class Evaluator:
     ``keep_images`` (default True) keeps one row of per-image values (about 15 numbers
     an image): the ``*_image_mean`` metrics and ``compute()["images"]`` need them; with
     False only the pooled metrics are defined (the image means are NaN).
+
+    ``uncertainty=("entropy",)`` (scores: entropy, maxprob, margin) adds failure detection
+    (``auroc_entropy_pooled`` ..., DESIGN §11): 1 MiB of histograms per score in the
+    running total (per-image values are taken when an image is added, then only its row
+    is kept).
     """
 
     def __init__(
