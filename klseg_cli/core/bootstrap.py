@@ -137,9 +137,13 @@ def covered(names: Sequence[str]) -> list[str]:
         "ece_correct": np.zeros((1, 1)),
     }
     pooled = set(pixel_metrics_batch(probe, MetricSettings(num_classes=2)))
+    from .uncertainty import PIXEL_NAMES, SCORES, is_image_level  # --uncertainty
+
+    pooled |= {f"{q}_{s}" for q in PIXEL_NAMES for s in SCORES}  # uncertainty.pooled_batch
     return [
         n for n in names
         if n.endswith("_image_mean") or (n.endswith("_pooled") and n[: -len("_pooled")] in pooled)
+        or is_image_level(n)
     ]  # fmt: skip
 
 

@@ -252,3 +252,20 @@ def test_dask_gives_the_numbers_of_a_local_run(folders):
     a, b = json.loads(local.stdout), json.loads(dask.stdout)
     assert a["dataset"] == b["dataset"] and a["images"] == b["images"]
     assert a["uncertainty"] == b["uncertainty"]
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_chunk_size_does_not_change_the_histograms(folders, kernel):
+    from klseg_cli.engine import local
+
+    pred, gt = folders
+    real = local.uses_kernel
+    local.uses_kernel = lambda pm, settings, accelerate: kernel and real(pm, settings, True)
+    try:
+        runs = [evaluate(pred, gt, uncertainty=SCORES, chunk_pixels=c, jobs=1).total
+                for c in (1 << 15, 777, 64)]  # fmt: skip
+    finally:
+        local.uses_kernel = real
+    for other in runs[1:]:
+        assert (other.unc_hist == runs[0].unc_hist).all()
+        assert other.unc_sum == pytest.approx(runs[0].unc_sum, rel=1e-12)
