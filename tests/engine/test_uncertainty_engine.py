@@ -269,3 +269,32 @@ def test_chunk_size_does_not_change_the_histograms(folders, kernel):
     for other in runs[1:]:
         assert (other.unc_hist == runs[0].unc_hist).all()
         assert other.unc_sum == pytest.approx(runs[0].unc_sum, rel=1e-12)
+
+
+def test_soft_targets_use_the_argmax_of_q(folders, tmp_path):
+    """With --soft-gt a pixel is wrong when argmax p ≠ argmax q: the same numbers as the
+    one-hot target of those labels."""
+    from PIL import Image
+
+    pred, gt = folders
+    soft, hard_dir = tmp_path / "soft", tmp_path / "hard"
+    soft.mkdir()
+    hard_dir.mkdir()
+    for f in sorted(gt.glob("*.png")):
+        y = np.minimum(np.asarray(Image.open(f)), 4)  # no ignored pixels in a soft target
+        Image.fromarray(y).save(hard_dir / f.name)
+        q = np.full((*y.shape, 5), 0.05, np.float32)
+        np.put_along_axis(q, y[..., None].astype(int), 0.8, axis=-1)
+        np.save(soft / f"{f.stem}.npy", q)
+    hard = evaluate(pred, hard_dir, uncertainty=("entropy",)).summary()
+    soft_run = evaluate(pred, soft, uncertainty=("entropy",), soft_gt=True).summary()
+    assert hard["n_valid"] == soft_run["n_valid"]
+    for key in ("auroc_entropy_pooled", "aurc_entropy_pooled", "ueo_entropy_pooled"):
+        assert soft_run["dataset"][key] == pytest.approx(hard["dataset"][key], rel=1e-12)
+
+
+def test_jobs_do_not_change_the_numbers(folders):
+    pred, gt = folders
+    one = evaluate(pred, gt, uncertainty=("entropy",), jobs=1).summary()
+    two = evaluate(pred, gt, uncertainty=("entropy",), jobs=2).summary()
+    assert one["dataset"] == pytest.approx(two["dataset"], nan_ok=True)
