@@ -103,7 +103,7 @@ def main() -> None:
         t = {}
         for name, s in (("plain", plain), ("entropy", one), ("3 scores", three)):
             image_stats(pm, labels, s, accelerate=True)
-            t[name] = best_of(lambda s=s: image_stats(pm, labels, s, accelerate=True),
+            t[name] = best_of(lambda s=s, pm=pm: image_stats(pm, labels, s, accelerate=True),
                               args.repeat)  # fmt: skip
         print(f"  {layout}: plain {t['plain']:.3f} s, +entropy {t['entropy']:.3f} s "
               f"({100 * (t['entropy'] / t['plain'] - 1):+.1f}%), +3 scores {t['3 scores']:.3f} s "
