@@ -298,3 +298,22 @@ def test_jobs_do_not_change_the_numbers(folders):
     one = evaluate(pred, gt, uncertainty=("entropy",), jobs=1).summary()
     two = evaluate(pred, gt, uncertainty=("entropy",), jobs=2).summary()
     assert one["dataset"] == pytest.approx(two["dataset"], nan_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--qc-threshold", "0.3"], "--qc-threshold needs --uncertainty SCORE"),
+        (["--uncertainty", "entropy", "--qc-threshold", "1.5"], "--qc-threshold must be in [0, 1]"),
+        (["--risk-coverage", "rc.png"], "--risk-coverage needs --uncertainty SCORE"),
+        (["--uncertainty", "entropy", "--risk-coverage", "rc.jpg"], "the plot is a PNG"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(folders, tmp_path, args, message):
+    pred, gt = folders
+    args = [str(tmp_path / a) if a.startswith("rc.") else a for a in args]
+    res = CliRunner().invoke(app, ["evaluate", str(pred), str(gt), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert not list(tmp_path.glob("rc.*"))
