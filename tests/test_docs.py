@@ -329,7 +329,7 @@ def test_readme_stays_short():
 def test_every_page_is_in_the_mkdocs_nav():
     config = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
     nav = set(re.findall(r"^\s*-\s[^:\n]+:\s*(\S+\.md)\s*$", config, flags=re.M))
-    assert nav == {p.name for p in DOCS.glob("*.md")}
+    assert nav == {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])

@@ -629,6 +629,29 @@ def evaluate(
         Optional[Path],
         typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
     ] = None,
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="Failure detection: AUROC, AURC, E-AURC, UEO of uncertainty scores "
+            "(entropy, maxprob, margin) for finding wrong pixels, image-level QC and qc.csv "
+            "(on by itself when a --require names one).",
+        ),
+    ] = None,
+    qc_threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--qc-threshold",
+            metavar="IOU",
+            help="Images with mIoU below this are failures for qc_auroc_*. [default: 0.5]",
+            show_default=False,
+        ),
+    ] = None,
+    risk_coverage: Annotated[
+        Optional[Path],
+        typer.Option("--risk-coverage", metavar="FILE.png", help="Write the risk-coverage curves."),
+    ] = None,
     boundary: Annotated[
         bool,
         typer.Option(
@@ -741,7 +764,7 @@ def evaluate(
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
     _check_outputs(out, report.REPORT_FILES, [pred, gt, *(rater or ()), *(samples or ()),
                    baseline], junit=junit, markdown=markdown,
-                   reliability=reliability)  # fmt: skip
+                   reliability=reliability, risk_coverage=risk_coverage)  # fmt: skip
     if out is not None:
         from ..io.outputs import check_out_dir
 
@@ -761,6 +784,10 @@ def evaluate(
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
     options.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
+    from ..commands import uncertainty as unc  # --uncertainty (DESIGN §11)
+
+    options.update(unc.plan_keywords(uncertainty, qc_threshold, reqs))
+    unc.check_risk_coverage(risk_coverage, options.get("uncertainty", ()), out)
     err = _stderr_console()
     with _progress(err, "evaluating") as tick:
         result = run(
@@ -806,7 +833,7 @@ def evaluate(
         for p in (img.pred_path, img.target_path, *getattr(img, "rater_paths", ()))
     ]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
+    report.refuse_overwriting_inputs([*outputs, junit, markdown, reliability, risk_coverage],
                                      [*inputs, baseline])  # fmt: skip
     gate_written = False
     if out is not None:
@@ -827,6 +854,8 @@ def evaluate(
         from ..render.calibration_report import write_reliability_outputs
 
         write_reliability_outputs(result, reliability)
+    if risk_coverage is not None:
+        unc.write_risk_coverage(result, risk_coverage)
     if output_format is OutputFormat.json:
         sys.stdout.write(report.summary_json(summary))
     else:
@@ -984,6 +1013,15 @@ def compare(
     exclude_class: ExcludeClassOpt = None,
     timeout: TimeoutOpt = None,
     strict_zarr: StrictZarrOpt = False,
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="With GT: both models' failure detection (auroc_entropy_pooled ...) and "
+            "its paired difference.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
@@ -1009,6 +1047,12 @@ def compare(
     if out is not None:
         check_out_dir(out)
     options = plan_options(locals())
+    if uncertainty:
+        from ..commands.uncertainty import plan_keywords
+
+        if gt is None:
+            raise UsageError("--uncertainty in compare needs GT (errors need a target)")
+        options.update(plan_keywords(uncertainty, None))
     err = _stderr_console()
     with _progress(err, "comparing") as tick:
         result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)
@@ -1183,6 +1227,7 @@ class Metric(str, Enum):
     error = "error"
     confidence = "confidence"
     rater_disagreement = "rater-disagreement"
+    uncertainty_error = "uncertainty-error"
 
 
 class Reduce(str, Enum):
@@ -1316,6 +1361,25 @@ def heatmap(
     exclude_class: ExcludeClassOpt = None,
     timeout: TimeoutOpt = None,
     strict_zarr: StrictZarrOpt = False,
+    uncertainty: Annotated[
+        Optional[str],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE",
+            help="--metric uncertainty-error: the score (entropy, maxprob, margin). "
+            "[default: entropy]",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="--metric uncertainty-error: a score at or above it is uncertain. "
+            "[default: each image's UEO threshold]",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
@@ -1334,9 +1398,13 @@ def heatmap(
     options = HeatmapOptions(
         metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce.value, view=SliceView.parse(volume_slice, montage),
+        reduce=reduce.value, view=SliceView.parse(volume_slice, montage), threshold=threshold,
     )  # fmt: skip
     plan = plan_options(locals())
+    if uncertainty or threshold is not None:  # --metric uncertainty-error's score
+        from ..commands.uncertainty import heatmap_keywords
+
+        plan.update(heatmap_keywords(metric.value, uncertainty, threshold))
     plan.update(spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch)
     _check_outputs(None, (), [pred, gt, overlay, *(rater or ())], out=out, raw=raw)
     err = _stderr_console()

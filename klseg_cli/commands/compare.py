@@ -194,7 +194,7 @@ class CompareResult:
 def _zeros_stats(settings: MetricSettings):
     from ..core.stats import Stats
 
-    return Stats.zeros(settings.num_classes, settings.ece_bins)
+    return Stats.zeros(settings.num_classes, settings.ece_bins, n_scores=len(settings.uncertainty))
 
 
 def worst_images(rows: Sequence[Mapping], k: int, rank_by: str) -> list[dict]:

@@ -52,6 +52,8 @@ class MetricSettings:
     calibration_views: bool = False  # adaptive, class-wise, boundary/interior ECE sums
     boundary_band: int = 3  # pixels within this distance of another class are "boundary"
     boundary: BoundaryOptions | None = None  # --boundary: HD95, ASSD, NSD, Boundary IoU
+    uncertainty: tuple[str, ...] = ()  # --uncertainty: failure-detection scores (DESIGN §11)
+    qc_threshold: float = 0.5  # --qc-threshold: images with mIoU below it are "failed"
     labels: LabelSpec = field(init=False, compare=False, repr=False)  # raw label → class
 
     def __post_init__(self) -> None:
@@ -75,6 +77,15 @@ class MetricSettings:
             raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
         if self.boundary_band < 1:
             raise UsageError(f"--boundary-band must be at least 1, got {self.boundary_band}")
+        if self.uncertainty:
+            from .uncertainty import check_scores
+
+            try:
+                object.__setattr__(self, "uncertainty", check_scores(self.uncertainty))
+            except ValueError as err:
+                raise UsageError(f"--uncertainty: {err}") from None
+        if not 0.0 <= self.qc_threshold <= 1.0:
+            raise UsageError(f"--qc-threshold must be in [0, 1], got {self.qc_threshold}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UsageError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
@@ -140,7 +151,14 @@ class MetricSettings:
             "temperature": self.temperature,
             "calibration_views": self.calibration_views,
             "boundary_band": self.boundary_band,
+            **self._uncertainty_dict(),
         } | ({"boundary": self.boundary.as_dict()} if self.boundary is not None else {})
+
+    def _uncertainty_dict(self) -> dict:
+        """``--uncertainty`` settings, recorded only when given (DESIGN §11)."""
+        if not self.uncertainty:
+            return {}
+        return {"uncertainty": list(self.uncertainty), "qc_threshold": self.qc_threshold}
 
     @classmethod
     def from_dict(cls, d) -> MetricSettings:
@@ -168,6 +186,9 @@ class MetricSettings:
             kwargs["label_map"] = LabelMap(name, table, builtin[1] if builtin else ())
         if d.get("boundary"):
             kwargs["boundary"] = BoundaryOptions.from_dict(d["boundary"])
+        if d.get("uncertainty"):
+            kwargs["uncertainty"] = tuple(d["uncertainty"])
+            kwargs["qc_threshold"] = float(d.get("qc_threshold", 0.5))
         excluded = d.get("exclude_classes") or ()
         kwargs["exclude_classes"] = tuple(
             names.index(c) if c in names else int(c) for c in excluded

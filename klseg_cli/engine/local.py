@@ -100,6 +100,10 @@ class ImageResult:
             "n_valid": self.stats.n_valid,
         }
         row.update({k: values[k] for k in IMAGE_COLUMNS[4:]})
+        if settings.uncertainty:  # --uncertainty: mean score, AUROC ... (uncertainty.py)
+            from ..core.uncertainty import stats_image_values
+
+            row.update(stats_image_values(self.stats, settings))
         if self.shape is not None or self.boundary is not None:
             from ..core.boundary import image_values
             from ..io.volumes import shape_columns
@@ -170,6 +174,7 @@ class EvaluationResult:
                 dataset_metrics(images, total, self.settings), self, images
             ),
             "classes": _with_boundary_means(class_metrics(total, self.settings), self),
+            **_uncertainty_section(total, self.settings),
             "images": images,
             "requirements": [],
             "missing_predictions": [str(p) for p in self.missing_predictions],
@@ -208,6 +213,15 @@ def zarr_missing_summary(images) -> dict:
         for store, (keys, fill) in sorted((stores or {}).items())
     ]
     return {"total": sum(f["chunks"] for f in files), "files": files}
+
+
+def _uncertainty_section(total: Stats, settings: MetricSettings) -> dict:
+    """``--uncertainty``: summary.json's ``uncertainty`` object (bounds, thresholds)."""
+    if not settings.uncertainty:
+        return {}
+    from ..core.uncertainty import summary_section
+
+    return {"uncertainty": summary_section(total, settings)}
 
 
 def _with_boundary_means(rows: list[dict], result: EvaluationResult) -> list[dict]:
@@ -672,6 +686,8 @@ def plan(
     allow_affine_mismatch: bool = False,
     timeout: float | None = None,
     strict_zarr: bool = False,
+    uncertainty: Sequence[str] = (),
+    qc_threshold: float = 0.5,
 ) -> Job:
     """Pair the files and settle the settings (the class count comes from the first map).
 
@@ -735,6 +751,8 @@ def plan(
         reduce_zero_label=reduce_zero_label, exclude_class=exclude_class,
         temperature=temperature, calibration_views=calibration_views,
         boundary_band=boundary_band, boundary=boundary, option="--exclude-class",
+        **({"uncertainty": tuple(uncertainty), "qc_threshold": qc_threshold}
+           if uncertainty else {}),
     )  # fmt: skip
     job = Job(pairing, settings, read)
     if input_kind == "logits":

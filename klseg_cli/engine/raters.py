@@ -22,6 +22,7 @@ from ..core.raters import RATER_METRICS, RaterStats, dataset_values, rater_value
 from ..core.raters import soft_dice_per_class as _soft_dice_per_class
 from ..core.stats import Stats
 from ..errors import InputError, ShapeError, UsageError
+from ..io import network
 from ..io.raters import RaterMasks, RaterPair, RaterPairing, pair_raters
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,
@@ -41,6 +42,7 @@ from .local import (
     class_names_and_map,
     metric_settings,
     pooled_results,
+    use_read_options,
 )
 
 
@@ -129,6 +131,8 @@ def plan_raters(
     boundary=None,
     spatial_dims: int = 2,
     allow_affine_mismatch: bool = False,
+    timeout: float | None = None,
+    strict_zarr: bool = False,
 ) -> RaterJob:
     """Pair predictions with the raters' masks and settle the settings (``plan``'s options;
     those that need one label target are refused)."""
@@ -163,7 +167,9 @@ def plan_raters(
             path=pred,
         )
     read = ReadOptions(layout=layout, npz_key=npz_key, max_pixels=max_pixels,
-                       chunk_pixels=chunk_pixels)  # fmt: skip
+                       chunk_pixels=chunk_pixels, network=network.settings_for(timeout),
+                       strict_zarr=strict_zarr)  # fmt: skip
+    use_read_options(read)
     num_classes = len(names) if names else None
     if num_classes is None:
         first = pairing.pairs[0]

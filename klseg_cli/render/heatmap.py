@@ -24,8 +24,22 @@ from ..errors import InputError, UsageError
 from ..io.png import write_rgb_png
 from ..io.readers import read_palette, sum_tolerance
 
-HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence", "rater-disagreement")
-FIXED_RANGE_METRICS = ("error", "confidence", "rater-disagreement")  # drawn on 0..1
+HEATMAP_METRICS = (
+    "kl",
+    "ce",
+    "js",
+    "entropy",
+    "error",
+    "confidence",
+    "rater-disagreement",
+    "uncertainty-error",
+)
+FIXED_RANGE = {
+    "error": 1.0,
+    "confidence": 1.0,
+    "rater-disagreement": 1.0,
+    "uncertainty-error": 3.0,
+}  # vmin 0
 TARGET_FREE_METRICS = ("entropy", "confidence")
 INFORMATION_METRICS = ("kl", "ce", "js", "entropy")  # in nats or bits
 IN_MEMORY_PIXELS = 1 << 24
@@ -55,8 +69,11 @@ class HeatmapOptions:
     max_side: int | None = None
     reduce: str = "max"
     view: object = None  # a volume's slices (volumes.SliceView: --slice, --montage)
+    threshold: float | None = None  # uncertainty-error: score ≥ it is uncertain (None: UEO's)
 
     def __post_init__(self) -> None:
+        if self.metric == "uncertainty-error":  # four colours: the legend always goes along
+            object.__setattr__(self, "colorbar", True)
         if self.metric not in HEATMAP_METRICS:
             raise UsageError(
                 f"--metric must be one of {', '.join(HEATMAP_METRICS)}, got {self.metric!r}"
@@ -82,6 +99,8 @@ class MetricMap:
     unit: str
     codes: object = None  # raw labels → class codes (LabelSpec.codes); negative: ignored
     palette: np.ndarray | None = None  # (256, 3) colours of a palette PNG target
+    wrong: np.ndarray | None = None  # uncertainty-error: (H, W) uint8 [argmax ≠ label]
+    threshold: float = math.nan  # uncertainty-error: the image's UEO threshold
 
     @property
     def height(self) -> int:
@@ -198,6 +217,12 @@ def compute_map(
                 _put(pred_map, start, stop, pt.pred, None, 0)
         return MetricMap(metric, values, pred_map, None, _unit(metric, settings))
 
+    if metric == "uncertainty-error":  # scores and errors (uncertainty_map.py)
+        from . import uncertainty_map
+
+        return uncertainty_map.compute(opened, settings, chunk_pixels=chunk_pixels,
+                                       target_path=target_path, empty=_empty, put=_put,
+                                       metric_map=MetricMap, with_pred=with_pred)  # fmt: skip
     for start, stop, valid, terms in iter_terms(
         opened.pred, opened.target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
@@ -276,12 +301,12 @@ def value_range(
 ) -> tuple[float, float, str]:
     """(vmin, vmax, where vmax comes from): given, fixed for 0..1 metrics, one scale for a
     folder (``shared_vmax``), else 0 and this map's ``percentile``."""
-    fixed = mm.metric in FIXED_RANGE_METRICS
-    vmin = options.vmin if options.vmin is not None else 0.0
-    if options.vmax is not None:
+    fixed = mm.metric in FIXED_RANGE
+    vmin = options.vmin if options.vmin is not None and mm.wrong is None else 0.0
+    if options.vmax is not None and mm.wrong is None:
         vmax, source = options.vmax, "--vmax"
     elif fixed:
-        vmax, source = 1.0, "fixed"
+        vmax, source = FIXED_RANGE[mm.metric], "fixed"
     elif shared_vmax is not None:
         vmax, source = shared_vmax, f"{options.percentile:g}th pct, all images"
     else:
@@ -581,6 +606,11 @@ def render(
     ``shared_vmax``: the folder's common scale (see ``make_heatmaps``).
     """
     lut = colormap_lut(options.cmap)
+    if mm.wrong is not None:  # uncertainty-error: four colours (uncertainty_map.py)
+        from . import uncertainty_map
+
+        lut = uncertainty_map.lut()
+        threshold = options.threshold if options.threshold is not None else mm.threshold
     ignore_given = options.ignore_color is not None
     ignore_rgb = np.array(parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR), np.uint8)
     vmin, vmax, source = value_range(mm, options, shared_vmax=shared_vmax)
@@ -621,7 +651,9 @@ def render(
         if panel:
             names = list(class_names) or [str(c) for c in range(len(palette))]
             yield legend_strip(width, names, palette, panel_ignore, ignore_rgb)
-        if options.colorbar and mm.metric == "error":
+        if mm.wrong is not None:
+            yield uncertainty_map.legend(width, ignore_rgb, threshold, mm.unit, _swatches)
+        elif options.colorbar and mm.metric == "error":
             yield error_legend_strip(width, lut, ignore_rgb)
         elif options.colorbar:
             yield colorbar_strip(width, lut, vmin, vmax, log=options.log, label=label,
@@ -633,6 +665,9 @@ def render(
         rows = _band_rows(W, f)
         for r0 in range(0, H, rows):
             raw_vals = np.asarray(mm.values[r0 : r0 + rows])
+            if mm.wrong is not None:  # uncertainty-error: scores → categories 0..3
+                wrong = np.asarray(mm.wrong[r0 : r0 + rows])
+                raw_vals = uncertainty_map.categories(raw_vals, wrong, threshold)
             clipped = clipped or bool(np.nanmax(raw_vals, initial=-math.inf) > vmax)
             vals = block_reduce(raw_vals, f, options.reduce)
             heat = colorize(vals, lut, vmin, vmax, log=options.log, ignore_rgb=ignore_rgb)
@@ -662,7 +697,9 @@ def render(
         n_names = len(class_names) or len(palette)
         names = list(class_names) or [str(c) for c in range(n_names)]
         strip_h += legend_strip(width, names, palette, panel_ignore, ignore_rgb).shape[0]
-    if options.colorbar:
+    if mm.wrong is not None:
+        strip_h += uncertainty_map.legend(width, ignore_rgb, threshold, mm.unit, _swatches).shape[0]
+    elif options.colorbar:
         strip_h += (
             54 if mm.metric != "error" else error_legend_strip(width, lut, ignore_rgb).shape[0]
         )
@@ -750,7 +787,7 @@ def shared_scale(pairs, options: HeatmapOptions, maps: dict, compute) -> float |
     (so images can be compared), from a mergeable log histogram. ``compute(pair)`` gives a
     pair's MetricMap; maps are kept in ``maps`` (by stem) when they fit in memory together,
     else recomputed when drawn. None when the range is given or fixed."""
-    if options.vmax is not None or options.metric in FIXED_RANGE_METRICS or len(pairs) < 2:
+    if options.vmax is not None or options.metric in FIXED_RANGE or len(pairs) < 2:
         return None
     hist, kept = LogHistogram(), 0
     for pair in pairs:

@@ -18,6 +18,7 @@ REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
     "stats.npz", "reliability.png", "calibration.csv",
 )  # fmt: skip
+"""Files every ``evaluate --out`` writes (``--uncertainty`` adds ``qc.csv``)."""
 
 
 def jsonable(value):
@@ -131,7 +132,9 @@ def with_extra(rows, columns: tuple[str, ...]) -> tuple[str, ...]:
     from ..core.raters import RATER_METRICS
 
     rows = list(rows)
-    extra = (*EXTRA_COLUMNS, *RATER_METRICS)
+    from ..core.uncertainty import image_columns  # --uncertainty
+
+    extra = (*EXTRA_COLUMNS, *RATER_METRICS, *image_columns())
     return columns + tuple(c for c in extra if c not in columns and any(c in r for r in rows))
 
 
@@ -159,8 +162,21 @@ def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
         from .calibration_report import reliability_files
 
         files.update(reliability_files(result))
+    if summary.get("uncertainty"):  # --uncertainty: images ranked for review (DESIGN §11.3)
+        files["qc.csv"] = qc_csv(summary)
     files["summary.json"] = summary_json(summary)
     return files
+
+
+def qc_csv(summary: Mapping) -> str:
+    """``qc.csv``: images by decreasing mean uncertainty (first score), true error beside."""
+    from ..core.uncertainty import qc_rows
+
+    names = tuple(summary["settings"].get("uncertainty") or ())
+    thr = summary["uncertainty"]["qc_threshold"]
+    columns = ("rank", "image", *(f"uncertainty_{s}" for s in names), "miou", "error",
+               "accuracy", "below_threshold")  # fmt: skip
+    return rows_csv(qc_rows(summary["images"], names, thr), columns)
 
 
 def write_reports(
@@ -260,6 +276,15 @@ def dataset_rows(dataset: Mapping):
     for name in RATER_METRICS:  # --rater: pooled and image mean
         if f"{name}_pooled" in dataset:
             yield name, f"{name}_pooled", f"{name}_image_mean"
+    from ..core.uncertainty import PIXEL_NAMES, SCORES  # --uncertainty: where computed
+
+    for score in SCORES:
+        for q in PIXEL_NAMES:
+            if f"{q}_{score}_pooled" in dataset:
+                yield f"{q}_{score}", f"{q}_{score}_pooled", f"{q}_{score}_image_mean"
+        for k in ("spearman", "qc_auroc"):
+            if f"{k}_{score}" in dataset:
+                yield f"{k}_{score}", f"{k}_{score}", None
 
 
 def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:
