@@ -22,7 +22,7 @@ from ..core.metrics import MetricSettings, prediction_terms
 from ..engine.local import DEFAULT_CHUNK_PIXELS, OpenedPair, chunk_for, iter_terms
 from ..errors import InputError, UsageError
 from ..io.png import write_rgb_png
-from ..io.readers import read_palette, sum_tolerance
+from ..io.readers import PredictionMap, read_palette, sum_tolerance
 
 HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence")
 TARGET_FREE_METRICS = ("entropy", "confidence")
@@ -209,7 +209,7 @@ def compute_map(
         _put(values, start, stop, v, valid, np.nan)
         if pred_map is not None:
             _put(pred_map, start, stop, terms.pred, valid, 0)
-    labels = opened.target if isinstance(opened.target, np.ndarray) else None
+    labels = None if isinstance(opened.target, PredictionMap) else opened.target
     palette = read_palette(target_path) if (with_pred and target_path is not None) else None
     return MetricMap(
         metric, values, pred_map, labels, _unit(metric, settings), settings.labels.codes, palette
