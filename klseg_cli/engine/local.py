@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.boundary import BoundaryOptions
-from ..core.labels import LabelMap, load_label_map
+from ..core.labels import LabelMap, default_ignore_index, load_label_map
 from ..core.metrics import DEFAULT_EPS, MetricSettings, PixelTerms, check_probabilities, pixel_terms
 from ..core.stats import (
     IMAGE_COLUMNS,
@@ -596,7 +596,7 @@ def plan(
     classes: Sequence[str] | str | None = None,
     eps: float = DEFAULT_EPS,
     smoothing: float = 0.0,
-    ignore_index: Sequence[int] = (255,),
+    ignore_index: Sequence[int] | None = None,
     input_kind: str = "probs",
     log_base: float = math.e,
     soft_gt: bool = False,
@@ -731,14 +731,19 @@ def metric_settings(
     names: Sequence[str],
     label_map: LabelMap | None,
     *,
-    ignore_index: int | Sequence[int] = (255,),
+    ignore_index: int | Sequence[int] | None = None,
     exclude_class: Sequence[str | int] = (),
     option: str = "exclude_class",
     **fields,
 ) -> MetricSettings:
     """The MetricSettings of the options shared by ``plan`` and ``api.Evaluator``: ignore
-    values as a sorted set, excluded classes resolved from names or ids; ``fields`` are
-    MetricSettings fields as they are (eps, smoothing, input_kind, ...)."""
+    values as a sorted set (None: ``labels.default_ignore_index``, 255 unless it is a
+    class), excluded classes resolved from names or ids; ``fields`` are MetricSettings
+    fields as they are (eps, smoothing, input_kind, ...)."""
+    if ignore_index is None:
+        ignore_index = default_ignore_index(
+            int(num_classes), reduce_zero_label=fields.get("reduce_zero_label", False)
+        )
     if isinstance(ignore_index, (int, np.integer)):
         ignore_index = (int(ignore_index),)
     return MetricSettings(
