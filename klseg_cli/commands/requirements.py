@@ -361,7 +361,7 @@ def load_summary(path) -> dict:
     from pathlib import Path
 
     from ..io.safeio import read_small_text
-    from ..io.summaryfile import check_summary
+    from ..io.summaryfile import check_summary, read_infinities
 
     path = Path(path)
     text = read_small_text(path, what="summary.json")  # bounded; FIFOs and devices refused
@@ -377,5 +377,5 @@ def load_summary(path) -> dict:
         or not isinstance(data.get("classes"), list)
     ):
         raise InputError("not a klseg summary.json (no 'dataset' and 'classes')", path=path)
-    check_summary(data, path)
+    check_summary(read_infinities(data), path)
     return data
