@@ -110,7 +110,8 @@ def write_target_pair(folder: Path, side: int, classes: int) -> dict[str, Path]:
         for r in range(0, side, rows):
             yield np.asarray(labels[r : r + rows])
 
-    for name, kw in (("tiff", {}), ("tiff-tiled-zlib", {"tile": (512, 512), "compression": "zlib"})):
+    tiled = {"tile": (512, 512), "compression": "zlib"}
+    for name, kw in (("tiff", {}), ("tiff-tiled-zlib", tiled)):
         out = folder / f"gt-{name}.tif"
         if "tile" in kw:
             tifffile.imwrite(out, shape=(side, side), dtype=np.uint8, bigtiff=True, **kw,
@@ -129,7 +130,6 @@ def write_target_pair(folder: Path, side: int, classes: int) -> dict[str, Path]:
         targets["zarr"] = folder / "gt.zarr"
     except ImportError:
         pass
-    del labels
     return {"pred": pred, **targets}
 
 
@@ -144,8 +144,8 @@ def targets_benchmark(sides: list[int], classes: int) -> None:
         folder = Path(tempfile.mkdtemp(prefix="klseg-mem-"))
         try:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--write-targets", str(folder),
-                            "--sides", str(side), "--classes", str(classes)], check=True)  # fmt: skip
+            write = [sys.executable, __file__, "--write-targets", str(folder)]
+            subprocess.run([*write, "--sides", str(side), "--classes", str(classes)], check=True)
             pred = folder / "pred.npy"
             size = pred.stat().st_size / 1e9
             print(f"wrote {side}x{side}x{classes} map ({size:.1f} GB) and its targets in "

@@ -165,9 +165,7 @@ def read_label_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
     """A TIFF label mask decoded into memory (any compression, tiles or strips)."""
     import tifffile
 
-    from .readers import _describe_oserror, _quiet_tifffile
-
-    from .readers import TiffSegments
+    from .readers import TiffSegments, _describe_oserror, _quiet_tifffile
 
     check_regular(path)
     try:

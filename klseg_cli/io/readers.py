@@ -617,7 +617,8 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     """Read a label mask: a 2-D array of integer class ids (PNG, .npy, TIFF or Zarr).
 
     A ``.npy``, TIFF or Zarr mask over ``labelio.WHOLE_LABEL_BYTES`` comes back as a
-    ``LabelBands``, read in row ranges as the chunks ask for them. Soft targets are probability maps and are opened with ``open_prediction`` instead.
+    ``LabelBands``, read in row ranges as the chunks ask for them. Soft targets are
+    probability maps and are opened with ``open_prediction`` instead.
     """
     if getattr(path, "is_remote", False):  # a URL (remote.py): read whole, checked here
         from .remote import read_target as read_remote

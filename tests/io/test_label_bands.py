@@ -22,7 +22,7 @@ def _pair(tmp_path, rng, fmt: str, dtype=np.uint8):
     """A (H, W, C) map and its labels (some 255: ignored) stored as ``fmt``."""
     probs = random_probs(rng, H * W, C).reshape(H, W, C)
     labels = rng.integers(0, C, size=(H, W)).astype(dtype)
-    labels[::7, ::5] = 255 if dtype != bool else labels[::7, ::5]
+    labels[::7, ::5] = 255
     np.save(tmp_path / "pred.npy", probs)
     if fmt == "npy":
         target = tmp_path / "gt.npy"
