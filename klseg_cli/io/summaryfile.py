@@ -76,7 +76,7 @@ def check_summary(data: Mapping, path: Path | str) -> None:
             raise bad(f"'{key}'", f"is {_show(data[key])}, not a count")
     for key, value in data["dataset"].items():
         if not _is_number(value):
-            raise bad(f"dataset '{key}'", f"is {_show(value)}, not a number, null or \"inf\"")
+            raise bad(f"dataset '{key}'", f'is {_show(value)}, not a number, null or "inf"')
     for i, row in enumerate(data["classes"]):
         if not isinstance(row, dict):
             raise bad(f"classes[{i}]", f"is a {type(row).__name__}, not an object")
@@ -89,7 +89,7 @@ def check_summary(data: Mapping, path: Path | str) -> None:
                 raise bad(f"classes[{i}]", f"has no '{key}'")
             if not _is_number(row[key]):
                 raise bad(
-                    f"classes[{i}] '{key}'", f"is {_show(row[key])}, not a number, null or \"inf\""
+                    f"classes[{i}] '{key}'", f'is {_show(row[key])}, not a number, null or "inf"'
                 )
     for key in ("n_target",):  # shown in the class table
         for i, row in enumerate(data["classes"]):
