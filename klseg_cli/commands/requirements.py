@@ -178,7 +178,14 @@ def check_names(texts: Sequence[str]) -> list[Requirement]:
 
 
 def valid_names(summary: Mapping) -> list[str]:
-    return sorted(summary["dataset"]) + [f"{m}[CLASS]" for m in CLASS_METRICS]
+    """The names a requirement may use on ``summary``: per-class ones unless it says it
+    takes none (``"per_class": False``: compare's data-set-only names)."""
+    per_class = [f"{m}[CLASS]" for m in CLASS_METRICS] if _per_class(summary) else []
+    return sorted(summary["dataset"]) + per_class
+
+
+def _per_class(summary: Mapping) -> bool:
+    return summary.get("per_class", True) is not False
 
 
 def did_you_mean(word: str, candidates) -> str:
@@ -204,11 +211,12 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
         if req.metric not in summary["dataset"]:
             hint = (
                 f"; per-class values need a class: {req.metric}[NAME]"
-                if req.metric in CLASS_METRICS
+                if req.metric in CLASS_METRICS and _per_class(summary)
                 else ""
             )
             if not hint:
-                hint = did_you_mean(req.metric, [*summary["dataset"], *CLASS_METRICS])
+                per_class = CLASS_METRICS if _per_class(summary) else ()
+                hint = did_you_mean(req.metric, [*summary["dataset"], *per_class])
             raise UsageError(
                 f"--require {req.text!r}: unknown name {req.metric!r}{hint}"
                 f"{' ' if hint.endswith('?') else '. '}Valid names: "
