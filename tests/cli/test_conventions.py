@@ -685,3 +685,9 @@ def test_default_ignore_index_follows_the_class_labels():
     assert default_ignore_index(256) == ()
     assert default_ignore_index(254, reduce_zero_label=True) == (255,)
     assert default_ignore_index(255, reduce_zero_label=True) == ()  # raw 255 is class 254
+
+
+def test_metric_settings_follow_the_same_default():
+    assert MetricSettings(num_classes=19).ignore_index == (255,)
+    assert MetricSettings(num_classes=300).ignore_index == ()
+    assert MetricSettings(num_classes=300, ignore_index=(255,)).ignore_index == (255,)
