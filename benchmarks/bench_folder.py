@@ -11,8 +11,8 @@ these machines is trimmed within seconds, so "warm" has to be renewed):
   - ``klseg evaluate`` as a command with --jobs 1 and --jobs 2 (start-up included);
   - ``klseg_cli.evaluate`` in one warm process with jobs=1 and jobs=2 (start-up excluded:
     the throughput of the work itself).
-  - ``klseg_cli.evaluate`` with jobs=1 and the read-ahead thread off (one core's worth of
-    reading and computing in turn: what ``--jobs 1`` did before the read-ahead).
+  - ``klseg_cli.evaluate`` with jobs=1 and the read-ahead thread forced on and off (off:
+    reading and computing in turn, what ``--jobs 1`` did before the read-ahead).
 Prints the ratios evaluate/load and jobs1/jobs2, and checks that all runs agree.
 ``--repeat N`` runs the whole set N times, interleaved, and reports each one's minimum: on a
 machine shared with other work, the minimum is the least disturbed run.
@@ -91,13 +91,16 @@ def main() -> None:
 
         from klseg_cli.engine import local
 
-        def no_read_ahead():
-            cores = local.available_cores
-            local.available_cores = lambda: 1  # the serial path then reads in turn
+        def read_ahead(on: bool):
+            """jobs=1 with the read-ahead thread forced on or off (by default it is on only
+            while a second core is idle: ``local.idle_core``)."""
+            idle = getattr(local, "idle_core", None)
+            local.idle_core = lambda: on
             try:
                 return in_process(1)
             finally:
-                local.available_cores = cores
+                if idle is not None:
+                    local.idle_core = idle
 
         in_process(1)  # load the kernel once
         best: dict[str, float] = {}
@@ -112,8 +115,8 @@ def main() -> None:
             run("plain", plain_process)
             s1 = run("t1", lambda: command(1))
             s2 = run("t2", lambda: command(2))
-            r1 = run("p1", lambda: in_process(1))
-            r0 = run("p0", no_read_ahead)
+            r1 = run("p1", lambda: read_ahead(True))
+            r0 = run("p0", lambda: read_ahead(False))
             r2 = run("p2", lambda: in_process(2))
             run("load2", load_all)
         t_load, t_plain, t1, t2 = best["load"], best["plain"], best["t1"], best["t2"]
@@ -134,7 +137,7 @@ def main() -> None:
         print(f"command --jobs 2: {t2:6.2f} s = {t2 / floor:5.2f}x load; jobs 1 / jobs 2 = "
               f"{t1 / t2:4.2f}x")  # fmt: skip
         print(f"in process, jobs=1, no read-ahead: {p0:6.2f} s = {p0 / floor:5.2f}x load")
-        print(f"in process, jobs=1: {p1:6.2f} s = {p1 / floor:5.2f}x load; read-ahead saves "
+        print(f"in process, jobs=1, read-ahead: {p1:6.2f} s = {p1 / floor:5.2f}x load; it saves "
               f"{p0 - p1:.2f} s ({p0 / p1:4.2f}x)")  # fmt: skip
         print(f"in process, jobs=2: {p2:6.2f} s = {p2 / floor:5.2f}x load; jobs 1 / jobs 2 = "
               f"{p1 / p2:4.2f}x")  # fmt: skip

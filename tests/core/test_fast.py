@@ -306,7 +306,7 @@ def test_one_worker_reads_the_next_chunk_in_a_read_ahead_thread(tmp_path, rng, l
         image_stats(bad, labels, s, chunk_pixels=700, accelerate=True, read_ahead=True)
 
 
-def test_serial_evaluation_turns_read_ahead_on_where_a_second_core_exists(monkeypatch, tmp_path):
+def test_serial_evaluation_turns_read_ahead_on_where_a_second_core_is_idle(monkeypatch, tmp_path):
     from klseg_cli.engine import local
 
     seen = []
@@ -320,8 +320,11 @@ def test_serial_evaluation_turns_read_ahead_on_where_a_second_core_exists(monkey
     from pathlib import Path
 
     sample = Path(__file__).resolve().parents[2] / "sample_data"
-    for cores, want in ((2, True), (1, False)):
+    import os
+
+    for cores, load, want in ((2, 0.3, True), (1, 0.0, False), (2, 1.5, False), (4, 2.5, True)):
         seen.clear()
         monkeypatch.setattr(local, "available_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         local.evaluate(sample / "predictions", sample / "ground_truth", jobs=1)
-        assert seen and set(seen) == {want}
+        assert seen and set(seen) == {want}, (cores, load)
