@@ -95,7 +95,7 @@ def check_output_file(path: Path, option: str, *, report_dir: Path | None = None
         return
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file in the way: named below
         mode = None
     except OSError as err:
         raise OutputError(f"cannot write: {err.strerror or err}", path=path) from None
@@ -107,8 +107,11 @@ def check_output_file(path: Path, option: str, *, report_dir: Path | None = None
         return
     parent = Path(os.path.realpath(path)).parent
     if not parent.is_dir():  # made with the file, if its nearest existing folder allows
-        if parent.exists():
-            raise OutputError(f"cannot write: {parent} is a file, not a folder", path=path)
+        probe = parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise OutputError(f"cannot write: {probe} is a file, not a folder", path=path)
         try:
             check_out_dir(parent)
         except OutputError as err:
