@@ -48,7 +48,8 @@ class OneLineErrors(TyperGroup):
             err.show()  # `klseg` alone: the help text is the right answer (exit 2, as Click)
             sys.exit(err.exit_code)
         except _click.exceptions.ClickException as err:
-            sys.stderr.write(f"Error: {_one_line(err.format_message())}\n")
+            message = err.format_message().replace("Value error, ", "")  # Typer's pydantic text
+            sys.stderr.write(f"Error: {_one_line(message)}\n")
             sys.exit(err.exit_code)
         except typer.Abort:
             sys.stderr.write("Error: aborted\n")
@@ -263,7 +264,7 @@ IgnoreOpt = Annotated[
         metavar="N",
         help="Label value that counts nowhere, even inside 0..C-1 (e.g. 0 for 'void'); "
         "repeatable. Given values replace the default 255 (pass it too to keep it). "
-        "[default: 255]",
+        "[default: 255; none with more than 255 classes, where 255 is a class]",
     ),
 ]
 LabelMapOpt = Annotated[
@@ -496,7 +497,8 @@ def volume_options(boundary: bool, tolerance, width, spacing, reqs) -> dict:
 def plan_options(params: dict) -> dict:
     """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
     opts = {name: params[name] for name in PLAN_OPTIONS}
-    opts["ignore_index"] = (255,) if opts["ignore_index"] is None else tuple(opts["ignore_index"])
+    if opts["ignore_index"] is not None:  # None: 255, unless it is a class (> 255 classes)
+        opts["ignore_index"] = tuple(opts["ignore_index"])
     opts["input_kind"] = opts["input_kind"].value
     opts["log_base"] = parse_log_base(opts["log_base"])
     opts["layout"] = opts["layout"].value if opts["layout"] else None

@@ -420,7 +420,8 @@ def check_compare_names(texts: Sequence[str], *, with_target: bool) -> None:
     """Fail fast on requirement names compare cannot check (before any map is read)."""
     from .requirements import dataset_keys, lookup, parse_requirement
 
-    template = {"dataset": dict.fromkeys(compare_names(), math.nan), "classes": []}
+    template = {"dataset": dict.fromkeys(compare_names(), math.nan), "classes": [],
+                "per_class": False}  # fmt: skip
     for text in texts:
         req = parse_requirement(text)
         if req.klass is not None:

@@ -110,7 +110,7 @@ class Evaluator:
         num_classes: int | None = None,
         *,
         classes: Sequence[str] | None = None,
-        ignore_index: int | Sequence[int] = (255,),
+        ignore_index: int | Sequence[int] | None = None,
         label_map: str | Path | LabelMap | None = None,
         reduce_zero_label: bool = False,
         smoothing: float = 0.0,

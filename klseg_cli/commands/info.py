@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engine.local import chunk_for
 from ..errors import KlsegError
+from ..io.labelio import WHOLE_LABEL_BYTES, LabelBands
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
@@ -23,8 +24,15 @@ from ..io.readers import (
 _INFO_CHUNK = 1 << 16
 
 
-def _label_facts(labels: np.ndarray) -> dict:
-    values, counts = np.unique(labels, return_counts=True)
+def _label_facts(labels) -> dict:
+    """Label values and their pixel counts, counted band by band (a large mask is a
+    ``LabelBands``, never read whole)."""
+    flat, by_value = labels.reshape(-1), {}
+    for start in range(0, flat.size, 1 << 20):
+        part = np.asarray(flat[start : start + (1 << 20)])
+        for v, c in zip(*(a.tolist() for a in np.unique(part, return_counts=True))):
+            by_value[v] = by_value.get(v, 0) + c
+    values, counts = np.array(sorted(by_value)), np.array([by_value[v] for v in sorted(by_value)])
     shown = ", ".join(f"{v}: {c}" for v, c in zip(values[:20].tolist(), counts[:20].tolist()))
     if len(values) > 20:
         shown += f", … ({len(values)} values)"
@@ -117,6 +125,7 @@ def _inspect(path, *, target, layout, num_classes, npz_key, max_pixels) -> dict:
             "format": "png",
             "shape": tuple(labels.shape),
             "dtype": str(labels.dtype),
+            "read as": "whole, into memory (a PNG label mask is always decoded whole)",
             **_label_facts(labels),
         }
     arr = load_array(path, npz_key=npz_key, max_pixels=max_pixels)
@@ -126,9 +135,14 @@ def _inspect(path, *, target, layout, num_classes, npz_key, max_pixels) -> dict:
         "dtype": str(arr.dtype),
         "read as": _read_as(arr),
     }
-    if arr.dtype.kind in "iub" and arr.ndim == 2:  # read as a target: whole, with pread
-        facts["read as"] = "whole, into memory (a label mask)"
-        return {**facts, **_label_facts(read_target(path, max_pixels=max_pixels))}
+    if arr.dtype.kind in "iub" and arr.ndim == 2:  # read as a target
+        labels = read_target(path, max_pixels=max_pixels)
+        facts["read as"] = (
+            f"in row bands (a label mask over {WHOLE_LABEL_BYTES >> 20} MiB: never whole)"
+            if isinstance(labels, LabelBands)
+            else "whole, into memory (a label mask)"
+        )
+        return {**facts, **_label_facts(labels)}
     if arr.dtype.kind != "f":
         facts["verdict"] = f"{arr.dtype} values: neither a label mask nor a probability map"
         return facts

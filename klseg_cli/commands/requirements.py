@@ -180,7 +180,14 @@ def check_names(texts: Sequence[str], extra: Sequence[str] = ()) -> list[Require
 
 
 def valid_names(summary: Mapping) -> list[str]:
-    return sorted(summary["dataset"]) + [f"{m}[CLASS]" for m in CLASS_METRICS]
+    """The names a requirement may use on ``summary``: per-class ones unless it says it
+    takes none (``"per_class": False``: compare's data-set-only names)."""
+    per_class = [f"{m}[CLASS]" for m in CLASS_METRICS] if _per_class(summary) else []
+    return sorted(summary["dataset"]) + per_class
+
+
+def _per_class(summary: Mapping) -> bool:
+    return summary.get("per_class", True) is not False
 
 
 def did_you_mean(word: str, candidates) -> str:
@@ -206,11 +213,12 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
         if req.metric not in summary["dataset"]:
             hint = (
                 f"; per-class values need a class: {req.metric}[NAME]"
-                if req.metric in CLASS_METRICS
+                if req.metric in CLASS_METRICS and _per_class(summary)
                 else ""
             )
             if not hint:
-                hint = did_you_mean(req.metric, [*summary["dataset"], *CLASS_METRICS])
+                per_class = CLASS_METRICS if _per_class(summary) else ()
+                hint = did_you_mean(req.metric, [*summary["dataset"], *per_class])
             raise UsageError(
                 f"--require {req.text!r}: unknown name {req.metric!r}{hint}"
                 f"{' ' if hint.endswith('?') else '. '}Valid names: "
@@ -363,7 +371,7 @@ def load_summary(path) -> dict:
     from pathlib import Path
 
     from ..io.safeio import read_small_text
-    from ..io.summaryfile import check_summary
+    from ..io.summaryfile import check_summary, read_infinities
 
     path = Path(path)
     text = read_small_text(path, what="summary.json")  # bounded; FIFOs and devices refused
@@ -379,5 +387,5 @@ def load_summary(path) -> dict:
         or not isinstance(data.get("classes"), list)
     ):
         raise InputError("not a klseg summary.json (no 'dataset' and 'classes')", path=path)
-    check_summary(data, path)
+    check_summary(read_infinities(data), path)
     return data

@@ -23,7 +23,7 @@ import numpy as np
 from ..defaults import DEFAULT_EPS
 from ..errors import ProbabilityError, UsageError
 from .boundary import BoundaryOptions
-from .labels import LabelMap, LabelSpec
+from .labels import LabelMap, LabelSpec, default_ignore_index
 
 PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
 """Per-pixel quantities that are summed and reported as means (in this order)."""
@@ -38,7 +38,7 @@ class MetricSettings:
     num_classes: int
     eps: float = DEFAULT_EPS
     smoothing: float = 0.0
-    ignore_index: tuple[int, ...] = (255,)
+    ignore_index: tuple[int, ...] | None = None  # None: 255 unless it is a class
     input_kind: str = "probs"
     log_base: float = math.e
     soft_gt: bool = False
@@ -69,6 +69,11 @@ class MetricSettings:
             raise UsageError(
                 f"--log-base must be a finite number above 1 (e, 2, 10), got {self.log_base}"
             )
+        if self.ignore_index is None:  # 255, unless it is a class (labels.default_ignore_index)
+            default = default_ignore_index(
+                self.num_classes, reduce_zero_label=self.reduce_zero_label
+            )
+            object.__setattr__(self, "ignore_index", default)
         if any(not -(2**63) <= int(i) < 2**63 for i in self.ignore_index):
             raise UsageError(f"--ignore-index values must fit in 64 bits, got {self.ignore_index}")
         if self.ece_bins < 1:

@@ -2,7 +2,8 @@
 
 Predictions are opened lazily (``.npy`` and uncompressed TIFF are memory-mapped) and read
 block by block as class-major float chunks, so memory is bounded by the chunk size, not by
-the image. Targets (label masks) are small integer images and are read whole.
+the image. Label masks are read whole up to ``labelio.WHOLE_LABEL_BYTES`` and in row bands
+beyond (``labelio.LabelBands``: ``.npy``, TIFF, Zarr); PNG masks are always decoded whole.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import LabelError, ReadError, ShapeError, UsageError
 from .fortran import fortran_rows
-from .labelio import one_series, read_label_npy, read_label_tiff
+from .labelio import LabelBands, banded, one_series, read_label_npy, read_label_tiff
 from .safeio import check_regular, parse_npy_header
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
@@ -612,10 +613,12 @@ def read_palette(path: Path | None) -> np.ndarray | None:
     return colours
 
 
-def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read a label mask: a 2-D array of integer class ids (PNG, .npy or TIFF).
+def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | LabelBands:
+    """Read a label mask: a 2-D array of integer class ids (PNG, .npy, TIFF or Zarr).
 
-    Soft targets are probability maps and are opened with ``open_prediction`` instead.
+    A ``.npy``, TIFF or Zarr mask over ``labelio.WHOLE_LABEL_BYTES`` comes back as a
+    ``LabelBands``, read in row ranges as the chunks ask for them. Soft targets are
+    probability maps and are opened with ``open_prediction`` instead.
     """
     if getattr(path, "is_remote", False):  # a URL (remote.py): read whole, checked here
         from .remote import read_target as read_remote
@@ -623,8 +626,11 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         return read_remote(path, max_pixels=max_pixels)
     path = Path(path)
     if path.suffix.lower() == ".zarr":
-        from .zarrio import read_zarr_target
+        from .zarrio import open_zarr, read_zarr_target
 
+        source = open_zarr(path, max_pixels=max_pixels)
+        if banded(source.shape, source.dtype):
+            return LabelBands(path, source)
         return read_zarr_target(path, max_pixels=max_pixels)
     check_regular(path)  # a FIFO or /dev/zero is refused, never opened (it would block)
     suffix = path.suffix.lower()
@@ -663,4 +669,4 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         return np.asarray(arr, dtype=np.uint8)
     if arr.dtype.kind not in "iu":
         raise LabelError(f"holds {arr.dtype} values; labels must be integers", path=path)
-    return np.asarray(arr)
+    return arr if isinstance(arr, LabelBands) else np.asarray(arr)

@@ -22,7 +22,7 @@ from ..core.metrics import MetricSettings, prediction_terms
 from ..engine.local import DEFAULT_CHUNK_PIXELS, OpenedPair, chunk_for, iter_terms
 from ..errors import InputError, UsageError
 from ..io.png import write_rgb_png
-from ..io.readers import read_palette, sum_tolerance
+from ..io.readers import PredictionMap, read_palette, sum_tolerance
 
 HEATMAP_METRICS = (
     "kl",
@@ -235,7 +235,7 @@ def compute_map(
         _put(values, start, stop, v, valid, np.nan)
         if pred_map is not None:
             _put(pred_map, start, stop, terms.pred, valid, 0)
-    labels = opened.target if isinstance(opened.target, np.ndarray) else None
+    labels = None if isinstance(opened.target, PredictionMap) else opened.target
     palette = read_palette(target_path) if (with_pred and target_path is not None) else None
     return MetricMap(
         metric, values, pred_map, labels, _unit(metric, settings), settings.labels.codes, palette
@@ -560,11 +560,25 @@ def title_strip(width: int, panel_w: int, titles) -> np.ndarray:
 
     img = Image.new("RGB", (width, 18), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    font = _font(12)
     for i, title in enumerate(titles):
-        w = draw.textlength(title, font=font)
-        draw.text((i * panel_w + max(2, (panel_w - w) / 2), 3), title, fill=TEXT, font=font)
+        text, font = _fit_title(draw, title, panel_w - 2)
+        w = draw.textlength(text, font=font)
+        draw.text((i * panel_w + max(1, (panel_w - w) / 2), 3), text, fill=TEXT, font=font)
     return np.asarray(img)
+
+
+def _fit_title(draw, title: str, room: float):
+    """(text, font) of a panel title that fits ``room`` pixels: a smaller font, then the
+    title cut with "…" (panels under ~60 px drew their titles over each other)."""
+    for size in (12, 10, 8):
+        font = _font(size)
+        if draw.textlength(title, font=font) <= room:
+            return title, font
+    for n in range(len(title) - 1, 0, -1):
+        text = title[:n].rstrip() + "…"
+        if draw.textlength(text, font=font) <= room:
+            return text, font
+    return "", font
 
 
 # --- rendering -----------------------------------------------------------------------------
