@@ -1,6 +1,8 @@
 """Peak memory of klseg on maps far larger than a chunk (a script, not a test).
 
     python benchmarks/bench_memory.py [--gb 4] [--keep]
+    python benchmarks/bench_memory.py --targets [--sides 16384 32768] [--classes 4]
+
 
 Writes a ~4 GB float32 (H, W, 19) .npy prediction and a uint8 .npy target into a temporary
 folder, then runs ``klseg evaluate`` and ``klseg heatmap`` on it as child processes and
@@ -8,6 +10,11 @@ reports each one's peak resident set size as the OS accounts it (``ru_maxrss`` o
 child, the number ``/usr/bin/time -v`` prints as "Maximum resident set size"). Then it
 evaluates folders of 2 and 8 images (links to one file) to show RSS does not grow with the
 number of images.
+
+``--targets``: for each side S, a (S, S, 4) float32 ``.npy`` map (S = 16384: 4.3 GB,
+S = 32768: 17 GB) with a uint8 target as ``.npy``, uncompressed TIFF, zlib-tiled TIFF and
+(when zarr is installed) Zarr, and ``klseg evaluate`` on each pair with the default flags:
+peak RSS must not grow with S. Each map is deleted before the next is written.
 """
 
 from __future__ import annotations
@@ -76,6 +83,83 @@ def write_tiled_tiff(folder: Path, gb: float) -> tuple[Path, Path]:
     return pred, gt
 
 
+def write_target_pair(folder: Path, side: int, classes: int) -> dict[str, Path]:
+    """A (side, side, classes) float32 .npy map of uniform probabilities and its uint8
+    target in every banded format, written band by band (never whole in memory)."""
+    import tifffile
+
+    pred = folder / "pred.npy"
+    band = max(1, (1 << 24) // (side * classes))
+    probs = np.full((band, side, classes), 1.0 / classes, dtype=np.float32)
+    header = {"descr": "<f4", "fortran_order": False, "shape": (side, side, classes)}
+    with open(pred, "wb") as fh:
+        np.lib.format.write_array_header_2_0(fh, header)
+        for r in range(0, side, band):
+            fh.write(probs[: min(band, side - r)].tobytes())
+    rows = np.arange(side, dtype=np.int64)
+    gt = folder / "gt.npy"
+    labels = np.lib.format.open_memmap(gt, mode="w+", dtype=np.uint8, shape=(side, side))
+    for r in range(0, side, 1024):
+        labels[r : r + 1024] = ((rows[r : r + 1024, None] + rows[None, :]) % classes).astype(
+            np.uint8
+        )
+    labels.flush()
+    targets = {"npy": gt}
+
+    def bands(rows=1024):
+        for r in range(0, side, rows):
+            yield np.asarray(labels[r : r + rows])
+
+    tiled = {"tile": (512, 512), "compression": "zlib"}
+    for name, kw in (("tiff", {}), ("tiff-tiled-zlib", tiled)):
+        out = folder / f"gt-{name}.tif"
+        if "tile" in kw:
+            tifffile.imwrite(out, shape=(side, side), dtype=np.uint8, bigtiff=True, **kw,
+                             data=(t for b in bands(512) for t in _tiles(b, 512)))  # fmt: skip
+        else:
+            tifffile.imwrite(out, shape=(side, side), dtype=np.uint8, bigtiff=True,
+                             rowsperstrip=1024, data=bands())  # fmt: skip
+        targets[name] = out
+    try:
+        import zarr
+
+        z = zarr.create_array(folder / "gt.zarr", shape=(side, side), chunks=(1024, 1024),
+                              dtype=np.uint8)  # fmt: skip
+        for r in range(0, side, 1024):
+            z[r : r + 1024] = np.asarray(labels[r : r + 1024])
+        targets["zarr"] = folder / "gt.zarr"
+    except ImportError:
+        pass
+    return {"pred": pred, **targets}
+
+
+def _tiles(band: np.ndarray, t: int):
+    for c in range(0, band.shape[1], t):
+        yield band[:, c : c + t]
+
+
+def targets_benchmark(sides: list[int], classes: int) -> None:
+    """Peak RSS of ``klseg evaluate`` (default flags) for each target format and map size."""
+    for side in sides:
+        folder = Path(tempfile.mkdtemp(prefix="klseg-mem-"))
+        try:
+            t0 = time.perf_counter()
+            write = [sys.executable, __file__, "--write-targets", str(folder)]
+            subprocess.run([*write, "--sides", str(side), "--classes", str(classes)], check=True)
+            pred = folder / "pred.npy"
+            size = pred.stat().st_size / 1e9
+            print(f"wrote {side}x{side}x{classes} map ({size:.1f} GB) and its targets in "
+                  f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+            for name, gt in sorted(
+                (p.name, p) for p in folder.iterdir() if p.name.startswith("gt")
+            ):
+                rss, dt = peak_rss_mb(["evaluate", str(pred), str(gt), "--format", "json"])
+                print(f"  evaluate {size:5.1f} GB map, target {name:22s}: peak RSS "
+                      f"{rss:6.0f} MB ({dt:.0f} s)", flush=True)  # fmt: skip
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def peak_rss_mb(args: list[str]) -> tuple[float, float]:
     """Run ``klseg ARGS``; (its peak RSS in MB, seconds) as the OS accounts it.
 
@@ -101,7 +185,17 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--write", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--targets", action="store_true", help="target formats × map sizes")
+    ap.add_argument("--sides", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--write-targets", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_targets:
+        write_target_pair(args.write_targets, args.sides[0], args.classes)
+        return
+    if args.targets:
+        targets_benchmark(args.sides, args.classes)
+        return
     if args.write:
         write_map(args.write, args.gb)
         write_tiled_tiff(args.write, args.gb / 2)

@@ -15,6 +15,11 @@ Eight 120×160 scenes with five classes (road, building, vegetation, sky, car):
   compressed float16 .npz (H, W, C): less sharp than the first, it gets the cars of scenes 1 and 4
   right but takes a patch of road for a car in scenes 3 and 6 and misses trees in 5.
   Its own random stream: the first model's files do not change.
+- raters/rater_a, rater_b, rater_c hold three raters' masks of the same scenes (palette PNGs,
+  ``klseg evaluate --rater``): the ground truth warped by a smooth random displacement of a
+  few pixels, so the raters disagree along boundaries (rater_c the most); the bonnet is
+  ignored (255) by every rater, and a rater's warp may carry a sliver of it further, which
+  that rater alone ignores. Their own random stream: no other file changes.
 """
 
 from __future__ import annotations
@@ -158,6 +163,7 @@ def main(out: Path) -> None:
             )
     (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     write_model_b(out)
+    write_raters(out)
 
 
 def write_model_b(out: Path) -> None:
@@ -173,6 +179,39 @@ def write_model_b(out: Path) -> None:
             out / "predictions_b" / f"scene_{i:02d}.npz",
             probs=np.ascontiguousarray(probs.transpose(1, 2, 0)).astype(np.float16),
         )
+
+
+RATERS = {"rater_a": 1.5, "rater_b": 2.5, "rater_c": 3.5}
+"""Each rater's typical boundary displacement, in pixels."""
+
+
+def rater_mask(rng: np.random.Generator, mask: np.ndarray, shift: float) -> np.ndarray:
+    """The mask as a rater would draw it: sampled through a smooth random displacement field
+    (nearest neighbour), so region boundaries move by about ``shift`` pixels."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    field = box_blur(rng.normal(0, 1, size=(2, H, W)), 8)
+    field *= shift / max(float(np.abs(field).max()), 1e-9)
+    sy = np.clip(np.rint(yy + field[0]), 0, H - 1).astype(np.intp)
+    sx = np.clip(np.rint(xx + field[1]), 0, W - 1).astype(np.intp)
+    drawn = mask[sy, sx]
+    drawn[mask == IGNORE] = IGNORE  # nobody labels the bonnet
+    return drawn
+
+
+def write_raters(out: Path) -> None:
+    """raters/<name>/: three raters' masks of the same scenes (replayed from SEED)."""
+    rng = np.random.default_rng(SEED)
+    rater_rng = np.random.default_rng(SEED + 3)
+    palette = [v for rgb in PALETTE for v in rgb] + [0, 0, 0] * (256 - len(PALETTE))
+    for name in RATERS:
+        (out / "raters" / name).mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        mask = scene(rng, i)
+        predict(rng, mask, i)  # keeps the scene stream where main() has it
+        for name, shift in RATERS.items():
+            img = Image.fromarray(rater_mask(rater_rng, mask, shift), mode="P")
+            img.putpalette(palette)
+            img.save(out / "raters" / name / f"scene_{i:02d}.png", optimize=True)
 
 
 if __name__ == "__main__":

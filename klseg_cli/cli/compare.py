@@ -33,7 +33,7 @@ class RankBy(str, Enum):
 
 
 @handle_errors
-@evaluation_options()
+@evaluation_options(late_before="uncertainty")
 def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="Model A's maps: a file or a folder.")],
     b: Annotated[Path, typer.Argument(metavar="B", help="Model B's maps of the same images.")],
@@ -72,6 +72,15 @@ def compare(
         int, typer.Option("--jobs", "-j", help="Images compared in parallel (processes).")
     ] = 1,
     shared: EvaluationOptions = EvaluationOptions(),
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="With GT: both models' failure detection (auroc_entropy_pooled ...) and "
+            "its paired difference.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Compare two models' maps of the same images: KL both ways, JS, argmax agreement.
@@ -97,6 +106,12 @@ def compare(
     if out is not None:
         check_out_dir(out)
     options = shared.plan()
+    if uncertainty:
+        from ..commands.uncertainty import plan_keywords
+
+        if gt is None:
+            raise UsageError("--uncertainty in compare needs GT (errors need a target)")
+        options.update(plan_keywords(uncertainty, None))
     err = _stderr_console()
     with _progress(err, "comparing") as tick:
         result = run(a, b, gt, jobs=jobs, on_start=tick.start, on_image=tick.advance, **options)

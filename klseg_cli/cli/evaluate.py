@@ -39,12 +39,35 @@ def evaluate(
         ),
     ],
     gt: Annotated[
-        str,
-        typer.Argument(metavar="GT", help="Target mask file, or a folder of them (or a URL)."),
-    ],
+        Optional[str],
+        typer.Argument(
+            metavar="GT",
+            help="Target mask file, or a folder of them (or a URL). Left out with --rater.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Write per_image.csv, per_class.csv, summary.json here."),
+    ] = None,
+    rater: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--rater",
+            metavar="DIR",
+            help="A rater's label masks (folder, paired by stem like GT); give it once per "
+            "rater, at least twice, instead of GT: the target is the raters' frequency map.",
+        ),
+    ] = None,
+    samples: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--samples",
+            metavar="DIR",
+            help="With --rater: a folder of sampled prediction maps (repeatable); their argmax "
+            "maps are the model's samples for ged. [default: the argmax of PRED]",
+            show_default=False,
+        ),
     ] = None,
     output_format: Annotated[
         OutputFormat,
@@ -114,6 +137,29 @@ def evaluate(
         Optional[Path],
         typer.Option("--reliability", metavar="FILE.png", help="Write the reliability diagram."),
     ] = None,
+    uncertainty: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE[,SCORE]",
+            help="Failure detection: AUROC, AURC, E-AURC, UEO of uncertainty scores "
+            "(entropy, maxprob, margin) for finding wrong pixels, image-level QC and qc.csv "
+            "(on by itself when a --require names one).",
+        ),
+    ] = None,
+    qc_threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--qc-threshold",
+            metavar="IOU",
+            help="Images with mIoU below this are failures for qc_auroc_*. [default: 0.5]",
+            show_default=False,
+        ),
+    ] = None,
+    risk_coverage: Annotated[
+        Optional[Path],
+        typer.Option("--risk-coverage", metavar="FILE.png", help="Write the risk-coverage curves."),
+    ] = None,
     boundary: Annotated[
         bool,
         typer.Option(
@@ -179,6 +225,7 @@ def evaluate(
     Example:
 
         klseg evaluate preds/ labels/ --classes classes.txt --out report/
+        klseg evaluate preds/ --rater rater_a/ --rater rater_b/ --rater rater_c/
     """
     from ..commands.evaluate import evaluate_report
     from ..render import formats, report
@@ -194,7 +241,9 @@ def evaluate(
             calibration_views=calibration_views, boundary_band=boundary_band,
             reliability=reliability, boundary=boundary, nsd_tolerance=nsd_tolerance,
             boundary_width=boundary_width, spacing=spacing, zarr_path=zarr_path,
-            scheduler=scheduler, on_start=tick.start, on_image=tick.advance,
+            scheduler=scheduler, rater=rater, samples=samples, uncertainty=uncertainty,
+            qc_threshold=qc_threshold, risk_coverage=risk_coverage,
+            on_start=tick.start, on_image=tick.advance,
             spatial_dims=spatial_dims, allow_affine_mismatch=allow_affine_mismatch, **options,
         )  # fmt: skip
     result, summary = done.result, done.summary

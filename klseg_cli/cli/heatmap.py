@@ -25,6 +25,8 @@ class Metric(str, Enum):
     entropy = "entropy"
     error = "error"
     confidence = "confidence"
+    rater_disagreement = "rater-disagreement"
+    uncertainty_error = "uncertainty-error"
 
 
 class Reduce(str, Enum):
@@ -33,7 +35,7 @@ class Reduce(str, Enum):
 
 
 @handle_errors
-@evaluation_options()
+@evaluation_options(late_before="uncertainty")
 def heatmap(
     pred: Annotated[
         Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
@@ -121,7 +123,35 @@ def heatmap(
             "(--metric kl: KL(PRED||B), js, error: argmax differs); no GT.",
         ),
     ] = None,
+    rater: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--rater",
+            metavar="DIR",
+            help="A rater's label masks (repeat, at least twice; no GT): --metric "
+            "rater-disagreement draws 1 - the raters' top frequency.",
+        ),
+    ] = None,
     shared: EvaluationOptions = EvaluationOptions(),
+    uncertainty: Annotated[
+        Optional[str],
+        typer.Option(
+            "--uncertainty",
+            metavar="SCORE",
+            help="--metric uncertainty-error: the score (entropy, maxprob, margin). "
+            "[default: entropy]",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="--metric uncertainty-error: a score at or above it is uncertain. "
+            "[default: each image's UEO threshold]",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a per-pixel metric (KL by default) as a colour PNG: where divergence sits.
@@ -132,6 +162,7 @@ def heatmap(
 
         klseg heatmap preds/x.npy labels/x.png -o x_kl.png --colorbar
         klseg heatmap preds_a/x.npy --against preds_b/x.npy --metric js -o x_js.png
+        klseg heatmap preds/ --rater a/ --rater b/ --metric rater-disagreement -o maps/
     """
     from ..commands.heatmap import heatmap as draw
 
@@ -142,7 +173,8 @@ def heatmap(
             pred, gt, out, metric=metric.value, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
             ignore_color=ignore_color, overlay=overlay, alpha=alpha, colorbar=colorbar,
             panel=panel, max_side=max_side, reduce=reduce.value, raw=raw,
-            volume_slice=volume_slice, montage=montage, against=against,
+            volume_slice=volume_slice, montage=montage, against=against, rater=rater,
+            uncertainty=uncertainty, threshold=threshold,
             on_start=tick.start, on_image=tick.advance, spatial_dims=spatial_dims,
             allow_affine_mismatch=allow_affine_mismatch, **plan,
         )  # fmt: skip

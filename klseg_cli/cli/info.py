@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .console import _console, _text
 from .errors import handle_errors
-from .options import ClassesOpt, DebugOpt, LayoutOpt, MaxPixelsOpt, NpzKeyOpt
+from .options import (
+    ClassesOpt,
+    DebugOpt,
+    LayoutOpt,
+    MaxPixelsOpt,
+    NpzKeyOpt,
+    StrictZarrOpt,
+    TimeoutOpt,
+)
 
 
 @handle_errors
 def info(
-    file: Annotated[Path, typer.Argument(help="A prediction map or a target mask.")],
+    file: Annotated[str, typer.Argument(help="A prediction map or a target mask (or a URL).")],
     target: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option("--target", help="Target mask whose (H, W) decides the layout."),
     ] = None,
     layout: LayoutOpt = None,
     classes: ClassesOpt = None,
     npz_key: NpzKeyOpt = None,
     max_pixels: MaxPixelsOpt = 1 << 31,
+    timeout: TimeoutOpt = None,
+    strict_zarr: StrictZarrOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Shape, dtype, detected layout, value range and sum check of one file.
@@ -46,6 +55,8 @@ def info(
         num_classes=len(names) or None,
         npz_key=npz_key,
         max_pixels=max_pixels,
+        timeout=timeout,
+        strict_zarr=strict_zarr,
     )
     table = Table(title=_text(file), show_header=False)
     table.add_column("key", style="bold")

@@ -55,6 +55,27 @@ def parse_log_base(text: str) -> float:
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 
 
+TimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Give up a remote read (URL inputs) after this long without a byte; also bounds "
+        "connecting. Env: KLSEG_TIMEOUT. [default: 60]",
+    ),
+]
+
+
+StrictZarrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict-zarr",
+        help="A missing Zarr chunk is an error (without it: read as the fill value, counted, "
+        "warned and recorded in summary.json).",
+    ),
+]
+
+
 ClassesOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -89,7 +110,7 @@ IgnoreOpt = Annotated[
         metavar="N",
         help="Label value that counts nowhere, even inside 0..C-1 (e.g. 0 for 'void'); "
         "repeatable. Given values replace the default 255 (pass it too to keep it). "
-        "[default: 255]",
+        "[default: 255; none with more than 255 classes, where 255 is a class]",
     ),
 ]
 
@@ -251,6 +272,7 @@ PLAN_OPTIONS = (
     "classes", "ignore_index", "smoothing", "input_kind", "eps", "log_base", "layout",
     "soft_gt", "renormalize", "allow_missing", "pred_suffix", "gt_suffix", "npz_key",
     "max_pixels", "chunk_pixels", "label_map", "reduce_zero_label", "exclude_class",
+    "timeout", "strict_zarr",
 )  # fmt: skip
 """The options every computing command shares (parameters of ``evaluation.plan``)."""
 
@@ -258,7 +280,8 @@ PLAN_OPTIONS = (
 def plan_options(params: dict) -> dict:
     """``evaluation.plan`` keywords from a command's parameters (pass ``locals()``)."""
     opts = {name: params[name] for name in PLAN_OPTIONS}
-    opts["ignore_index"] = (255,) if opts["ignore_index"] is None else tuple(opts["ignore_index"])
+    if opts["ignore_index"] is not None:  # None: 255, unless it is a class (> 255 classes)
+        opts["ignore_index"] = tuple(opts["ignore_index"])
     opts["input_kind"] = opts["input_kind"].value
     opts["log_base"] = parse_log_base(opts["log_base"])
     opts["layout"] = opts["layout"].value if opts["layout"] else None
@@ -291,6 +314,8 @@ class EvaluationOptions:
     label_map: LabelMapOpt = None
     reduce_zero_label: ReduceZeroOpt = False
     exclude_class: ExcludeClassOpt = None
+    timeout: TimeoutOpt = None
+    strict_zarr: StrictZarrOpt = False
 
     def plan(self) -> dict:
         """``engine.local.plan``'s keywords."""
@@ -300,13 +325,16 @@ class EvaluationOptions:
 FIRST_BLOCK = "allow_missing"
 """``--help`` lists the shared options up to this one, then the command's ``inside`` ones,
 then the rest."""
+LATE = ("timeout", "strict_zarr")
+"""Shared options that ``--help`` lists later, just before the command's ``late_before``
+option (the remote-read options came after each command's own)."""
 
 
-def evaluation_options(*, inside: tuple[str, ...] = ()):
+def evaluation_options(*, inside: tuple[str, ...] = (), late_before: str = "debug"):
     """Give a command the shared options: its ``shared: EvaluationOptions`` parameter becomes
     the options themselves in the signature Typer reads (the command's ``inside`` options
-    listed among them, as ``--help`` has always shown them), and the command is called with
-    them gathered into ``shared``."""
+    listed among them, and the ``LATE`` ones before its ``late_before`` option, as ``--help``
+    has always shown them), and the command is called with them gathered into ``shared``."""
     hints = get_type_hints(EvaluationOptions, include_extras=True)
     names = [f.name for f in fields(EvaluationOptions)]
     split = names.index(FIRST_BLOCK) + 1
@@ -318,8 +346,12 @@ def evaluation_options(*, inside: tuple[str, ...] = ()):
             inspect.Parameter(f.name, kind, default=f.default, annotation=hints[f.name])
             for f in fields(EvaluationOptions)
         ]
+        late = [p for p in shared if p.name in LATE]
+        shared = [p for p in shared if p.name not in LATE]
         params = []
         for p in own.values():
+            if p.name == late_before:
+                params += late
             if p.name == "shared":
                 params += [*shared[:split], *(own[n] for n in inside), *shared[split:]]
             elif p.name not in inside:

@@ -42,7 +42,8 @@ class OneLineErrors(TyperGroup):
             err.show()  # `klseg` alone: the help text is the right answer (exit 2, as Click)
             sys.exit(err.exit_code)
         except _click.exceptions.ClickException as err:
-            sys.stderr.write(f"Error: {_one_line(err.format_message())}\n")
+            message = err.format_message().replace("Value error, ", "")  # Typer's pydantic text
+            sys.stderr.write(f"Error: {_one_line(message)}\n")
             sys.exit(err.exit_code)
         except typer.Abort:
             sys.stderr.write("Error: aborted\n")

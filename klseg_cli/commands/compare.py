@@ -189,7 +189,7 @@ class CompareResult:
 def _zeros_stats(settings: MetricSettings):
     from ..core.stats import Stats
 
-    return Stats.zeros(settings.num_classes, settings.ece_bins)
+    return Stats.zeros(settings.num_classes, settings.ece_bins, n_scores=len(settings.uncertainty))
 
 
 def worst_images(rows: Sequence[Mapping], k: int, rank_by: str) -> list[dict]:
@@ -415,7 +415,8 @@ def check_compare_names(texts: Sequence[str], *, with_target: bool) -> None:
     """Fail fast on requirement names compare cannot check (before any map is read)."""
     from .requirements import dataset_keys, lookup, parse_requirement
 
-    template = {"dataset": dict.fromkeys(compare_names(), math.nan), "classes": []}
+    template = {"dataset": dict.fromkeys(compare_names(), math.nan), "classes": [],
+                "per_class": False}  # fmt: skip
     for text in texts:
         req = parse_requirement(text)
         if req.klass is not None:

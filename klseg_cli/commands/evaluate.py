@@ -76,18 +76,26 @@ def evaluate_report(
     spacing: str | None = None,
     zarr_path: str | None = None,
     scheduler: str | None = None,
+    rater=None,
+    samples=None,
+    uncertainty=None,
+    qc_threshold: float | None = None,
+    risk_coverage: Path | None = None,
     on_start=None,
     on_image=None,
     **options,
 ) -> EvaluationReport:
     """``klseg evaluate PRED GT`` with the command's options as keywords (``options``: those
-    of ``engine.local.plan``, as ``klseg_cli.evaluate`` takes them). Every output is checked
-    before any work; the report folder ``out``, ``junit``, ``markdown`` and ``reliability``
-    are written when given."""
+    of ``engine.local.plan``, as ``klseg_cli.evaluate`` takes them). ``rater`` (folders, at
+    least two) takes the place of ``gt`` (None then), with ``samples``; ``uncertainty`` and
+    ``qc_threshold``: failure detection (DESIGN §11). Every output is checked before any
+    work; the report folder ``out``, ``junit``, ``markdown``, ``reliability`` and
+    ``risk_coverage`` are written when given."""
     from ..engine.local import evaluate as run
     from ..io.remote import as_input
     from ..render import formats, report
-    from .requirements import check_names, load_summary
+    from . import uncertainty as unc  # --uncertainty (DESIGN §11)
+    from .requirements import load_summary
 
     pred, gt = as_input(pred), as_input(gt)  # a URL stays a URL (remote.py)
     if zarr_path is not None:
@@ -101,28 +109,19 @@ def evaluate_report(
 
         run = functools.partial(dask_evaluate, scheduler=scheduler)
 
-    reqs = check_names(require or ())  # a malformed or misnamed gate fails before any work
+    reqs, rater_runner = _requirement_names(gt, rater, samples, require, scheduler, heatmaps)
+    run = rater_runner or run
     base = load_summary(baseline) if baseline is not None else None
     n_resamples, base_table = _bootstrap_plan(require, bootstrap, baseline, base)
     if heatmaps and out is None:
         raise UsageError("--heatmaps needs --out DIR (they go to DIR/heatmaps/)")
-    _check_outputs(out, report.REPORT_FILES, [pred, gt, baseline], junit=junit,
-                   markdown=markdown, reliability=reliability)  # fmt: skip
-    if out is not None:
-        from ..io.outputs import check_out_dir
-
-        check_out_dir(out)
-    _check_paths_writable(junit, markdown, out)
-    if reliability is not None:
-        from ..io.outputs import check_output_file
-
-        if reliability.suffix.lower() != ".png":
-            raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
-        check_output_file(reliability, "--reliability", report_dir=out)
-    if out is not None and _same_folder(out, pred, gt):
-        raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")
+    _check_report_outputs(out, [pred, gt, *(rater or ()), *(samples or ())], baseline,
+                          junit=junit, markdown=markdown, reliability=reliability,
+                          risk_coverage=risk_coverage)  # fmt: skip
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
+    options.update(unc.plan_keywords(uncertainty, qc_threshold, reqs))
+    unc.check_risk_coverage(risk_coverage, options.get("uncertainty", ()), out)
     result = run(pred, gt, keep_going=keep_going, jobs=jobs, on_start=on_start,
                  on_image=on_image, **options)  # fmt: skip
     if not result.images:  # --keep-going and every pair failed: no report of dashes
@@ -143,10 +142,14 @@ def evaluate_report(
         summary["requirements"] = check_requirements(
             summary, require, baseline=base, allow_settings_change=allow_settings_change
         )
-    inputs = [p for img in result.images for p in (img.pred_path, img.target_path)]
+    inputs = [
+        p
+        for img in result.images
+        for p in (img.pred_path, img.target_path, *getattr(img, "rater_paths", ()))
+    ]
     outputs = [out / name for name in report.REPORT_FILES] if out is not None else []
-    formats.refuse_overwriting_inputs([*outputs, junit, markdown, reliability],
-                                     [*inputs, baseline])  # fmt: skip
+    formats.refuse_overwriting_inputs([*outputs, junit, markdown, reliability, risk_coverage],
+                                      [*inputs, baseline])  # fmt: skip
     gate_written = False
     if out is not None:
         folders = {}
@@ -167,4 +170,45 @@ def evaluate_report(
         from ..render.calibration_report import write_reliability_outputs
 
         write_reliability_outputs(result, reliability)
+    if risk_coverage is not None:
+        unc.write_risk_coverage(result, risk_coverage)
     return EvaluationReport(result, summary, note, gate_written)
+
+
+def _requirement_names(gt, rater, samples, require, scheduler, heatmaps):
+    """(the parsed requirements, the rater run or None): a malformed or misnamed gate fails
+    before any work; ``--rater``/``--samples`` take the place of GT (``commands/raters``)."""
+    from .requirements import check_names
+
+    if rater or samples:
+        from .raters import RATER_NAMES, rater_run
+
+        reqs = check_names(require or (), extra=sorted(RATER_NAMES))  # before any work
+        return reqs, rater_run(gt, rater, samples, reqs, scheduler=scheduler, heatmaps=heatmaps)
+    if gt is None:
+        raise UsageError("missing argument GT: pass the targets, or --rater DIR at least twice")
+    from .raters import check_no_rater_names
+
+    check_no_rater_names(require or ())
+    return check_names(require or ()), None
+
+
+def _check_report_outputs(out, inputs, baseline, *, junit, markdown, reliability,
+                          risk_coverage) -> None:  # fmt: skip
+    """Before any work: every output can be written and none is an input, a report file or
+    another output; ``out`` is not an input folder."""
+    from ..io.outputs import check_out_dir, check_output_file
+    from ..render import report
+
+    _check_outputs(out, report.REPORT_FILES, [*inputs, baseline], junit=junit,
+                   markdown=markdown, reliability=reliability,
+                   risk_coverage=risk_coverage)  # fmt: skip
+    if out is not None:
+        check_out_dir(out)
+    _check_paths_writable(junit, markdown, out)
+    if reliability is not None:
+        if reliability.suffix.lower() != ".png":
+            raise UsageError(f"--reliability {reliability}: the diagram is a PNG; name it .png")
+        check_output_file(reliability, "--reliability", report_dir=out)
+    if out is not None and _same_folder(out, *[p for p in inputs if p is not None]):
+        raise UsageError(f"--out {out} is an input folder; give the report a folder of its own")

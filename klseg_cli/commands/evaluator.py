@@ -98,6 +98,11 @@ class Evaluator:
     ``keep_images`` (default True) keeps one row of per-image values (about 15 numbers
     an image): the ``*_image_mean`` metrics and ``compute()["images"]`` need them; with
     False only the pooled metrics are defined (the image means are NaN).
+
+    ``uncertainty=("entropy",)`` (scores: entropy, maxprob, margin) adds failure detection
+    (``auroc_entropy_pooled`` ..., DESIGN §11): 1 MiB of histograms per score in the
+    running total (per-image values are taken when an image is added, then only its row
+    is kept).
     """
 
     def __init__(
@@ -105,7 +110,7 @@ class Evaluator:
         num_classes: int | None = None,
         *,
         classes: Sequence[str] | None = None,
-        ignore_index: int | Sequence[int] = (255,),
+        ignore_index: int | Sequence[int] | None = None,
         label_map: str | Path | LabelMap | None = None,
         reduce_zero_label: bool = False,
         smoothing: float = 0.0,
@@ -123,6 +128,8 @@ class Evaluator:
         accelerate: bool | None = None,
         keep_images: bool = True,
         settings: MetricSettings | None = None,
+        uncertainty: Sequence[str] = (),
+        qc_threshold: float = 0.5,
     ) -> None:
         from ..core.chunks import DEFAULT_CHUNK_PIXELS
         from ..engine.local import class_names_and_map, metric_settings
@@ -140,6 +147,8 @@ class Evaluator:
                 renormalize=renormalize, reduce_zero_label=reduce_zero_label,
                 temperature=temperature, calibration_views=calibration_views,
                 boundary_band=boundary_band,
+                **({"uncertainty": tuple(uncertainty), "qc_threshold": qc_threshold}
+                   if uncertainty else {}),
             )  # fmt: skip
         self.settings = settings
         self.layout = layout
@@ -252,6 +261,10 @@ class Evaluator:
             values = pixel_metrics(stats, self.settings)
             row = {"image": stem, "height": height, "width": width, "n_valid": stats.n_valid}
             row.update({k: values[k] for k in _IMAGE_VALUES})
+            if self.settings.uncertainty:  # --uncertainty: mean score, AUROC ... per image
+                from ..core.uncertainty import stats_image_values
+
+                row.update(stats_image_values(stats, self.settings))
             self._rows.append(row)
 
     @classmethod

@@ -5,12 +5,13 @@ evaluation (``evaluate --heatmaps``). Maps are ``engine/maps``'s, drawing ``rend
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..core.metrics import MetricSettings
-from ..engine.maps import IN_MEMORY_PIXELS, TARGET_FREE_METRICS, MetricMap, pair_map
+from ..engine.maps import FIXED_RANGE, IN_MEMORY_PIXELS, TARGET_FREE_METRICS, MetricMap, pair_map
 from ..errors import InputError, UsageError
 from ..io.readers import PredictionMap
 from ..render.heatmap import (
@@ -63,7 +64,7 @@ def shared_scale(pairs, options: HeatmapOptions, maps: dict, compute) -> float |
     (so images can be compared), from a mergeable log histogram. ``compute(pair)`` gives a
     pair's MetricMap; maps are kept in ``maps`` (by stem) when they fit in memory together,
     else recomputed when drawn. None when the range is given or fixed."""
-    if options.vmax is not None or options.metric in ("error", "confidence") or len(pairs) < 2:
+    if options.vmax is not None or options.metric in FIXED_RANGE or len(pairs) < 2:
         return None
     hist, kept = LogHistogram(), 0
     for pair in pairs:
@@ -94,6 +95,8 @@ def make_heatmaps(
     """
     from ..engine.local import plan
 
+    if options.metric == "rater-disagreement":  # commands/raters.py draws it
+        raise UsageError("--metric rater-disagreement needs --rater DIR at least twice, no GT")
     if target is None and options.metric not in TARGET_FREE_METRICS:
         raise UsageError(f"--metric {options.metric} needs a target (GT)")
     colormap_lut(options.cmap)  # fail on a bad name or colour before any work
@@ -108,8 +111,13 @@ def make_heatmaps(
         return pair_map(pair, job.settings, job.read, options.metric, with_pred=options.panel,
                         view=options.view)  # fmt: skip
 
-    return render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs, compute,
-                        on_start=on_start, on_image=on_image)  # fmt: skip
+    from ..io.zarrio import collect_missing, warn_missing
+
+    with collect_missing() as missing:  # Zarr chunks read as the fill value: warned
+        written = render_pairs(pairs, Path(pred), out, raw, options, job.settings, inputs,
+                               compute, on_start=on_start, on_image=on_image)  # fmt: skip
+    warn_missing(missing)
+    return written
 
 
 def render_pairs(pairs, first: Path, out: Path, raw: Path | None, options: HeatmapOptions,
@@ -205,25 +213,38 @@ def heatmap(
     volume_slice: str | None = None,
     montage: int | None = None,
     against=None,
+    rater=None,
+    uncertainty: str | None = None,
+    threshold: float | None = None,
     on_start=None,
     on_image=None,
     **options,
 ) -> list[Path]:
     """``klseg heatmap PRED [GT]`` with the command's options as keywords (``options``: those
-    of ``engine.local.plan``); with ``against`` (no GT), where two models disagree. Returns
-    the PNGs written."""
+    of ``engine.local.plan``); with ``against`` (no GT), where two models disagree; with
+    ``rater`` (folders, no GT), where raters disagree; ``uncertainty`` and ``threshold``:
+    ``--metric uncertainty-error``'s score and threshold. Returns the PNGs written."""
     from ..io.volumes import SliceView
     from .preflight import _check_outputs
 
     drawing = HeatmapOptions(
         metric=metric, cmap=cmap, vmin=vmin, vmax=vmax, log=log, ignore_color=ignore_color,
         overlay=overlay, alpha=alpha, colorbar=colorbar, panel=panel, max_side=max_side,
-        reduce=reduce, view=SliceView.parse(volume_slice, montage),
+        reduce=reduce, view=SliceView.parse(volume_slice, montage), threshold=threshold,
     )  # fmt: skip
-    _check_outputs(None, (), [pred, gt, overlay], out=out, raw=raw)
+    if uncertainty or threshold is not None:  # --metric uncertainty-error's score
+        from .uncertainty import heatmap_keywords
+
+        options.update(heatmap_keywords(metric, uncertainty, threshold))
+    _check_outputs(None, (), [pred, gt, overlay, *(rater or ())], out=out, raw=raw)
     if against is not None and gt is not None:
         raise UsageError("--against compares two predictions: give PRED and --against B, no GT")
+    if rater and (gt is not None or against is not None):
+        raise UsageError("--rater takes the place of GT: give PRED and --rater DIR twice or more")
     try:
+        if rater:
+            return make_rater_heatmaps(pred, rater, out, drawing, raw=raw, on_start=on_start,
+                                       on_image=on_image, **options)  # fmt: skip
         if against is not None:
             return make_pair_heatmaps(pred, against, out, drawing, raw=raw, on_start=on_start,
                                       on_image=on_image, **options)  # fmt: skip
@@ -304,5 +325,45 @@ def make_pair_heatmaps(
                               chunk_pixels=read.chunk_pixels)  # fmt: skip
 
     return render_pairs(pairs, Path(a), Path(out), Path(raw) if raw is not None else None,
+                        options, settings, inputs, compute, on_start=on_start,
+                        on_image=on_image)  # fmt: skip
+
+
+def make_rater_heatmaps(
+    pred: str | Path,
+    raters: Sequence[str | Path],
+    out: str | Path,
+    options,
+    *,
+    raw: str | Path | None = None,
+    on_start=None,
+    on_image=None,
+    **plan_options,
+) -> list[Path]:
+    """Heatmaps of where the raters disagree, for each image the prediction and the raters
+    share (``out`` a .png for files, a folder for folders)."""
+    from ..engine.raters import _open, plan_raters, rater_map
+    from ..io.raters import RaterMasks
+    from ..render.heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color
+
+    if options.metric != "rater-disagreement":
+        raise UsageError(
+            f"--rater draws --metric rater-disagreement, not {options.metric!r} (KL against the "
+            "raters' map: klseg evaluate PRED --rater ...)"
+        )
+    colormap_lut(options.cmap)
+    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
+    job = plan_raters(pred, raters, **plan_options)
+    settings, read = job.settings, job.read
+    pairs = job.pairing.pairs
+    inputs = [p for pair in pairs for p in (pair.pred, *pair.raters)]
+
+    def compute(pair):
+        masks = RaterMasks(pair.raters, settings.labels, max_pixels=read.max_pixels)
+        pm = _open(pair.pred, masks.shape, settings.num_classes, read)
+        return rater_map(pm, masks, settings, with_pred=options.panel,
+                         chunk_pixels=read.chunk_pixels)  # fmt: skip
+
+    return render_pairs(pairs, Path(pred), Path(out), Path(raw) if raw is not None else None,
                         options, settings, inputs, compute, on_start=on_start,
                         on_image=on_image)  # fmt: skip

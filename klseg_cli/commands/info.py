@@ -9,6 +9,7 @@ import numpy as np
 
 from ..core.chunks import chunk_for
 from ..errors import KlsegError
+from ..io.labelio import WHOLE_LABEL_BYTES, LabelBands
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,
     PredictionMap,
@@ -23,8 +24,15 @@ from ..io.readers import (
 _INFO_CHUNK = 1 << 16
 
 
-def _label_facts(labels: np.ndarray) -> dict:
-    values, counts = np.unique(labels, return_counts=True)
+def _label_facts(labels) -> dict:
+    """Label values and their pixel counts, counted band by band (a large mask is a
+    ``LabelBands``, never read whole)."""
+    flat, by_value = labels.reshape(-1), {}
+    for start in range(0, flat.size, 1 << 20):
+        part = np.asarray(flat[start : start + (1 << 20)])
+        for v, c in zip(*(a.tolist() for a in np.unique(part, return_counts=True))):
+            by_value[v] = by_value.get(v, 0) + c
+    values, counts = np.array(sorted(by_value)), np.array([by_value[v] for v in sorted(by_value)])
     shown = ", ".join(f"{v}: {c}" for v, c in zip(values[:20].tolist(), counts[:20].tolist()))
     if len(values) > 20:
         shown += f", … ({len(values)} values)"
@@ -84,9 +92,26 @@ def inspect_file(
     num_classes: int | None = None,
     npz_key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float | None = None,
+    strict_zarr: bool = False,
 ) -> dict:
-    """Facts about one prediction map or target mask, as display strings."""
-    path = Path(path)
+    """Facts about one prediction map or target mask (a path or URL), as display strings.
+
+    ``timeout`` and ``strict_zarr`` as for ``evaluation.plan``."""
+    from ..io import network, zarrio
+    from ..io.remote import as_input
+
+    network.use(network.settings_for(timeout))
+    zarrio.use_strict(strict_zarr)
+    path, target = as_input(path), as_input(target)
+    with zarrio.collect_missing() as missing:
+        facts = _inspect(path, target=target, layout=layout, num_classes=num_classes,
+                         npz_key=npz_key, max_pixels=max_pixels)  # fmt: skip
+    zarrio.warn_missing(missing)
+    return facts
+
+
+def _inspect(path, *, target, layout, num_classes, npz_key, max_pixels) -> dict:
     from ..io.volumes import is_nifti
 
     if is_nifti(path):  # a volume (volumes.py)
@@ -100,6 +125,7 @@ def inspect_file(
             "format": "png",
             "shape": tuple(labels.shape),
             "dtype": str(labels.dtype),
+            "read as": "whole, into memory (a PNG label mask is always decoded whole)",
             **_label_facts(labels),
         }
     arr = load_array(path, npz_key=npz_key, max_pixels=max_pixels)
@@ -109,9 +135,14 @@ def inspect_file(
         "dtype": str(arr.dtype),
         "read as": _read_as(arr),
     }
-    if arr.dtype.kind in "iub" and arr.ndim == 2:  # read as a target: whole, with pread
-        facts["read as"] = "whole, into memory (a label mask)"
-        return {**facts, **_label_facts(read_target(path, max_pixels=max_pixels))}
+    if arr.dtype.kind in "iub" and arr.ndim == 2:  # read as a target
+        labels = read_target(path, max_pixels=max_pixels)
+        facts["read as"] = (
+            f"in row bands (a label mask over {WHOLE_LABEL_BYTES >> 20} MiB: never whole)"
+            if isinstance(labels, LabelBands)
+            else "whole, into memory (a label mask)"
+        )
+        return {**facts, **_label_facts(labels)}
     if arr.dtype.kind != "f":
         facts["verdict"] = f"{arr.dtype} values: neither a label mask nor a probability map"
         return facts

@@ -35,11 +35,11 @@ CLASS_METRICS = ("iou", "dice", "precision", "recall", "kl", "ce")
 SETTINGS_THAT_CHANGE_NUMBERS = (
     "num_classes", "classes", "eps", "smoothing", "ignore_index", "input", "log_base",
     "soft_gt", "ece_bins", "renormalize", "label_map", "reduce_zero_label", "exclude_classes",
-    "temperature", "boundary_band",
+    "temperature", "boundary_band", "raters",
 )  # fmt: skip
 SETTING_DEFAULTS = {
     "label_map": None, "reduce_zero_label": False, "exclude_classes": [], "temperature": 1.0,
-    "boundary_band": 3,
+    "boundary_band": 3, "raters": None,
 }  # fmt: skip
 """Values of settings that summaries written before they existed lack."""
 
@@ -163,13 +163,15 @@ def dataset_keys() -> list[str]:
     return dataset_metric_names()
 
 
-def check_names(texts: Sequence[str]) -> list[Requirement]:
+def check_names(texts: Sequence[str], extra: Sequence[str] = ()) -> list[Requirement]:
     """Parse every expression and check the names that do not depend on the data.
 
     Called before an evaluation, so a typo fails in a second, not after an hour of work.
-    Class names are checked once the classes are known.
+    Class names are checked once the classes are known. ``extra``: names this run adds
+    (``--rater``: raters.dataset_names()).
     """
-    template = {"dataset": dict.fromkeys(dataset_keys(), math.nan), "classes": []}
+    names = [*dataset_keys(), *extra]
+    template = {"dataset": dict.fromkeys(names, math.nan), "classes": []}
     reqs = [parse_requirement(t) for t in texts]
     for req in reqs:
         if req.klass is None or req.metric not in CLASS_METRICS:
@@ -178,7 +180,14 @@ def check_names(texts: Sequence[str]) -> list[Requirement]:
 
 
 def valid_names(summary: Mapping) -> list[str]:
-    return sorted(summary["dataset"]) + [f"{m}[CLASS]" for m in CLASS_METRICS]
+    """The names a requirement may use on ``summary``: per-class ones unless it says it
+    takes none (``"per_class": False``: compare's data-set-only names)."""
+    per_class = [f"{m}[CLASS]" for m in CLASS_METRICS] if _per_class(summary) else []
+    return sorted(summary["dataset"]) + per_class
+
+
+def _per_class(summary: Mapping) -> bool:
+    return summary.get("per_class", True) is not False
 
 
 def did_you_mean(word: str, candidates) -> str:
@@ -204,11 +213,12 @@ def lookup(summary: Mapping, req: Requirement, *, what: str = "summary") -> floa
         if req.metric not in summary["dataset"]:
             hint = (
                 f"; per-class values need a class: {req.metric}[NAME]"
-                if req.metric in CLASS_METRICS
+                if req.metric in CLASS_METRICS and _per_class(summary)
                 else ""
             )
             if not hint:
-                hint = did_you_mean(req.metric, [*summary["dataset"], *CLASS_METRICS])
+                per_class = CLASS_METRICS if _per_class(summary) else ()
+                hint = did_you_mean(req.metric, [*summary["dataset"], *per_class])
             raise UsageError(
                 f"--require {req.text!r}: unknown name {req.metric!r}{hint}"
                 f"{' ' if hint.endswith('?') else '. '}Valid names: "
@@ -361,7 +371,7 @@ def load_summary(path) -> dict:
     from pathlib import Path
 
     from ..io.safeio import read_small_text
-    from ..io.summaryfile import check_summary
+    from ..io.summaryfile import check_summary, read_infinities
 
     path = Path(path)
     text = read_small_text(path, what="summary.json")  # bounded; FIFOs and devices refused
@@ -377,7 +387,7 @@ def load_summary(path) -> dict:
         or not isinstance(data.get("classes"), list)
     ):
         raise InputError("not a klseg summary.json (no 'dataset' and 'classes')", path=path)
-    check_summary(data, path)
+    check_summary(read_infinities(data), path)
     return data
 
 

@@ -31,48 +31,15 @@ to the NumPy path, which also produces the error message.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-try:  # numba is optional
-    if os.environ.get("KLSEG_NO_NUMBA"):
-        raise ImportError
-    import numba
+from ._jit import AVAILABLE, CACHE_DIR, FASTMATH, numba  # noqa: F401 (CACHE_DIR: the public name)
+
+if AVAILABLE:
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
-AVAILABLE = numba is not None
-CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba_cache")
-"""Where numba caches the kernel's machine code: inside the package, so that the cache
-compiled when the wheel is built (``precompile``, run by setup.py) ships with it."""
-
-if AVAILABLE:
-    try:
-        from numba.core import caching as _caching
-
-        class _PackageCacheLocator(_caching.InTreeCacheLocator):
-            """numba's in-tree locator with the package's own cache folder (not
-            ``__pycache__``, which wheels leave out); when that folder is not writable,
-            numba's other locators take over (a user-wide cache)."""
-
-            def __init__(self, py_func, py_file):
-                super().__init__(py_func, py_file)
-                self._cache_path = CACHE_DIR
-
-            @classmethod
-            def from_function(cls, py_func, py_file):
-                here = os.path.dirname(os.path.abspath(__file__))
-                if os.path.dirname(os.path.abspath(py_file)) != here:
-                    return None  # another package's function: numba's own locators
-                return super().from_function(py_func, py_file)
-
-        _caching.CacheImpl._locator_classes.insert(0, _PackageCacheLocator)
-    except (ImportError, AttributeError):  # pragma: no cover - another numba layout
-        pass
 
 TILE_HWC = 256
 """Pixels per tile of an HWC chunk, which is copied class-major first: 19 classes × 256 ×
@@ -99,7 +66,7 @@ _P = (
 
 
 if AVAILABLE:
-    _flags = {"reassoc", "contract", "arcp", "afn"}  # no 'nnan'/'ninf': the checks see them
+    _flags = FASTMATH
     _i32 = np.int32
     _f32 = np.float32
     _P0, _P1, _P2, _P3, _P4, _P5, _P6 = (np.float32(c) for c in _P)
@@ -297,18 +264,26 @@ if AVAILABLE:
             fsums[np.uint64(L[i])] += KL[i]
             fsums[c1 + (e >> one)] += M[i]
 
+    from . import _fast_uncertainty as _fu  # --uncertainty (needs _flags above)
+
     @numba.njit(error_model="numpy", cache=True, nogil=True)  # threads run chunks in parallel
     def _chunk(P, start, y, pixel_major, tile, tol, log_eps, eps, bins,
-               sums, cm, class_kl, class_ce, ece_n, ece_conf, ece_ok):  # fmt: skip
+               sums, cm, class_kl, class_ce, ece_n, ece_conf, ece_ok,
+               unc, unc_hist, unc_sum):  # fmt: skip
         """One chunk, added to the totals only if every check passes; returns (ok, n_clipped).
 
         The chunk is pixels start … start + len(y) − 1 of ``P``, which is class-major
         (C, ≥ start + n), or pixel-major (n, C) with ``pixel_major`` (then start is 0);
         ``y`` holds the chunk's class codes or plain labels (outside 0..C−1: masked). Pixels go by
         tiles of ``tile``: an HWC tile is copied class-major into a small buffer first (in
-        cache), CHW planes are read in place.
+        cache), CHW planes are read in place. ``unc`` (``--uncertainty``): the codes of the
+        failure-detection scores, whose histograms (S, 2·BINS) and sums (S,) are
+        ``unc_hist`` and ``unc_sum`` (``_fast_uncertainty``); empty: none.
         """
         n = y.shape[0]
+        n_unc = unc.shape[0]
+        cells = np.empty((n_unc, n if n_unc else 0), np.int32)
+        unc_acc = np.zeros(n_unc)
         C = P.shape[1] if pixel_major else P.shape[0]
         w = min(n, tile)
         f = np.empty((7, w), np.float32)  # per-pixel scratch, one row each
@@ -336,6 +311,10 @@ if AVAILABLE:
             )
             if bad:
                 return False, 0
+            for s in range(n_unc):  # --uncertainty: scores from M, A, H (S: scratch)
+                if unc[s] == 2:
+                    _fu.second_max(X, x0, m, A, S)
+                unc_acc[s] += _fu.tile_cells(unc[s], m, H, M, A, V, L, S, cells[s], t0)
             clipped += cl
             acc[0] += kl
             acc[1] += js
@@ -353,6 +332,9 @@ if AVAILABLE:
         class_kl += fsums[:C]
         class_ce += fsums[:C]  # ce = kl against a one-hot target
         ece_conf += fsums[C:]
+        for s in range(n_unc):
+            _fu.scatter_cells(cells[s], n, unc_hist[s])
+            unc_sum[s] += unc_acc[s]
         return True, clipped
 
 
@@ -395,12 +377,31 @@ def add_chunk(total, P: np.ndarray, y: np.ndarray, settings, tolerance: float, *
     if y.shape[0] > n:
         raise ValueError(f"{y.shape[0]} labels for {n} pixels")
     eps = settings.eps
+    unc, unc_hist, unc_sum = _uncertainty_args(total, settings)
     ok, clipped = _chunk(
         P, start, y, pixel_major, TILE_HWC if pixel_major else TILE_CHW,
         np.float32(tolerance), np.float32(math.log(eps)), np.float32(eps),
         settings.ece_bins, total.sums, total.confusion, total.class_kl, total.class_ce,
-        total.ece_count, total.ece_conf, total.ece_correct,
+        total.ece_count, total.ece_conf, total.ece_correct, unc, unc_hist, unc_sum,
     )  # fmt: skip
     if ok:
         total.n_clipped += int(clipped)
     return bool(ok)
+
+
+_NO_SCORES = (np.zeros(0, np.int32), np.zeros((0, 1), np.int64), np.zeros(0))
+
+
+def _uncertainty_args(total, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score codes, histograms (S, 2·BINS), sums (S,)) for ``_chunk``: views of
+    ``total``'s fields, created on first use; empty arrays without ``--uncertainty``."""
+    names = getattr(settings, "uncertainty", ())
+    if not names:
+        return _NO_SCORES
+    from .uncertainty import BINS, SCORES
+
+    if total.unc_hist is None:
+        total.unc_hist = np.zeros((len(names), 2, BINS), np.int64)
+        total.unc_sum = np.zeros(len(names))
+    codes = np.array([SCORES.index(s) for s in names], np.int32)
+    return codes, total.unc_hist.reshape(len(names), 2 * BINS), total.unc_sum

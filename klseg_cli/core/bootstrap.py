@@ -106,9 +106,13 @@ class Source:
         """From a ``StatsTable`` and its summary (its ``images`` rows give the values)."""
         rows = {row["image"]: row for row in summary["images"]}
         image_values = {}
+        from .uncertainty import is_image_level
+
         for name in summary["dataset"]:
-            if name.endswith("_image_mean"):
-                base = name[: -len("_image_mean")]
+            bases = [name[: -len("_image_mean")]] if name.endswith("_image_mean") else []
+            if is_image_level(name):  # --uncertainty's Spearman, QC AUROC: image values
+                bases = ["miou", "uncertainty_" + name.split("_")[-1]]
+            for base in bases:
                 image_values[base] = np.array(
                     [_number(rows[s].get(base)) for s in table.stems], dtype=np.float64
                 )
@@ -133,9 +137,13 @@ def covered(names: Sequence[str]) -> list[str]:
         "ece_correct": np.zeros((1, 1)),
     }
     pooled = set(pixel_metrics_batch(probe, MetricSettings(num_classes=2)))
+    from .uncertainty import PIXEL_NAMES, SCORES, is_image_level  # --uncertainty
+
+    pooled |= {f"{q}_{s}" for q in PIXEL_NAMES for s in SCORES}  # uncertainty.pooled_batch
     return [
         n for n in names
         if n.endswith("_image_mean") or (n.endswith("_pooled") and n[: -len("_pooled")] in pooled)
+        or is_image_level(n)
     ]  # fmt: skip
 
 
@@ -166,6 +174,10 @@ def _with_confusion_parts(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndar
         cm = arrays["confusion"]
         out["tp"] = np.diagonal(cm, axis1=-2, axis2=-1)
         out["n_target"], out["n_pred"] = cm.sum(axis=-1), cm.sum(axis=-2)
+    if "unc_hist" in arrays:  # --uncertainty: resampled on the coarse grid (uncertainty.py)
+        from .uncertainty import coarsen
+
+        out["unc_coarse"] = coarsen(arrays["unc_hist"])
     return out
 
 
@@ -180,8 +192,15 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
         else np.empty((W.shape[0], 0))
     )
     out: dict[str, np.ndarray] = {}
+    from .uncertainty import image_level_batch, is_image_level
+
+    image_level = [name for name in src.names if is_image_level(name)]
+    if image_level:  # --uncertainty's image-level values, resample by resample
+        out.update(image_level_batch(W, src.image_values, image_level, src.settings))
     slow = []
     for name in src.names:
+        if name in out:
+            continue
         if name.endswith("_image_mean") and name[: -len("_image_mean")] in src.image_values:
             out[name] = means[:, bases.index(name[: -len("_image_mean")])]
         elif name.endswith("_pooled") and name[: -len("_pooled")] in pooled:

@@ -28,6 +28,8 @@ from ..errors import InputError, LabelError, UsageError
 
 IGNORED = -1
 BAD = -2
+DEFAULT_IGNORE_INDEX = 255
+"""Ignored when no ignore value is given, unless it is a class's label (see below)."""
 LABEL_CHUNK = 1 << 20
 _LUT_SPAN = 1 << 20  # raw value ranges up to this wide are mapped through a lookup table
 
@@ -56,6 +58,20 @@ class LabelMap:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "map": {str(k): v for k, v in self.table}}
+
+
+def default_ignore_index(num_classes: int, *, reduce_zero_label: bool = False) -> tuple[int, ...]:
+    """The ignore values when none are given: (255,), unless 255 is a class's label.
+
+    With more than 255 classes (ADE20K-full's 847, COCO-Stuff's raw ids, medical atlases)
+    label 255 is class 255 (class 254 under ``--reduce-zero-label``, from 255 classes on),
+    and ignoring it by default would drop that class from every sum and mean without a word.
+    Given ignore values are always used as given (``--ignore-index 255`` still ignores it).
+    """
+    first_class_label = 1 if reduce_zero_label else 0
+    if DEFAULT_IGNORE_INDEX - first_class_label < num_classes:
+        return ()
+    return (DEFAULT_IGNORE_INDEX,)
 
 
 def _int(text, path, what: str) -> int:

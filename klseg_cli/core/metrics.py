@@ -23,7 +23,7 @@ import numpy as np
 from ..defaults import DEFAULT_EPS
 from ..errors import ProbabilityError, UsageError
 from .boundary import BoundaryOptions
-from .labels import LabelMap, LabelSpec
+from .labels import LabelMap, LabelSpec, default_ignore_index
 
 PIXEL_METRICS = ("kl", "kl_reverse", "js", "ce", "entropy", "brier")
 """Per-pixel quantities that are summed and reported as means (in this order)."""
@@ -38,7 +38,7 @@ class MetricSettings:
     num_classes: int
     eps: float = DEFAULT_EPS
     smoothing: float = 0.0
-    ignore_index: tuple[int, ...] = (255,)
+    ignore_index: tuple[int, ...] | None = None  # None: 255 unless it is a class
     input_kind: str = "probs"
     log_base: float = math.e
     soft_gt: bool = False
@@ -52,6 +52,8 @@ class MetricSettings:
     calibration_views: bool = False  # adaptive, class-wise, boundary/interior ECE sums
     boundary_band: int = 3  # pixels within this distance of another class are "boundary"
     boundary: BoundaryOptions | None = None  # --boundary: HD95, ASSD, NSD, Boundary IoU
+    uncertainty: tuple[str, ...] = ()  # --uncertainty: failure-detection scores (DESIGN §11)
+    qc_threshold: float = 0.5  # --qc-threshold: images with mIoU below it are "failed"
     labels: LabelSpec = field(init=False, compare=False, repr=False)  # raw label → class
 
     def __post_init__(self) -> None:
@@ -67,6 +69,11 @@ class MetricSettings:
             raise UsageError(
                 f"--log-base must be a finite number above 1 (e, 2, 10), got {self.log_base}"
             )
+        if self.ignore_index is None:  # 255, unless it is a class (labels.default_ignore_index)
+            default = default_ignore_index(
+                self.num_classes, reduce_zero_label=self.reduce_zero_label
+            )
+            object.__setattr__(self, "ignore_index", default)
         if any(not -(2**63) <= int(i) < 2**63 for i in self.ignore_index):
             raise UsageError(f"--ignore-index values must fit in 64 bits, got {self.ignore_index}")
         if self.ece_bins < 1:
@@ -75,6 +82,15 @@ class MetricSettings:
             raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
         if self.boundary_band < 1:
             raise UsageError(f"--boundary-band must be at least 1, got {self.boundary_band}")
+        if self.uncertainty:
+            from .uncertainty import check_scores
+
+            try:
+                object.__setattr__(self, "uncertainty", check_scores(self.uncertainty))
+            except ValueError as err:
+                raise UsageError(f"--uncertainty: {err}") from None
+        if not 0.0 <= self.qc_threshold <= 1.0:
+            raise UsageError(f"--qc-threshold must be in [0, 1], got {self.qc_threshold}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UsageError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes"
@@ -140,7 +156,14 @@ class MetricSettings:
             "temperature": self.temperature,
             "calibration_views": self.calibration_views,
             "boundary_band": self.boundary_band,
+            **self._uncertainty_dict(),
         } | ({"boundary": self.boundary.as_dict()} if self.boundary is not None else {})
+
+    def _uncertainty_dict(self) -> dict:
+        """``--uncertainty`` settings, recorded only when given (DESIGN §11)."""
+        if not self.uncertainty:
+            return {}
+        return {"uncertainty": list(self.uncertainty), "qc_threshold": self.qc_threshold}
 
     @classmethod
     def from_dict(cls, d) -> MetricSettings:
@@ -168,6 +191,9 @@ class MetricSettings:
             kwargs["label_map"] = LabelMap(name, table, builtin[1] if builtin else ())
         if d.get("boundary"):
             kwargs["boundary"] = BoundaryOptions.from_dict(d["boundary"])
+        if d.get("uncertainty"):
+            kwargs["uncertainty"] = tuple(d["uncertainty"])
+            kwargs["qc_threshold"] = float(d.get("qc_threshold", 0.5))
         excluded = d.get("exclude_classes") or ()
         kwargs["exclude_classes"] = tuple(
             names.index(c) if c in names else int(c) for c in excluded

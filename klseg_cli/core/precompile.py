@@ -30,6 +30,9 @@ def precompile() -> bool:
     y = np.array([0, 1, 2, 255], dtype=np.uint8)
     add_chunk(total, P, y, settings, 1e-3)
     add_chunk(total, np.ascontiguousarray(P.T), y, settings, 1e-3, pixel_major=True)
+    scored = MetricSettings(num_classes=3, uncertainty=("entropy", "margin"))  # same types
+    add_chunk(Stats.zeros(3, 15), P, y, scored, 1e-3)
+    add_chunk(Stats.zeros(3, 15), np.ascontiguousarray(P.T), y, scored, 1e-3, pixel_major=True)
     from . import _fast_fit  # klseg calibrate's compiled pass and class-wise bins
 
     codes = settings.labels.codes(y)

@@ -5,13 +5,16 @@ read by the reports."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
 from ..defaults import DEFAULT_MAX_PIXELS
+from ..errors import KlsegWarning
 from .chunks import DEFAULT_CHUNK_PIXELS
 from .metrics import MetricSettings
 from .stats import (
@@ -23,6 +26,9 @@ from .stats import (
     image_class_rows,
     pixel_metrics,
 )
+
+if TYPE_CHECKING:  # io imports this module
+    from ..io.network import NetworkSettings
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class ReadOptions:
     accelerate: bool | None = None  # the compiled kernel: None = for large maps
     spatial_dims: int = 2  # 3: .npy/.npz volumes (X, Y, Z[, C]); NIfTI files are always 3
     allow_affine_mismatch: bool = False  # NIfTI pairs whose affines or spacings differ
+    network: NetworkSettings | None = None  # remote reads' bounds (None: the environment's)
+    strict_zarr: bool = False  # a missing Zarr chunk is an error, not the fill value
+    read_ahead: bool = False  # a thread reads the next chunk during the kernel (one worker)
 
 
 @dataclass
@@ -48,6 +57,7 @@ class ImageResult:
     stats: Stats
     shape: tuple[int, ...] | None = None  # a volume's (X, Y, Z) (volumes.py); None: (H, W)
     boundary: dict[str, np.ndarray] | None = None  # --boundary: {metric: (C,)} (boundary.py)
+    zarr_missing: dict | None = None  # {store: (missing chunk keys, fill value)} (zarrio.py)
 
     def row(self, settings: MetricSettings) -> dict:
         """This image's ``per_image.csv`` row."""
@@ -59,6 +69,10 @@ class ImageResult:
             "n_valid": self.stats.n_valid,
         }
         row.update({k: values[k] for k in IMAGE_COLUMNS[4:]})
+        if settings.uncertainty:  # --uncertainty: mean score, AUROC ... (uncertainty.py)
+            from ..core.uncertainty import stats_image_values
+
+            row.update(stats_image_values(self.stats, settings))
         if self.shape is not None or self.boundary is not None:
             from .boundary import image_values
 
@@ -129,11 +143,60 @@ class EvaluationResult:
                 dataset_metrics(images, total, self.settings), self, images
             ),
             "classes": _with_boundary_means(class_metrics(total, self.settings), self),
+            **_uncertainty_section(total, self.settings),
             "images": images,
             "requirements": [],
             "missing_predictions": [str(p) for p in self.missing_predictions],
             "errors": list(self.errors),
+            "zarr_missing_chunks": zarr_missing_summary(self.images),
         }
+
+    def warn_missing_chunks(self) -> None:
+        """One warning per Zarr store that had chunks missing (read as the fill value)."""
+        for entry in zarr_missing_summary(self.images)["files"]:
+            message = missing_message(entry["file"], entry["chunks"], entry["fill_value"])
+            warnings.warn(message, KlsegWarning, stacklevel=2)
+
+
+def missing_message(store: str, n: int, fill) -> str:
+    """The warning for ``n`` chunks of ``store`` read as the fill value."""
+    return (
+        f"{store}: {n} Zarr chunk{'s' if n != 1 else ''} missing, read as the fill value "
+        f"{fill!r} (a sparse array, or lost chunks? --strict-zarr makes this an error)"
+    )
+
+
+def merge_missing(into: dict | None, more: dict | None) -> dict | None:
+    """Two ``ImageResult.zarr_missing`` records as one (the chunk keys united)."""
+    if not more:
+        return into
+    out = dict(into or {})
+    for store, (keys, fill) in more.items():
+        held = out.get(store)
+        out[store] = (keys | held[0], fill) if held else (keys, fill)
+    return out
+
+
+def zarr_missing_summary(images) -> dict:
+    """summary.json's ``zarr_missing_chunks``: the total and, per store, how many chunks
+    were missing and the fill value they were read as."""
+    stores: dict | None = None
+    for image in images:
+        stores = merge_missing(stores, image.zarr_missing)
+    files = [
+        {"file": store, "chunks": len(keys), "fill_value": fill}
+        for store, (keys, fill) in sorted((stores or {}).items())
+    ]
+    return {"total": sum(f["chunks"] for f in files), "files": files}
+
+
+def _uncertainty_section(total: Stats, settings: MetricSettings) -> dict:
+    """``--uncertainty``: summary.json's ``uncertainty`` object (bounds, thresholds)."""
+    if not settings.uncertainty:
+        return {}
+    from ..core.uncertainty import summary_section
+
+    return {"uncertainty": summary_section(total, settings)}
 
 
 def _with_boundary_means(rows: list[dict], result: EvaluationResult) -> list[dict]:

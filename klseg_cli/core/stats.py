@@ -44,6 +44,11 @@ class Stats:
     band_count: np.ndarray | None = None  # (bins,) int64
     band_conf: np.ndarray | None = None  # (bins,) float64
     band_correct: np.ndarray | None = None  # (bins,) int64
+    # Failure detection (``--uncertainty``, DESIGN §11; None unless computed): per score, the
+    # histograms of correct (row 0) and wrong (row 1) pixels over uncertainty.BINS bins,
+    # and the sum of the scores.
+    unc_hist: np.ndarray | None = None  # (S, 2, BINS) int64
+    unc_sum: np.ndarray | None = None  # (S,) float64
 
     def __post_init__(self) -> None:
         C, bins = self.confusion.shape[0], self.ece_count.shape[0]
@@ -52,8 +57,15 @@ class Stats:
                 setattr(self, name, np.zeros(shape, dtype=dtype))
 
     @classmethod
-    def zeros(cls, num_classes: int, ece_bins: int) -> Stats:
+    def zeros(cls, num_classes: int, ece_bins: int, *, n_scores: int = 0) -> Stats:
+        unc = {}
+        if n_scores:
+            from .uncertainty import BINS
+
+            unc = {"unc_hist": np.zeros((n_scores, 2, BINS), np.int64),
+                   "unc_sum": np.zeros(n_scores)}  # fmt: skip
         return cls(
+            **unc,
             sums=np.zeros(len(PIXEL_METRICS)),
             confusion=np.zeros((num_classes, num_classes), dtype=np.int64),
             class_kl=np.zeros(num_classes),
@@ -87,7 +99,15 @@ class Stats:
         b = ece_bin_index(terms.confidence, bins)
         # one pass for both the bin counts and the correct counts: index b + bins·[correct]
         b_correct = np.bincount(b + bins * (y == pred), minlength=2 * bins)
+        unc = {}
+        if settings.uncertainty:
+            from .uncertainty import chunk_histograms, chunk_scores
+
+            scores = chunk_scores(settings.uncertainty, p=terms.p, confidence=terms.confidence,
+                                  pred=pred, entropy=terms.entropy)  # fmt: skip
+            unc["unc_hist"], unc["unc_sum"] = chunk_histograms(scores, y != pred)
         return cls(
+            **unc,
             sums=sums,
             confusion=confusion.astype(np.int64),
             class_kl=np.bincount(y, weights=terms.kl, minlength=C),
@@ -99,7 +119,7 @@ class Stats:
         )
 
     def __add__(self, other: Stats) -> Stats:
-        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+        return Stats(**{f.name: _plus(getattr(self, f.name), getattr(other, f.name))
                         for f in fields(self)})  # fmt: skip
 
     @property
@@ -109,7 +129,9 @@ class Stats:
     def to_dict(self) -> dict:
         """Plain lists and numbers: cheap to serialise and ship between processes."""
         return {
-            f.name: getattr(self, f.name).tolist() if f.name != "n_clipped" else self.n_clipped
+            f.name: getattr(self, f.name).tolist()
+            if f.name != "n_clipped" and getattr(self, f.name) is not None
+            else getattr(self, f.name)
             for f in fields(self)
         }
 
@@ -126,9 +148,18 @@ class Stats:
 _DTYPES = {
     name: np.int64
     for name in ("confusion", "ece_count", "ece_correct", "fine_count", "fine_correct",
-                 "classwise_count", "classwise_hit", "band_count", "band_correct")
+                 "classwise_count", "classwise_hit", "band_count", "band_correct", "unc_hist")
 }  # fmt: skip
 """Count fields (int64); every other array of a Stats holds float64 sums."""
+
+
+def _plus(a, b):
+    """a + b, where a field absent from one side (None: not computed) takes the other's."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
 
 
 _VIEW_FIELDS = (
@@ -294,6 +325,10 @@ def pixel_metrics_batch(totals, settings: MetricSettings) -> dict[str, np.ndarra
     out["fwiou"] = safe_divide(np.where(weights > 0, weights * iou, 0.0).sum(axis=-1),
                                weights.sum(axis=-1))  # fmt: skip
     out.update(view_metrics_batch(totals, settings))
+    if settings.uncertainty:  # --uncertainty: AUROC ... of each resample (uncertainty.py)
+        from .uncertainty import pooled_batch
+
+        out.update(pooled_batch(totals, settings))
     return out
 
 
@@ -332,6 +367,10 @@ def dataset_metrics(image_rows: list[dict], total: Stats, settings: MetricSettin
         out[f"{name}_pooled"] = pooled[name]
     for name, value in view_metrics(total, settings).items():
         out[f"{name}_pooled"] = value
+    if settings.uncertainty:  # --uncertainty (uncertainty.py)
+        from .uncertainty import dataset_values
+
+        out.update(dataset_values(image_rows, total, settings))
     return out
 
 
@@ -340,8 +379,10 @@ def dataset_metric_names() -> list[str]:
     names = [f"{m}_{kind}" for m in IMAGE_MEAN_METRICS for kind in ("pooled", "image_mean")]
     names += [f"{m}_pooled" for m in (*POOLED_ONLY_METRICS, *CALIBRATION_METRICS)]
     from .boundary import dataset_names  # with --boundary only (boundary.py)
+    from .uncertainty import SCORES
+    from .uncertainty import dataset_names as uncertainty_names  # with --uncertainty only
 
-    return names + dataset_names()
+    return names + dataset_names() + uncertainty_names(SCORES)
 
 
 def class_means_cover(settings: MetricSettings) -> dict:

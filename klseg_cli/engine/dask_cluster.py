@@ -9,7 +9,10 @@ blocks merges its blocks in row order (the same sums, added in another grouping:
 float64 rounding). Dask does the rest: placement, retries of tasks whose worker died,
 progress. The workers need klseg (and, for URLs, its ``cloud`` extra) installed and must
 see the same paths — local paths are sent as absolute ones, so a shared file system or
-URLs (``s3://...``) serve.
+URLs (``s3://...``) serve. Each task carries the run's read options, network bounds
+(``--timeout``, ``KLSEG_*``: see io/network.py) and ``--strict-zarr`` included, and applies
+them before it reads, so a worker whose environment differs still waits and retries as the
+client said; the Zarr chunks a task found missing come back with its sums.
 
 distributed is the optional extra ``klseg[dask]``.
 """
@@ -100,16 +103,23 @@ def _maybe_die() -> None:
 
 
 def run_task(pair, block: Block | None, settings, read):
-    """One task: an ``ImageResult`` (a pair) or ``(Stats, height, width)`` (a block), or
+    """One task: an ``ImageResult`` (a pair) or ``(Stats, height, width, missing Zarr
+    chunks)`` (a block), or
     ``("error", kind, message, path)`` for an InputError — rebuilt by the client, so the
     error is the one line it is locally."""
     _maybe_die()
+    from ..io.opening import use_read_options
     from .image import evaluate_pair
 
+    use_read_options(read)
     try:
         if block is None:
             return evaluate_pair(pair, settings, read=read)
-        return _block_stats(pair, block, settings, read)
+        from ..io.zarrio import collect_missing, frozen
+
+        with collect_missing() as missing:
+            stats, height, width = _block_stats(pair, block, settings, read)
+        return stats, height, width, frozen(missing) or None
     except InputError as err:
         return ("error", type(err).__name__, err.message, err.path)
 
@@ -246,7 +256,7 @@ def dask_evaluate(
     """``evaluation.evaluate`` on a Dask cluster (``jobs`` is the cluster's business and is
     ignored). ``block_rows``: rows per task of a split map (None: maps of more than
     SPLIT_VALUES values are split; 0: never)."""
-    from ..core.results import EvaluationResult, ImageResult
+    from ..core.results import EvaluationResult, ImageResult, merge_missing
     from ..core.stats import Stats
     from .local import plan
 
@@ -296,9 +306,10 @@ def dask_evaluate(
             continue
         if block is None:
             outcome.pred_path, outcome.target_path = pair.pred, pair.target
+            outcome.zarr_missing = _renamed(outcome.zarr_missing, pair, sent)
             images.append(outcome)
             continue
-        stats, height, width = outcome
+        stats, height, width, missing = outcome
         held = partial.get(pair.stem)
         if held is False:
             continue  # another block of this map failed
@@ -309,14 +320,27 @@ def dask_evaluate(
             )  # fmt: skip
             images.append(held)
         held.stats = held.stats + stats
+        held.zarr_missing = merge_missing(held.zarr_missing, _renamed(missing, pair, sent))
     images = [i for i in images if partial.get(i.stem) is not False]
-    return EvaluationResult.of(job, images, errors)
+    result = EvaluationResult.of(job, images, errors)
+    result.warn_missing_chunks()
+    return result
 
 
 def _pairs_of(job, tasks):
     """The original pair (paths as the user gave them) of every task, in task order."""
     by_abs = {(_absolute(p.pred), _absolute(p.target)): p for p in job.pairing.pairs}
     return [by_abs[(sent.pred, sent.target)] for sent, _ in tasks]
+
+
+def _renamed(missing: dict | None, pair, sent) -> dict | None:
+    """A task's missing Zarr chunks keyed by the paths as the user gave them."""
+    if not missing:
+        return missing
+    names = {str(sent.pred): str(pair.pred)}
+    if sent.target is not None:
+        names[str(sent.target)] = str(pair.target)
+    return {names.get(store, store): value for store, value in missing.items()}
 
 
 def _rebuild(outcome, pair, sent) -> InputError:

@@ -74,7 +74,7 @@ class PairData:
         neg_h = f = g = h = 0.0
         for pair in self.pairs:
             opened = _open(pair, self.settings, self.read)
-            if isinstance(opened.target, np.ndarray) and uses_kernel(
+            if _labels(opened.target) and uses_kernel(
                 opened.pred, self.settings, self.read.accelerate
             ):
                 r = _kernel_pass(pair, opened, self.settings, self.read, a)
@@ -105,7 +105,7 @@ class PairData:
             except KlsegError:  # the passes report it
                 continue
             pred, target = opened.pred, opened.target
-            kernel = kernel and isinstance(target, np.ndarray) and _fast_fit.supported(
+            kernel = kernel and _labels(target) and _fast_fit.supported(
                 settings, pred.compute_dtype)  # fmt: skip
             npx = pred.n_pixels
             want = max(1, round(budget * npx / total * every))
@@ -120,7 +120,7 @@ class PairData:
                 stop = min(start + step, npx)
                 with np.errstate(all="ignore"):
                     P = pred.block(start, stop, logits=logits)[:, ::thin]
-                    if isinstance(target, np.ndarray):
+                    if _labels(target):
                         y = class_codes(target.reshape(-1)[start:stop][::thin], settings)
                         keep = y >= 0
                         P, tgt = P[:, keep], y[keep]
@@ -145,6 +145,12 @@ class PairData:
             ok = np.isfinite(qL)
             parts.append((L[:, ok], qL[ok]))
         return _numpy_sample(parts)
+
+
+def _labels(target) -> bool:
+    """Whether a target is a label mask (an array, or one read in row bands), not a soft
+    target map (which is read with ``block``)."""
+    return target is not None and not hasattr(target, "block")
 
 
 def _kernel_pass(pair, opened, settings, read, a):

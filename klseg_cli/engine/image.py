@@ -13,7 +13,7 @@ from ..core.metrics import MetricSettings, PixelTerms, check_probabilities, pixe
 from ..core.results import ImageResult, ReadOptions
 from ..core.stats import Stats
 from ..errors import KlsegError, UsageError
-from ..io.opening import open_pair
+from ..io.opening import open_pair, use_read_options
 from ..io.pairing import Pair
 from ..io.readers import PredictionMap, sum_tolerance
 
@@ -97,16 +97,21 @@ def image_stats(
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     target_path: Path | None = None,
     accelerate: bool | None = None,
+    read_ahead: bool = False,
 ) -> Stats:
     """The sums of one image: the compiled kernel where it applies, else the NumPy path.
 
     ``accelerate``: True forces the kernel where it applies, False never uses it, None (the
     default) uses it for maps of at least FAST_MIN_VALUES values. Importing numba and
     loading its compiled code costs about a second, more than small maps take in NumPy.
+    ``read_ahead``: with the kernel, a second thread reads the next chunk of a file while
+    the kernel computes this one (``_chunks_read_ahead``); worth it for one worker only.
     """
     tolerance = _tolerance(pred, settings)
     if not isinstance(target, PredictionMap) and uses_kernel(pred, settings, accelerate):
-        return _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance)
+        return _fast_image_stats(
+            pred, target, settings, chunk_pixels, target_path, tolerance, read_ahead=read_ahead
+        )
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
     views = _views(pred, target, settings, accelerate) if settings.calibration_views else None
     for start, stop, valid, P, tgt in iter_chunks(
@@ -155,7 +160,9 @@ def uses_kernel(pred: PredictionMap, settings: MetricSettings, accelerate: bool 
     return _fast.supported(settings, pred.compute_dtype)
 
 
-def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, tolerance) -> Stats:
+def _fast_image_stats(
+    pred, target, settings, chunk_pixels, target_path, tolerance, *, read_ahead: bool = False
+) -> Stats:
     """``image_stats`` through the compiled kernel: each chunk is added to the totals in
     place, ignored pixels masked inside the kernel (no compaction copy). A chunk the
     kernel refuses (bad values, or bad values only under ignored pixels) goes through the
@@ -170,9 +177,16 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     # labels that fit int32 go to the kernel as they are; wider ones (and mapped ones) as codes
     plain = settings.labels.plain and np.can_cast(labels.dtype, np.int32)
     total = Stats.zeros(settings.num_classes, settings.ece_bins)
-    buffer = None
-    for start in range(0, pred.n_pixels, chunk_pixels):
-        stop = min(start + chunk_pixels, pred.n_pixels)
+    read = pred.pixel_rows if pixel_major else pred.block
+    n = pred.n_pixels
+    ranges = [(a, min(a + chunk_pixels, n)) for a in range(0, n, chunk_pixels)]
+    if planes is not None:
+        chunks = ((a, b, None) for a, b in ranges)
+    elif read_ahead and len(ranges) > 1:
+        chunks = _chunks_read_ahead(read, ranges)
+    else:
+        chunks = _chunks_in_one_buffer(read, ranges)
+    for start, stop, P in chunks:
         raw = labels[start:stop]
         # plain labels go in as they are (the kernel masks those outside 0..C-1); else codes
         y = raw if plain else settings.labels.codes(raw)
@@ -180,12 +194,10 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
             if _fast.add_chunk(total, planes, y, settings, tolerance, start=start):
                 continue
             P = pred.block(start, stop)
-        else:  # read into this worker's buffer, reused for every chunk
-            read = pred.pixel_rows if pixel_major else pred.block
-            P = buffer = read(start, stop, out=buffer)
+        else:  # read into a buffer that is reused for later chunks
             if _fast.add_chunk(total, P, y, settings, tolerance, pixel_major=pixel_major):
                 continue
-            buffer = None  # P goes on to the NumPy path: read the next chunk elsewhere
+            # P goes on to the NumPy path (its buffer is read into once this chunk is done)
             if pixel_major:
                 P = np.ascontiguousarray(P.T)
         _, P, y = _valid_pixels(P, settings.labels.codes(raw))
@@ -193,6 +205,32 @@ def _fast_image_stats(pred, target, settings, chunk_pixels, target_path, toleran
     # KL(p‖q) against one-hot targets is infinite: undefined, unless no pixel was valid
     total.sums[1] = np.nan if total.n_valid else 0.0
     return total
+
+
+def _chunks_in_one_buffer(read, ranges):
+    """``(start, stop, P)`` of each chunk, read into one buffer reused for every chunk (no
+    fresh pages to fault in each time): P is valid until the next chunk is asked for."""
+    buffer = None
+    for start, stop in ranges:
+        buffer = read(start, stop, out=buffer)
+        yield start, stop, buffer
+
+
+def _chunks_read_ahead(read, ranges):
+    """``_chunks_in_one_buffer`` with one read-ahead thread: the next chunk is read (``pread``
+    and NumPy copies release the GIL) into a second buffer while the caller computes this
+    one, so one worker's file reads overlap its kernel. P is valid until the next chunk
+    is asked for; an error reading a chunk is raised when that chunk is asked for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buffers: list = [None, None]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="klseg-read") as pool:
+        pending = pool.submit(read, *ranges[0], out=None)
+        for k, (start, stop) in enumerate(ranges):
+            P = buffers[k % 2] = pending.result()
+            if k + 1 < len(ranges):  # the buffer of chunk k-1, which the caller is done with
+                pending = pool.submit(read, *ranges[k + 1], out=buffers[(k + 1) % 2])
+            yield start, stop, P
 
 
 def _terms(pred: PredictionMap, P, target, settings, tolerance) -> PixelTerms:
@@ -213,23 +251,31 @@ def evaluate_pair(
     pair: Pair, settings: MetricSettings, *, read: ReadOptions = ReadOptions()
 ) -> ImageResult:
     """Sums and counts of one prediction against its target."""
-    opened = open_pair(pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read)
-    if opened.target is None:
-        raise UsageError(f"{pair.pred}: evaluation needs a target")
-    total = image_stats(
-        opened.pred,
-        opened.target,
-        settings,
-        chunk_pixels=read.chunk_pixels,
-        target_path=pair.target,
-        accelerate=read.accelerate,
-    )
-    boundary = None
-    if settings.boundary is not None:
-        from ..core.boundary import image_boundary
+    from ..io.zarrio import collect_missing, frozen
 
-        boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
+    use_read_options(read)
+    with collect_missing() as missing:  # Zarr chunks read as the fill value
+        opened = open_pair(
+            pair, soft_gt=settings.soft_gt, num_classes=settings.num_classes, read=read
+        )
+        if opened.target is None:
+            raise UsageError(f"{pair.pred}: evaluation needs a target")
+        total = image_stats(
+            opened.pred,
+            opened.target,
+            settings,
+            chunk_pixels=read.chunk_pixels,
+            target_path=pair.target,
+            accelerate=read.accelerate,
+            read_ahead=read.read_ahead,
+        )
+        boundary = None
+        if settings.boundary is not None:
+            from ..core.boundary import image_boundary
+
+            boundary = image_boundary(opened, settings, chunk_pixels=read.chunk_pixels)
     return ImageResult(
         pair.stem, pair.pred, pair.target, opened.height, opened.width, total,
         shape=getattr(opened, "file_shape", None), boundary=boundary,
+        zarr_missing=frozen(missing) or None,
     )  # fmt: skip

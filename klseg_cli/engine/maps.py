@@ -17,11 +17,26 @@ from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
 from ..errors import InputError, UsageError
 from ..io.pairing import OpenedPair
-from ..io.readers import read_palette, sum_tolerance
+from ..io.readers import PredictionMap, read_palette, sum_tolerance
 from ..io.volumes import SliceView, VolumePair, slice_pair
 from .image import iter_terms
 
-HEATMAP_METRICS = ("kl", "ce", "js", "entropy", "error", "confidence")
+HEATMAP_METRICS = (
+    "kl",
+    "ce",
+    "js",
+    "entropy",
+    "error",
+    "confidence",
+    "rater-disagreement",
+    "uncertainty-error",
+)
+FIXED_RANGE = {
+    "error": 1.0,
+    "confidence": 1.0,
+    "rater-disagreement": 1.0,
+    "uncertainty-error": 3.0,
+}  # vmin 0
 
 
 TARGET_FREE_METRICS = ("entropy", "confidence")
@@ -49,6 +64,8 @@ class MetricMap:
     unit: str
     codes: object = None  # raw labels → class codes (LabelSpec.codes); negative: ignored
     palette: np.ndarray | None = None  # (256, 3) colours of a palette PNG target
+    wrong: np.ndarray | None = None  # uncertainty-error: (H, W) uint8 [argmax ≠ label]
+    threshold: float = math.nan  # uncertainty-error: the image's UEO threshold
 
     @property
     def height(self) -> int:
@@ -165,6 +182,9 @@ def compute_map(
                 _put(pred_map, start, stop, pt.pred, None, 0)
         return MetricMap(metric, values, pred_map, None, _unit(metric, settings))
 
+    if metric == "uncertainty-error":  # scores and errors (uncertainty_map.py)
+        return _uncertainty_error_map(opened, settings, chunk_pixels=chunk_pixels,
+                                      target_path=target_path, with_pred=with_pred)  # fmt: skip
     for start, stop, valid, terms in iter_terms(
         opened.pred, opened.target, settings, chunk_pixels=chunk_pixels, target_path=target_path
     ):
@@ -177,11 +197,41 @@ def compute_map(
         _put(values, start, stop, v, valid, np.nan)
         if pred_map is not None:
             _put(pred_map, start, stop, terms.pred, valid, 0)
-    labels = opened.target if isinstance(opened.target, np.ndarray) else None
+    labels = None if isinstance(opened.target, PredictionMap) else opened.target
     palette = read_palette(target_path) if (with_pred and target_path is not None) else None
     return MetricMap(
         metric, values, pred_map, labels, _unit(metric, settings), settings.labels.codes, palette
     )
+
+
+def _uncertainty_error_map(opened, settings, *, chunk_pixels: int, target_path: Path | None,
+                           with_pred: bool = False) -> MetricMap:  # fmt: skip
+    """``--metric uncertainty-error``: the score map (NaN where ignored), the wrong-pixel
+    map and the image's UEO threshold of one pair (``render/uncertainty_map`` draws it)."""
+    from ..core.uncertainty import chunk_histograms, chunk_scores, failure_detection
+
+    score = (settings.uncertainty or ("entropy",))[0]
+    H, W = opened.height, opened.width
+    values = _empty((H, W), np.float32, np.nan)
+    wrong = _empty((H, W), np.uint8, 0)
+    pred_map = _empty((H, W), np.uint16, 0) if with_pred else None
+    hist = None
+    for start, stop, valid, terms in iter_terms(
+        opened.pred, opened.target, settings, chunk_pixels=chunk_pixels, target_path=target_path
+    ):
+        s = chunk_scores((score,), p=terms.p, confidence=terms.confidence, pred=terms.pred,
+                         entropy=terms.entropy)  # fmt: skip
+        w = terms.pred != terms.label
+        h, _ = chunk_histograms(s, w)
+        hist = h if hist is None else hist + h
+        _put(values, start, stop, s[0], valid, np.nan)
+        _put(wrong, start, stop, w.astype(np.uint8), valid, 0)
+        if pred_map is not None:
+            _put(pred_map, start, stop, terms.pred, valid, 0)
+    t = failure_detection(hist[0])["ueo_threshold"] if hist is not None else math.nan
+    labels = opened.target if isinstance(opened.target, np.ndarray) else None
+    return MetricMap("uncertainty-error", values, pred_map, labels, score,
+                     settings.labels.codes, wrong=wrong, threshold=t)  # fmt: skip
 
 
 def pair_map(

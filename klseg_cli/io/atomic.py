@@ -9,8 +9,10 @@ old file, or none, behind. Two kinds of path are never replaced by a rename:
 - a special file (a terminal, a pipe, a FIFO, ``/dev/null``, ``/dev/full``) is a stream:
   the finished temporary file is copied into it, as ``cat tmp > path`` would.
 
-Every OS error (no such folder, permission denied, a full or read-only disk) becomes an
-``OutputError`` naming the path as the user gave it.
+Missing parent folders are created, as ``evaluate --out`` creates its report folder: one
+rule for every output path (``heatmap -o new/x.png``, ``--junit ci/gate.xml``, ...). Every
+OS error (permission denied, a file where a folder belongs, a full or read-only disk)
+becomes an ``OutputError`` naming the path as the user gave it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def is_stream(path: Path | str) -> bool:
     return _kind(Path(path)) == "special"
 
 
+def _make_parents(given: Path, where: Path) -> None:
+    """Make the folder ``where`` (and its parents); a file in the way is named."""
+    try:
+        os.makedirs(where, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        probe = where
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        raise OutputError(f"cannot write: {probe} is a file, not a folder", path=given) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path; on success its content replaces (or streams into) ``path``."""
@@ -72,6 +85,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         target = Path(os.path.realpath(given))  # through a symlink, never replacing it
         where = target.parent
     try:
+        if where is not None:
+            _make_parents(given, where)  # missing parents: made, as for --out
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=where)
         os.close(fd)
     except OSError as err:

@@ -11,6 +11,15 @@ from .pairing import OpenedPair, Pair
 from .readers import PredictionMap, load_array, open_prediction, read_target
 
 
+def use_read_options(read: ReadOptions) -> None:
+    """Make a run's network bounds and Zarr strictness this process's: the client calls it
+    before it lists and opens anything, a worker (process or Dask) before its task reads."""
+    from . import network, zarrio
+
+    network.use(read.network)
+    zarrio.use_strict(read.strict_zarr)
+
+
 def open_pair(
     pair: Pair, *, soft_gt: bool, num_classes: int | None, read: ReadOptions
 ) -> OpenedPair:

@@ -85,15 +85,17 @@ def check_out_dir(out: Path) -> Path:
 
 
 def check_output_file(path: Path, option: str, *, report_dir: Path | None = None) -> None:
-    """Fail before any work on an output file that cannot be written: a folder, a missing
-    or unwritable parent folder, an unwritable special file (the write reports the rest).
-    A file inside ``report_dir`` is let through: that folder is made with the report."""
+    """Fail before any work on an output file that cannot be written: a folder, a parent
+    folder that cannot be made or written into, an unwritable special file (the write
+    reports the rest). Missing parent folders are made when the file is written
+    (``atomic.atomic_path``). A file inside ``report_dir`` is let through: that folder is
+    made with the report."""
     path = Path(path)
     if report_dir is not None and _resolved(path).is_relative_to(_resolved(Path(report_dir))):
         return
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file in the way: named below
         mode = None
     except OSError as err:
         raise OutputError(f"cannot write: {err.strerror or err}", path=path) from None
@@ -104,8 +106,17 @@ def check_output_file(path: Path, option: str, *, report_dir: Path | None = None
             raise OutputError("cannot write: Permission denied", path=path)
         return
     parent = Path(os.path.realpath(path)).parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write: no such folder {parent}", path=path)
+    if not parent.is_dir():  # made with the file, if its nearest existing folder allows
+        probe = parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise OutputError(f"cannot write: {probe} is a file, not a folder", path=path)
+        try:
+            check_out_dir(parent)
+        except OutputError as err:
+            raise OutputError(f"cannot write: {err.message}", path=path) from None
+        return
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("cannot write: Permission denied", path=path)
 

@@ -11,7 +11,13 @@ are plain local paths (the local readers, with ``pread``, are faster than fsspec
 fsspec and the protocol's own package (s3fs, gcsfs...) are the optional extra
 ``klseg[cloud]``; a URL without them is one usage error naming the extra. Credentials and
 endpoints come from fsspec's usual configuration (e.g. ``FSSPEC_S3_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``) — klseg passes none of its own.
+``AWS_ACCESS_KEY_ID``) — klseg adds only the bounds of ``network.py``: every request has a
+connect timeout, an idle-read timeout and a deadline; transient errors (5xx, resets) of
+these idempotent reads are retried with a backoff; and nothing is read past what was asked
+(a range, a small object's limit, an index page's bound). Over http(s) klseg makes its
+requests itself, on fsspec's aiohttp session, so that a body is read in blocks and dropped
+past its bound; other protocols go through their fsspec implementation, configured with
+the same timeouts (``storage_options``).
 """
 
 from __future__ import annotations
@@ -19,12 +25,24 @@ from __future__ import annotations
 import io
 import math
 import re
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urldefrag, urljoin
 
 import numpy as np
 
 from ..errors import InputError, ReadError, UsageError
+from . import network
+from .network import (  # the clients' options and errors (zarrio.py uses them too)
+    PROTOCOLS,
+    _describe,
+    _is_timeout,
+    _is_transient,
+    _timeout_message,
+    _TooLongError,
+    storage_options,
+)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 EXTRA_HINT = "pip install 'klseg[cloud]' (fsspec and s3fs; gcsfs for gs://)"
@@ -54,8 +72,6 @@ def as_input(value: Any) -> Any:
 
 
 _FILESYSTEMS: dict[str, Any] = {}
-PROTOCOLS = ("s3", "gs", "gcs", "http", "https", "memory", "file")
-"""URL schemes klseg opens through fsspec (others, e.g. ftp://, need arguments a URL lacks)."""
 
 
 def _filesystem(url: str):
@@ -73,7 +89,10 @@ def _filesystem(url: str):
     try:
         fs = _FILESYSTEMS.get(protocol)
         if fs is None:
-            fs = _FILESYSTEMS[protocol] = fsspec.filesystem(protocol)
+            fs = fsspec.filesystem(protocol, **storage_options(protocol))
+            if protocol == "s3":
+                fs.retries = 1  # s3fs's own loop would retry botocore's retries (and timeouts)
+            _FILESYSTEMS[protocol] = fs
     except ImportError as err:
         raise UsageError(
             f"{url}: the {protocol}:// protocol needs a package that is not installed "
@@ -90,16 +109,140 @@ def _filesystem(url: str):
 
 
 def reset_filesystems() -> None:
-    """Forget the cached filesystems (tests that change fsspec's configuration)."""
+    """Forget the cached filesystems (tests that change fsspec's configuration, and
+    ``network.use`` when the timeouts change: clients are configured when made)."""
     _FILESYSTEMS.clear()
 
 
-def _describe(err: BaseException) -> str:
-    if isinstance(err, FileNotFoundError):
-        return "no such object"
-    if isinstance(err, PermissionError):
-        return f"access denied ({err})"
-    return f"cannot read ({type(err).__name__}: {err})"
+# --- every request: a deadline, retries of transient errors, one line when it fails -------
+
+
+_timed_out: dict[str, str] = {}
+"""Servers (scheme://host:port) that timed out in this run, and how: they are not asked
+again, so a dead server costs one timeout, not one per file (``forget_timeouts``)."""
+
+
+def forget_timeouts() -> None:
+    """A new run (``network.use`` of another run's settings) asks every server again."""
+    _timed_out.clear()
+
+
+def _server(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0]}"
+
+
+def _request(fs, url: str, coro, call, *, nbytes: int | None = None, error=ReadError):
+    """One idempotent request: ``coro()`` on an async filesystem's event loop, under the
+    request's deadline, else ``call()``. Transient errors are retried with a backoff; a
+    timeout, or any other failure, is one ``error`` naming the URL."""
+    settings = network.current()
+    deadline = settings.deadline(nbytes)
+    server = _server(url)
+    if server in _timed_out:
+        raise error(
+            f"not asked: its server timed out earlier in this run ({_timed_out[server]})",
+            path=url,
+        )
+    attempt = 0
+    while True:
+        try:
+            if getattr(fs, "async_impl", False):
+                from fsspec.asyn import sync
+
+                return sync(fs.loop, coro, timeout=deadline)
+            return call()
+        except _TooLongError:
+            raise
+        except Exception as err:
+            if _is_timeout(err):
+                message = _timeout_message(err, deadline)
+                _timed_out[server] = f"{url}: {message}"
+                raise error(message, path=url) from None
+            transient = _is_transient(err)
+            if transient and attempt < settings.retries:
+                time.sleep(settings.backoff * 2**attempt)
+                attempt += 1
+                continue
+            tries = f" ({attempt + 1} tries)" if transient and attempt else ""
+            raise error(_describe(err) + tries, path=url) from None
+
+
+# --- http(s): requests made here, bodies read in blocks up to their bound -----------------
+
+
+def _http_check(response, url: str) -> None:
+    if response.status == 404:
+        raise FileNotFoundError(url)
+    if response.status in (401, 403):
+        raise PermissionError(f"HTTP {response.status}")
+    response.raise_for_status()
+
+
+def _http_kwargs(fs, headers: dict) -> dict:
+    kw = dict(fs.kwargs)
+    kw["headers"] = {**kw.get("headers", {}), **headers}
+    return kw
+
+
+async def _http_get(fs, url: str, headers: dict, limit: int) -> bytes:
+    """The body of a GET, read in blocks; ``_TooLongError`` as soon as it passes ``limit``."""
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **_http_kwargs(fs, headers)) as r:
+        _http_check(r, url)
+        parts, total = [], 0
+        async for block in r.content.iter_chunked(1 << 16):
+            total += len(block)
+            if total > limit:
+                raise _TooLongError(total)
+            parts.append(block)
+    return b"".join(parts)
+
+
+def _identity(headers) -> bool:
+    return headers.get("Content-Encoding", "identity") in ("identity", "")
+
+
+async def _http_size(fs, url: str) -> int | None:
+    """The object's size from a HEAD (or, where HEAD tells nothing, a one-byte range)."""
+    session = await fs.set_session()
+    kw = _http_kwargs(fs, {"Accept-Encoding": "identity"})
+    async with session.head(fs.encode_url(url), allow_redirects=True, **kw) as r:
+        if r.status not in (405, 501):
+            _http_check(r, url)
+            if "Content-Length" in r.headers and _identity(r.headers):
+                return int(r.headers["Content-Length"])
+    kw = _http_kwargs(fs, {"Accept-Encoding": "identity", "Range": "bytes=0-0"})
+    async with session.get(fs.encode_url(url), **kw) as r:
+        _http_check(r, url)
+        total = r.headers.get("Content-Range", "").rsplit("/", 1)[-1]
+        if total.isdigit():
+            return int(total)
+        if r.status == 200 and "Content-Length" in r.headers and _identity(r.headers):
+            return int(r.headers["Content-Length"])
+    return None
+
+
+_HREF = re.compile(r"""<a\s[^>]*?href\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
+
+
+def index_links(page: str, base: str) -> list[tuple[str, bool]]:
+    """(name, is_folder) of the links of an index page that name direct children of
+    ``base`` (a folder URL ending in "/"), in page order, each once."""
+    seen: dict[str, bool] = {}
+    for href in _HREF.findall(page):
+        url = urldefrag(urljoin(base, href.strip()))[0].split("?", 1)[0]
+        if not url.startswith(base):
+            continue
+        rest = url[len(base) :]
+        name = rest.rstrip("/")
+        if name and "/" not in name and name not in (".", ".."):
+            seen.setdefault(name, rest.endswith("/"))
+    return list(seen.items())
+
+
+def _is_http(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("http", "https")
 
 
 class RemotePath:
@@ -163,14 +306,17 @@ class RemotePath:
     def fs_path(self) -> str:
         return _filesystem(self.url)[1]
 
+    def _info(self, error=InputError) -> dict:
+        fs, path = _filesystem(self.url)
+        if _is_http(self.url):  # an http object is a file (a folder is asked with a slash)
+            size = _request(fs, self.url, lambda: _http_size(fs, self.url), None, error=error)
+            return {"type": "file", "size": size}
+        return _request(fs, self.url, lambda: fs._info(path), lambda: fs.info(path), error=error)
+
     def kind(self) -> str:
         """``"file"`` or ``"folder"``; an InputError when the URL names nothing readable."""
         if self._kind is None:
-            fs, path = _filesystem(self.url)
-            try:
-                info = fs.info(path)
-            except Exception as err:  # FileNotFoundError, PermissionError, botocore's...
-                raise InputError(_describe(err), path=self.url) from None
+            info = self._info()
             self._kind = "folder" if info.get("type") == "directory" else "file"
             self.size = info.get("size")
         return self._kind
@@ -183,13 +329,14 @@ class RemotePath:
 
     def iterdir(self):
         """The folder's entries (one listing; their kinds and sizes come with it)."""
+        if _is_http(self.url):
+            yield from self._index_page()
+            return
         fs, path = _filesystem(self.url)
-        if self.url.split("://", 1)[0].lower() in ("http", "https"):
-            path = self.url + "/"  # an index page: its links resolve against the slash
-        try:
-            entries = fs.ls(path, detail=True)
-        except Exception as err:
-            raise InputError(_describe(err), path=self.url) from None
+        entries = _request(
+            fs, self.url, lambda: fs._ls(path, detail=True), lambda: fs.ls(path, detail=True),
+            error=InputError,
+        )  # fmt: skip
         base = self.url
         for entry in entries:
             name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
@@ -198,24 +345,64 @@ class RemotePath:
             kind = "folder" if entry.get("type") == "directory" else "file"
             yield RemotePath(f"{base}/{name}", kind=kind, size=entry.get("size"))
 
+    def _index_page(self):
+        """An http folder's entries: the links of its index page, read up to the bounds of
+        ``network.current()`` (an endless or huge page is an error, not a flood)."""
+        settings = network.current()
+        fs, _ = _filesystem(self.url)
+        base = self.url + "/"  # the page's links resolve against the slash
+        limit = settings.index_bytes
+        try:
+            page = _request(
+                fs, self.url, lambda: _http_get(fs, base, {}, limit), None, nbytes=limit,
+                error=InputError,
+            )  # fmt: skip
+        except _TooLongError:
+            raise InputError(
+                f"the index page is larger than {limit:,} bytes; if the folder really lists "
+                f"that much, raise {network.ENV['index_bytes']}",
+                path=self.url,
+            ) from None
+        links = index_links(page.decode("utf-8", errors="replace"), base)
+        if len(links) > settings.index_links:
+            raise InputError(
+                f"the index page lists {len(links):,} entries, more than "
+                f"{settings.index_links:,}; if that is right, raise "
+                f"{network.ENV['index_links']}",
+                path=self.url,
+            )
+        for name, folder in links:
+            yield RemotePath(f"{self.url}/{name}", kind="folder" if folder else "file")
+
     def object_size(self) -> int:
         if self.size is None:  # a listing without sizes (an HTTP index page): ask
-            fs, path = _filesystem(self.url)
-            try:
-                self.size = fs.info(path).get("size")
-            except Exception as err:
-                raise ReadError(_describe(err), path=self.url) from None
+            self.size = self._info(ReadError).get("size")
         if self.size is None:
             raise ReadError("the store does not tell the object's size", path=self.url)
         return int(self.size)
 
     def read_range(self, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of the object: one range request."""
+        """Bytes [start, stop) of the object: one range request, of at most that many."""
+        if stop <= start:
+            return b""
         fs, path = _filesystem(self.url)
+        if _is_http(self.url):
+            headers = {"Range": f"bytes={start}-{stop - 1}"}
+            coro = lambda: _http_get(fs, self.url, headers, stop - start)  # noqa: E731
+        else:
+            coro = lambda: fs._cat_file(path, start=start, end=stop)  # noqa: E731
         try:
-            data = fs.cat_file(path, start=start, end=stop)
-        except Exception as err:
-            raise ReadError(_describe(err), path=self.url) from None
+            data = _request(
+                fs, self.url, coro, lambda: fs.cat_file(path, start=start, end=stop),
+                nbytes=stop - start,
+            )  # fmt: skip
+        except _TooLongError:
+            raise ReadError(
+                f"the server sent more than {stop - start:,} bytes for the range "
+                f"{start:,}..{stop:,}: it does not serve byte ranges, which klseg needs to "
+                "read a map chunk by chunk",
+                path=self.url,
+            ) from None
         if len(data) > stop - start:
             raise ReadError(
                 f"the server sent {len(data):,} bytes for the range {start:,}..{stop:,}: it "
@@ -370,3 +557,11 @@ def read_target(rpath: RemotePath, *, max_pixels: int) -> np.ndarray:
     from .readers import read_target as local_read_target
 
     return _via_local_copy(rpath, lambda p: local_read_target(p, max_pixels=max_pixels))
+
+
+def _settings_changed() -> None:
+    reset_filesystems()  # clients are configured when made: make new ones
+    forget_timeouts()  # a new run gives every server a new chance
+
+
+network.on_change(_settings_changed)

@@ -67,6 +67,11 @@ def stack_stats(stats: Sequence[Stats], template: Stats) -> dict[str, np.ndarray
     return out
 
 
+def _template(s: MetricSettings) -> Stats:
+    """Zero Stats with every field these settings compute (``--uncertainty``'s histograms)."""
+    return Stats.zeros(s.num_classes, s.ece_bins, n_scores=len(s.uncertainty))
+
+
 def settings_from_dict(d: Mapping) -> MetricSettings:
     """``MetricSettings`` from summary.json's ``settings`` (see ``MetricSettings.from_dict``)."""
     return MetricSettings.from_dict(d)
@@ -98,7 +103,7 @@ class StatsTable:
             height=np.array([i.height for i in images], dtype=np.int64),
             width=np.array([i.width for i in images], dtype=np.int64),
             settings=s.as_dict(),
-            arrays=stack_stats([i.stats for i in images], Stats.zeros(s.num_classes, s.ece_bins)),
+            arrays=stack_stats([i.stats for i in images], _template(s)),
             klseg_version=__version__,
         )
 

@@ -8,12 +8,43 @@ the file and the field (exit 2), never a traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
 
 CLASS_NUMBERS = ("iou", "dice", "precision", "recall", "kl", "ce")
+INFINITIES = {"inf": math.inf, "-inf": -math.inf}
+"""summary.json writes ±inf as these strings (JSON has none; null means undefined)."""
+TEXT_FIELDS = frozenset({"class_name", "image"})
+"""Fields of class and image rows that hold text: a class named "inf" stays a name."""
+
+
+def _number(value):
+    return INFINITIES.get(value, value) if isinstance(value, str) else value
+
+
+def _numbers(row):
+    """A row (object) or interval (list) with "inf"/"-inf" turned into floats."""
+    if isinstance(row, dict):
+        return {k: v if k in TEXT_FIELDS else _numbers(v) for k, v in row.items()}
+    if isinstance(row, list):
+        return [_numbers(v) for v in row]
+    return _number(row)
+
+
+def read_infinities(data: dict) -> dict:
+    """``data`` (a loaded summary or compare.json) with the number fields' "inf"/"-inf"
+    read back as ±inf: ``dataset``, the intervals, the ``delta`` values, and every field
+    of the class and image rows but their names."""
+    for key in ("dataset", "dataset_ci", "delta", "delta_ci"):
+        if isinstance(data.get(key), dict):
+            data[key] = _numbers(data[key])
+    for key in ("classes", "images"):
+        if isinstance(data.get(key), list):
+            data[key] = [_numbers(r) if isinstance(r, dict) else r for r in data[key]]
+    return data
 
 
 def _is_number(value) -> bool:
@@ -45,7 +76,7 @@ def check_summary(data: Mapping, path: Path | str) -> None:
             raise bad(f"'{key}'", f"is {_show(data[key])}, not a count")
     for key, value in data["dataset"].items():
         if not _is_number(value):
-            raise bad(f"dataset '{key}'", f"is {_show(value)}, not a number or null")
+            raise bad(f"dataset '{key}'", f'is {_show(value)}, not a number, null or "inf"')
     for i, row in enumerate(data["classes"]):
         if not isinstance(row, dict):
             raise bad(f"classes[{i}]", f"is a {type(row).__name__}, not an object")
@@ -57,7 +88,9 @@ def check_summary(data: Mapping, path: Path | str) -> None:
             if key not in row:
                 raise bad(f"classes[{i}]", f"has no '{key}'")
             if not _is_number(row[key]):
-                raise bad(f"classes[{i}] '{key}'", f"is {_show(row[key])}, not a number or null")
+                raise bad(
+                    f"classes[{i}] '{key}'", f'is {_show(row[key])}, not a number, null or "inf"'
+                )
     for key in ("n_target",):  # shown in the class table
         for i, row in enumerate(data["classes"]):
             if key in row and not _is_count(row[key]):

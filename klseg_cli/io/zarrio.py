@@ -8,30 +8,175 @@ each stored chunk is decoded once as the core's chunks walk the image top to bot
 memory stays bounded by a band (``BAND_VALUES``), never the map. ``rows(r0, r1)`` gives a
 block of image rows, which is what a Dask task of a split map reads (engine_dask.py).
 
+Zarr allows sparse arrays: a chunk that is not stored reads as the array's fill value. So a
+lost chunk of a label mask would silently evaluate as class 0; every store is therefore
+opened through a ``CountingStore`` that records the chunks found missing while reading
+(into the ``collect_missing`` collector it was opened under: a task's own, so that threads
+and runs do not mix; the engine reports them per file in summary.json and as a warning), and
+under ``use_strict(True)`` (``--strict-zarr``) a missing chunk is a ReadError. The same store
+bounds every request by the timeouts of ``network.py`` (a remote store over fsspec gets the
+client options of ``network.storage_options``) and retries transient errors.
+
+zarr runs its reads on its own event loop thread; when a read fails, its sibling chunk reads
+are still pending there, and zarr's exit hook would destroy them mid-flight (asyncio's "Task
+was destroyed but it is pending!" lines after the error). ``_drain_loop``, registered to run
+before that hook, lets them finish first: the error stays one line.
+
 zarr is the optional extra ``klseg[zarr]``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import math
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from ..core.results import missing_message
 from ..errors import InputError, ReadError, UsageError
+from . import network
 
 BAND_VALUES = 1 << 25
 """Values one band of chunk rows may hold (128 MB of float32); wider bands read exactly."""
 
 
+_METADATA = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+_strict = False
+_lock = threading.Lock()
+_bags = threading.local()  # the collector of the thread that opens a store (collect_missing)
+_drain_registered = False
+
+
+def use_strict(strict: bool) -> None:
+    """``--strict-zarr``: whether a missing chunk is an error (else it is counted)."""
+    global _strict
+    _strict = bool(strict)
+
+
+@contextmanager
+def collect_missing():
+    """Collect the chunks found missing in the stores opened in this thread meanwhile:
+    yields {store (as named): (set of chunk keys, fill value)}, filled as they are read
+    (zarr reads on its own thread: each store holds the collector it was opened under)."""
+    bag: dict[str, tuple[set[str], Any]] = {}
+    previous = getattr(_bags, "bag", None)
+    _bags.bag = bag
+    try:
+        yield bag
+    finally:
+        _bags.bag = previous
+
+
+def frozen(bag: dict) -> dict[str, tuple[frozenset[str], Any]]:
+    """A collector's stores that had chunks missing, as plain values (to pickle, merge)."""
+    with _lock:
+        return {store: (frozenset(keys), fill) for store, (keys, fill) in bag.items() if keys}
+
+
+def warn_missing(bag: dict) -> None:
+    """A warning per store of a collector (``collect_missing``) that had chunks missing."""
+    import warnings
+
+    from ..errors import KlsegWarning
+
+    for store, (keys, fill) in sorted(frozen(bag).items()):
+        warnings.warn(missing_message(store, len(keys), fill), KlsegWarning, stacklevel=2)
+
+
+def _drain_loop(wait: float = 5.0) -> None:
+    """Let the reads still pending on zarr's event loop finish (or cancel them after
+    ``wait`` seconds), so that zarr's own exit hook finds no task to destroy."""
+    try:
+        from zarr.core import sync as zsync
+    except ImportError:  # pragma: no cover
+        return
+    loop = zsync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=wait)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(wait + 2)
+    except Exception:  # the loop is going anyway; never fail at exit
+        pass
+
+
 def _zarr():
+    global _drain_registered
     try:
         import zarr
     except ImportError:
         raise UsageError(
             "reading .zarr stores needs the optional extra: pip install 'klseg[zarr]'"
         ) from None
+    if not _drain_registered:
+        import zarr.core.sync  # its exit hook first: ours then runs before it
+
+        atexit.register(_drain_loop)
+        _drain_registered = True
     return zarr
+
+
+def _counting_store(store, where: str, bag: dict | None):
+    """``store`` wrapped: missing chunks counted into ``bag`` (or refused), requests
+    bounded in time."""
+    from zarr.storage import WrapperStore
+
+    from .network import _describe, _is_transient, _timeout_message
+
+    class CountingStore(WrapperStore):
+        chunk_bytes: int | None = None  # set once the array is open: the deadline's size
+
+        def _with_store(self, store):
+            return _counting_store(store, where, bag)
+
+        async def get(self, key, prototype, byte_range=None):
+            settings = network.current()
+            deadline = settings.deadline(self.chunk_bytes)
+            attempt = 0
+            while True:
+                try:
+                    value = await asyncio.wait_for(
+                        self._store.get(key, prototype, byte_range), deadline
+                    )
+                    break
+                except InputError:
+                    raise
+                except asyncio.TimeoutError as err:
+                    raise ReadError(_timeout_message(err, deadline), path=where) from None
+                except Exception as err:
+                    if _is_transient(err) and attempt < settings.retries:
+                        await asyncio.sleep(settings.backoff * 2**attempt)
+                        attempt += 1
+                        continue
+                    if _is_transient(err):
+                        raise ReadError(f"chunk {key}: {_describe(err)}", path=where) from None
+                    raise
+            if value is None and key.rsplit("/", 1)[-1] not in _METADATA:
+                if _strict:
+                    raise ReadError(
+                        f"chunk {key} is missing (--strict-zarr: a sparse or damaged store "
+                        "is an error; without it, missing chunks read as the fill value)",
+                        path=where,
+                    )
+                if bag is not None:
+                    with _lock:
+                        bag.setdefault(where, (set(), None))[0].add(key)
+            return value
+
+    return CountingStore(store)
 
 
 def _open(path, key: str | None):
@@ -42,9 +187,16 @@ def _open(path, key: str | None):
         if getattr(path, "is_remote", False):
             from zarr.storage import FsspecStore
 
-            store: Any = FsspecStore.from_url(path.url, read_only=True)
+            from .network import storage_options
+
+            options = storage_options(path.url.split("://", 1)[0].lower())
+            inner: Any = FsspecStore.from_url(path.url, storage_options=options, read_only=True)
         else:
-            store = str(path)
+            from zarr.storage import LocalStore
+
+            inner = LocalStore(str(path), read_only=True)
+        bag = getattr(_bags, "bag", None)
+        store = _counting_store(inner, where, bag)
         node = zarr.open(store=store, mode="r")
         if isinstance(node, zarr.Group):
             keys = sorted(node.array_keys())
@@ -64,6 +216,10 @@ def _open(path, key: str | None):
                 ) from None
             if not isinstance(node, zarr.Array):
                 raise ReadError(f"{key!r} is a group, not an array", path=where)
+        store.chunk_bytes = math.prod(node.chunks) * np.dtype(node.dtype).itemsize
+        if bag is not None:
+            with _lock:
+                bag[where] = (bag.get(where, (set(), None))[0], _plain(node.fill_value))
         return node
     except InputError:
         raise
@@ -75,6 +231,11 @@ def _open(path, key: str | None):
         raise ReadError(
             f"not a readable Zarr store ({type(err).__name__}: {err})", path=where
         ) from None
+
+
+def _plain(value):
+    """A fill value as JSON writes it (a NumPy scalar as a Python number)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _guard(path):

@@ -13,10 +13,17 @@ from pathlib import Path
 from ..errors import UsageError
 from ..io.atomic import atomic_path
 
+INFINITIES = {math.inf: "inf", -math.inf: "-inf"}
+"""How summary.json writes ±inf (a boundary distance to a class missing from one mask):
+JSON has no infinity, and null already means "undefined"; ``summaryfile.read_infinities``
+reads the strings back as floats."""
+
 
 def jsonable(value):
-    """A copy of ``value`` that ``json`` can write: NaN and ±Inf become null."""
+    """A copy of ``value`` that ``json`` can write: NaN becomes null, ±inf "inf"/"-inf"."""
     if isinstance(value, float):
+        if math.isinf(value):
+            return INFINITIES[value]
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
@@ -119,6 +126,8 @@ def fmt(value, digits: int = 4) -> str:
 
 def fmt_g(value) -> str:
     """Up to six significant digits: how a threshold was written, not padded."""
+    if isinstance(value, float) and math.isinf(value):  # a boundary distance, one mask empty
+        return "inf" if value > 0 else "-inf"
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return UNDEFINED
     return f"{value:.6g}"

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..engine.maps import (
     BAND_PIXELS,
+    FIXED_RANGE,
     HEATMAP_METRICS,
     MetricMap,
 )
@@ -46,8 +47,11 @@ class HeatmapOptions:
     max_side: int | None = None
     reduce: str = "max"
     view: object = None  # a volume's slices (volumes.SliceView: --slice, --montage)
+    threshold: float | None = None  # uncertainty-error: score ≥ it is uncertain (None: UEO's)
 
     def __post_init__(self) -> None:
+        if self.metric == "uncertainty-error":  # four colours: the legend always goes along
+            object.__setattr__(self, "colorbar", True)
         if self.metric not in HEATMAP_METRICS:
             raise UsageError(
                 f"--metric must be one of {', '.join(HEATMAP_METRICS)}, got {self.metric!r}"
@@ -121,12 +125,12 @@ def value_range(
 ) -> tuple[float, float, str]:
     """(vmin, vmax, where vmax comes from): given, fixed for 0..1 metrics, one scale for a
     folder (``shared_vmax``), else 0 and this map's ``percentile``."""
-    fixed = mm.metric in ("error", "confidence")
-    vmin = options.vmin if options.vmin is not None else 0.0
-    if options.vmax is not None:
+    fixed = mm.metric in FIXED_RANGE
+    vmin = options.vmin if options.vmin is not None and mm.wrong is None else 0.0
+    if options.vmax is not None and mm.wrong is None:
         vmax, source = options.vmax, "--vmax"
     elif fixed:
-        vmax, source = 1.0, "fixed"
+        vmax, source = FIXED_RANGE[mm.metric], "fixed"
     elif shared_vmax is not None:
         vmax, source = shared_vmax, f"{options.percentile:g}th pct, all images"
     else:
@@ -380,11 +384,25 @@ def title_strip(width: int, panel_w: int, titles) -> np.ndarray:
 
     img = Image.new("RGB", (width, 18), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    font = _font(12)
     for i, title in enumerate(titles):
-        w = draw.textlength(title, font=font)
-        draw.text((i * panel_w + max(2, (panel_w - w) / 2), 3), title, fill=TEXT, font=font)
+        text, font = _fit_title(draw, title, panel_w - 2)
+        w = draw.textlength(text, font=font)
+        draw.text((i * panel_w + max(1, (panel_w - w) / 2), 3), text, fill=TEXT, font=font)
     return np.asarray(img)
+
+
+def _fit_title(draw, title: str, room: float):
+    """(text, font) of a panel title that fits ``room`` pixels: a smaller font, then the
+    title cut with "…" (panels under ~60 px drew their titles over each other)."""
+    for size in (12, 10, 8):
+        font = _font(size)
+        if draw.textlength(title, font=font) <= room:
+            return title, font
+    for n in range(len(title) - 1, 0, -1):
+        text = title[:n].rstrip() + "…"
+        if draw.textlength(text, font=font) <= room:
+            return text, font
+    return "", font
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -426,6 +444,11 @@ def render(
     ``shared_vmax``: the folder's common scale (see ``make_heatmaps``).
     """
     lut = colormap_lut(options.cmap)
+    if mm.wrong is not None:  # uncertainty-error: four colours (uncertainty_map.py)
+        from . import uncertainty_map
+
+        lut = uncertainty_map.lut()
+        threshold = options.threshold if options.threshold is not None else mm.threshold
     ignore_given = options.ignore_color is not None
     ignore_rgb = np.array(parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR), np.uint8)
     vmin, vmax, source = value_range(mm, options, shared_vmax=shared_vmax)
@@ -466,7 +489,9 @@ def render(
         if panel:
             names = list(class_names) or [str(c) for c in range(len(palette))]
             yield legend_strip(width, names, palette, panel_ignore, ignore_rgb)
-        if options.colorbar and mm.metric == "error":
+        if mm.wrong is not None:
+            yield uncertainty_map.legend(width, ignore_rgb, threshold, mm.unit, _swatches)
+        elif options.colorbar and mm.metric == "error":
             yield error_legend_strip(width, lut, ignore_rgb)
         elif options.colorbar:
             yield colorbar_strip(width, lut, vmin, vmax, log=options.log, label=label,
@@ -478,6 +503,9 @@ def render(
         rows = _band_rows(W, f)
         for r0 in range(0, H, rows):
             raw_vals = np.asarray(mm.values[r0 : r0 + rows])
+            if mm.wrong is not None:  # uncertainty-error: scores → categories 0..3
+                wrong = np.asarray(mm.wrong[r0 : r0 + rows])
+                raw_vals = uncertainty_map.categories(raw_vals, wrong, threshold)
             clipped = clipped or bool(np.nanmax(raw_vals, initial=-math.inf) > vmax)
             vals = block_reduce(raw_vals, f, options.reduce)
             heat = colorize(vals, lut, vmin, vmax, log=options.log, ignore_rgb=ignore_rgb)
@@ -507,7 +535,9 @@ def render(
         n_names = len(class_names) or len(palette)
         names = list(class_names) or [str(c) for c in range(n_names)]
         strip_h += legend_strip(width, names, palette, panel_ignore, ignore_rgb).shape[0]
-    if options.colorbar:
+    if mm.wrong is not None:
+        strip_h += uncertainty_map.legend(width, ignore_rgb, threshold, mm.unit, _swatches).shape[0]
+    elif options.colorbar:
         strip_h += (
             54 if mm.metric != "error" else error_legend_strip(width, lut, ignore_rgb).shape[0]
         )

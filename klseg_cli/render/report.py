@@ -21,9 +21,7 @@ REPORT_FILES = (
     "per_image.csv", "per_class.csv", "summary.json", "confusion.csv", "per_image_class.csv",
     "stats.npz", "reliability.png", "calibration.csv",
 )  # fmt: skip
-
-
-# leaving the stack renames them all, or on an error removes every temporary file
+"""Files every ``evaluate --out`` writes (``--uncertainty`` adds ``qc.csv``)."""
 
 
 def confusion_csv(confusion, names) -> str:
@@ -41,9 +39,15 @@ boundary metrics of ``--boundary`` (boundary.BOUNDARY_METRICS)."""
 
 
 def with_extra(rows, columns: tuple[str, ...]) -> tuple[str, ...]:
-    """``columns`` plus those of EXTRA_COLUMNS that some row holds."""
+    """``columns`` plus those of EXTRA_COLUMNS (and RATER_METRICS, ``--rater``; the class
+    rows' ``soft_dice``) that some row holds."""
+    from ..core.raters import RATER_METRICS
+
     rows = list(rows)
-    return columns + tuple(c for c in EXTRA_COLUMNS if any(c in row for row in rows))
+    from ..core.uncertainty import image_columns  # --uncertainty
+
+    extra = (*EXTRA_COLUMNS, *RATER_METRICS, *image_columns())
+    return columns + tuple(c for c in extra if c not in columns and any(c in r for r in rows))
 
 
 def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
@@ -70,8 +74,21 @@ def report_files(summary: Mapping, result=None) -> dict[str, str | bytes]:
         from .calibration_report import reliability_files
 
         files.update(reliability_files(result))
+    if summary.get("uncertainty"):  # --uncertainty: images ranked for review (DESIGN §11.3)
+        files["qc.csv"] = qc_csv(summary)
     files["summary.json"] = summary_json(summary)
     return files
+
+
+def qc_csv(summary: Mapping) -> str:
+    """``qc.csv``: images by decreasing mean uncertainty (first score), true error beside."""
+    from ..core.uncertainty import qc_rows
+
+    names = tuple(summary["settings"].get("uncertainty") or ())
+    thr = summary["uncertainty"]["qc_threshold"]
+    columns = ("rank", "image", *(f"uncertainty_{s}" for s in names), "miou", "error",
+               "accuracy", "below_threshold")  # fmt: skip
+    return rows_csv(qc_rows(summary["images"], names, thr), columns)
 
 
 def write_reports(
@@ -147,6 +164,20 @@ def dataset_rows(dataset: Mapping):
     for name in EXTRA_COLUMNS[1:]:  # --boundary: image means only
         if f"{name}_image_mean" in dataset:
             yield name, None, f"{name}_image_mean"
+    from ..core.raters import RATER_METRICS
+
+    for name in RATER_METRICS:  # --rater: pooled and image mean
+        if f"{name}_pooled" in dataset:
+            yield name, f"{name}_pooled", f"{name}_image_mean"
+    from ..core.uncertainty import PIXEL_NAMES, SCORES  # --uncertainty: where computed
+
+    for score in SCORES:
+        for q in PIXEL_NAMES:
+            if f"{q}_{score}_pooled" in dataset:
+                yield f"{q}_{score}", f"{q}_{score}_pooled", f"{q}_{score}_image_mean"
+        for k in ("spearman", "qc_auroc"):
+            if f"{k}_{score}" in dataset:
+                yield f"{k}_{score}", f"{k}_{score}", None
 
 
 def fmt_ci(summary: Mapping, name: str | None, digits: int = 4) -> str:

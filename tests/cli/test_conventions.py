@@ -10,6 +10,7 @@ from PIL import Image
 from scipy.special import rel_entr
 from typer.testing import CliRunner
 
+import klseg_cli
 from klseg_cli.cli.root import app
 from klseg_cli.core import _fast
 from klseg_cli.core.labels import (
@@ -622,3 +623,74 @@ def test_jobs_default_uses_the_cores_where_it_pays(tmp_path, rng, monkeypatch):
         assert ev.resolve_jobs(job, None) == (2, "threads")
     with pytest.raises(UsageError):
         ev.resolve_jobs(job, 0)
+
+
+# --- more than 255 classes: label 255 is a class, not the default ignore value (P15 #2) ----
+
+
+def _many_classes(tmp_path, rng, C):
+    """A (20, 24, C) map whose argmax is the label, with the top rows labelled 255."""
+    probs = random_probs(rng, 20 * 24, C).reshape(20, 24, C)
+    labels = probs.argmax(axis=2).astype(np.uint16)
+    labels[:5] = 255 if C > 255 else 0
+    if C > 255:
+        probs[:5] = 0.1 / (C - 1)
+        probs[:5, :, 255] = 0.9  # predicted right: class 255 scores IoU 1
+    np.save(tmp_path / "pred.npy", probs.astype(np.float32))
+    np.save(tmp_path / "gt.npy", labels)
+    return tmp_path / "pred.npy", tmp_path / "gt.npy", labels
+
+
+def _summary(*args):
+    res = CliRunner().invoke(app, ["evaluate", *map(str, args), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_with_more_than_255_classes_label_255_is_class_255(tmp_path, rng):
+    pred, gt, labels = _many_classes(tmp_path, rng, 300)
+    s = _summary(pred, gt)
+    assert s["settings"]["ignore_index"] == []
+    assert s["n_valid"] == labels.size
+    n255 = int((labels == 255).sum())
+    assert n255 >= 120 and s["classes"][255]["n_target"] == n255
+    assert s["classes"][255]["iou"] > 0.9
+    ev = klseg_cli.Evaluator(300)  # the library follows the same rule
+    ev.update(np.load(pred), labels)
+    assert ev.settings.ignore_index == () and ev.compute()["n_valid"] == labels.size
+
+
+def test_an_explicit_ignore_index_255_still_ignores_it_with_300_classes(tmp_path, rng):
+    pred, gt, labels = _many_classes(tmp_path, rng, 300)
+    n255 = int((labels == 255).sum())
+    s = _summary(pred, gt, "--ignore-index", "255")
+    assert s["n_valid"] == labels.size - n255 and s["classes"][255]["n_target"] == 0
+    ev = klseg_cli.Evaluator(300, ignore_index=255)
+    ev.update(np.load(pred), labels)
+    assert ev.compute()["n_valid"] == labels.size - n255
+
+
+@pytest.mark.parametrize("C", [19, 255])
+def test_up_to_255_classes_255_is_still_ignored_by_default(tmp_path, rng, C):
+    pred, gt, labels = _many_classes(tmp_path, rng, C)
+    labels[-1] = 255
+    np.save(gt, labels)
+    s = _summary(pred, gt)
+    assert s["settings"]["ignore_index"] == [255]
+    assert s["n_valid"] == labels.size - 24
+    assert klseg_cli.Evaluator(C).settings.ignore_index == (255,)
+
+
+def test_default_ignore_index_follows_the_class_labels():
+    from klseg_cli.core.labels import default_ignore_index
+
+    assert default_ignore_index(255) == (255,)
+    assert default_ignore_index(256) == ()
+    assert default_ignore_index(254, reduce_zero_label=True) == (255,)
+    assert default_ignore_index(255, reduce_zero_label=True) == ()  # raw 255 is class 254
+
+
+def test_metric_settings_follow_the_same_default():
+    assert MetricSettings(num_classes=19).ignore_index == (255,)
+    assert MetricSettings(num_classes=300).ignore_index == ()
+    assert MetricSettings(num_classes=300, ignore_index=(255,)).ignore_index == (255,)

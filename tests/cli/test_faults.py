@@ -522,8 +522,10 @@ def test_a_link_to_a_special_file_is_streamed_into(pair_dirs, tmp_path):
 def test_output_os_errors_are_one_line_exit_2(pair_dirs, tmp_path):
     pred_dir, gt_dir, _ = pair_dirs
     gate = ("--require", "kl_pooled >= 0")
-    missing = tmp_path / "no" / "such" / "dir" / "gate.xml"
-    one_line(invoke("evaluate", pred_dir, gt_dir, "--junit", missing, *gate), 2, missing)
+    (tmp_path / "no").write_text("a file where a folder belongs")
+    missing = tmp_path / "no" / "such" / "dir" / "gate.xml"  # missing parents are made (P15)
+    one_line(invoke("evaluate", pred_dir, gt_dir, "--junit", missing, *gate), 2, missing,
+             "is a file, not a folder")  # fmt: skip
     one_line(invoke("evaluate", pred_dir, gt_dir, "--out", "/proc/klseg-report"), 2,
              "/proc/klseg-report")  # fmt: skip
     one_line(invoke("evaluate", pred_dir, gt_dir, "--markdown", "/proc/self/klseg.md", *gate),
@@ -584,7 +586,7 @@ def test_permission_errors_as_another_user(shared_dir):
     proc = klseg("evaluate", pred_dir, gt_dir, user="nobody")
     sub_one_line(proc, 2, "a.npy", "Permission denied")
     proc = klseg("info", pred_dir / "a.npy", user="nobody")
-    sub_one_line(proc, 2, "a.npy", "not readable")
+    sub_one_line(proc, 2, "a.npy", "Permission denied")  # klseg's reader says it
 
 
 # --- files that never end, are not files, or are too big ----------------------------------

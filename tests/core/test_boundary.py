@@ -316,3 +316,58 @@ def test_cli_boundary_usage_errors(tmp_path, args, message):
     assert res.exit_code == 2
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_summary_json_keeps_inf_apart_from_undefined_and_gate_reads_it(tmp_path):
+    """P15 #3: inf is written "inf" (null stays "undefined"); gate reads it back as inf."""
+    from typer.testing import CliRunner
+
+    from klseg_cli.cli.root import app
+
+    rng = np.random.default_rng(0)
+    _write_pair(tmp_path, rng, "a")
+    _write_pair(tmp_path, rng, "b", drop_class=2)
+    out = tmp_path / "report"
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"),
+                              "--boundary", "--out", str(out), "--classes", "a,b,inf"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = (out / "summary.json").read_text()
+    data = json.loads(text)  # valid JSON: no Infinity token
+    assert "Infinity" not in text
+    assert data["dataset"]["hd95_image_mean"] == "inf"
+    assert data["classes"][2]["class_name"] == "inf"
+    b = next(r for r in data["images"] if r["image"] == "b")
+    assert b["hd95"] == "inf"
+    assert "inf" in (out / "per_image.csv").read_text()
+    res = runner.invoke(app, ["gate", str(out / "summary.json"),
+                              "--require", "hd95_image_mean <= 10"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "undefined" not in res.output and "inf" in res.output
+    res = runner.invoke(app, ["gate", str(out / "summary.json"), "--format", "json",
+                              "--require", "hd95_image_mean <= 10",
+                              "--require", "iou[inf] >= 0"])  # fmt: skip
+    rows = json.loads(res.stdout)["requirements"]
+    assert rows[0]["value"] == "inf" and not rows[0]["passed"]
+    assert rows[1]["passed"]  # the class named "inf" is a name, not a number
+    # against itself as a baseline: inf <= inf + 0 passes, and nothing is "undefined"
+    res = runner.invoke(app, ["gate", str(out / "summary.json"), "--baseline",
+                              str(out / "summary.json"), "--require",
+                              "hd95_image_mean <= baseline + 0"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+def test_read_infinities_leaves_names_and_nulls_alone():
+    from klseg_cli.io.summaryfile import read_infinities
+
+    data = read_infinities({
+        "dataset": {"hd95_image_mean": "inf", "kl_pooled": None, "x": "-inf"},
+        "classes": [{"class_name": "inf", "class_id": 0, "hd95": "inf", "iou": None}],
+        "images": [{"image": "-inf", "hd95": "inf"}],
+        "dataset_ci": {"hd95_image_mean": [1.0, "inf"]},
+    })  # fmt: skip
+    assert data["dataset"] == {"hd95_image_mean": math.inf, "kl_pooled": None, "x": -math.inf}
+    assert data["classes"][0] == {"class_name": "inf", "class_id": 0, "hd95": math.inf,
+                                  "iou": None}  # fmt: skip
+    assert data["images"][0] == {"image": "-inf", "hd95": math.inf}
+    assert data["dataset_ci"]["hd95_image_mean"] == [1.0, math.inf]

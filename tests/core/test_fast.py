@@ -260,3 +260,75 @@ def test_big_endian_maps_and_labels(rng, layout):
     ref = image_stats(PredictionMap("mem", arr, layout), labels, s, accelerate=False)
     fast = kernel_stats(PredictionMap("mem", arr.astype(">f4"), layout), labels, s, chunk=500)
     assert_equivalent(ref, fast)
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_one_worker_reads_the_next_chunk_in_a_read_ahead_thread(tmp_path, rng, layout):
+    """P15 #4: with one worker, a second thread reads chunk k+1 (from the file, into the
+    other of two buffers) while the kernel computes chunk k; the sums are those of the
+    plain loop to the last bit, and bad values (also under ignored pixels) still take the
+    NumPy path (an error, or computed)."""
+    import threading
+
+    h, w, C = 64, 96, 5
+    p = random_probs(rng, h * w, C).reshape(h, w, C)
+    labels = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+    labels[40:44] = 255
+    arr = p if layout == "hwc" else np.ascontiguousarray(p.transpose(2, 0, 1))
+    path = tmp_path / "p0.npy"
+    np.save(path, arr.astype(np.float32))
+    pm = PredictionMap(path, np.load(path, mmap_mode="r"), layout)
+    s = MetricSettings(num_classes=C)
+    threads = set()
+    real = PredictionMap._read_rows
+
+    def spy(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    PredictionMap._read_rows = spy
+    try:
+        plain = image_stats(pm, labels, s, chunk_pixels=700, accelerate=True)
+        assert not any(t.startswith("klseg-read") for t in threads)
+        with recording_kernel() as taken:
+            ahead = image_stats(pm, labels, s, chunk_pixels=700, accelerate=True,
+                                read_ahead=True)  # fmt: skip
+        assert_kernel_took(taken, -(-h * w // 700))
+        assert any(t.startswith("klseg-read") for t in threads)
+    finally:
+        PredictionMap._read_rows = real
+    for field in ("sums", "confusion", "class_kl", "ece_count", "ece_conf"):
+        np.testing.assert_array_equal(getattr(ahead, field), getattr(plain, field))
+    arr2 = arr.astype(np.float32)
+    if layout == "hwc":
+        arr2[5, 5] = np.nan
+    else:
+        arr2[:, 5, 5] = np.nan
+    np.save(tmp_path / "p1.npy", arr2)
+    bad = PredictionMap(tmp_path / "p1.npy", np.load(tmp_path / "p1.npy", mmap_mode="r"), layout)
+    with pytest.raises(Exception, match="NaN"):
+        image_stats(bad, labels, s, chunk_pixels=700, accelerate=True, read_ahead=True)
+
+
+def test_serial_evaluation_turns_read_ahead_on_where_a_second_core_is_idle(monkeypatch, tmp_path):
+    from klseg_cli.engine import local
+
+    seen = []
+    real = local.evaluate_pair
+
+    def spy(pair, settings, *, read):
+        seen.append(read.read_ahead)
+        return real(pair, settings, read=read)
+
+    monkeypatch.setattr(local, "evaluate_pair", spy)
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "sample_data"
+    import os
+
+    for cores, load, want in ((2, 0.3, True), (1, 0.0, False), (2, 1.5, False), (4, 2.5, True)):
+        seen.clear()
+        monkeypatch.setattr(local, "available_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        local.evaluate(sample / "predictions", sample / "ground_truth", jobs=1)
+        assert seen and set(seen) == {want}, (cores, load)

@@ -193,6 +193,56 @@ def test_one_big_zarr_map_split_across_workers(cluster, tmp_path):
         assert a["dataset"][key] == pytest.approx(value, rel=1e-12, abs=1e-15, nan_ok=True), key
 
 
+def test_workers_use_the_clients_timeout(cluster):
+    """The workers' environment sets no KLSEG_TIMEOUT (their default is 60 s): a map whose
+    server stalls is given up after the 1 s the client was told, on the worker."""
+    from klseg_cli.engine.dask_cluster import dask_evaluate
+    from klseg_cli.errors import ReadError
+
+    from ..io.faulty_http import FaultyServer
+
+    files = {"/p/a.npy": (SAMPLE / "predictions" / "scene_00.npy").read_bytes(),
+             "/g/a.png": (SAMPLE / "ground_truth" / "scene_00.png").read_bytes()}  # fmt: skip
+    with FaultyServer(files, "stall-get") as server:  # the client only asks sizes (HEAD)
+        t0 = time.monotonic()
+        with pytest.raises(ReadError) as caught:
+            dask_evaluate(f"{server.url}/p/a.npy", f"{server.url}/g/a.png", classes=CLASSES,
+                          scheduler=cluster["address"], block_rows=0, timeout=1)  # fmt: skip
+        seconds = time.monotonic() - t0
+    assert "timed out: no data from the server for 1 s" in str(caught.value)
+    assert seconds < 20
+
+
+def test_missing_zarr_chunks_of_a_split_map_count_once(cluster, tmp_path):
+    """Blocks of a split map report the chunks they found missing; the client unites them:
+    the counts of a whole-map run, under the paths as given."""
+    zarr = pytest.importorskip("zarr")
+    from klseg_cli.engine.dask_cluster import dask_evaluate
+    from klseg_cli.engine.local import evaluate as local_evaluate
+
+    rng = np.random.default_rng(6)
+    C, H, W = 2, 200, 100
+    p = rng.dirichlet(np.ones(C), size=(H, W)).astype(np.float32)
+    y = rng.integers(0, C, size=(H, W)).astype(np.uint8)
+    stores = (("p", p, (48, 50, C), 0.5), ("y", y, (80, 50), 0))  # 0.5: a valid pixel of 2
+    for name, arr, chunks, fill in stores:
+        (tmp_path / name).mkdir()
+        z = zarr.create_array(str(tmp_path / name / "m.zarr"), shape=arr.shape, chunks=chunks,
+                              dtype=arr.dtype, fill_value=fill)  # fmt: skip
+        z[:] = arr
+    (tmp_path / "p" / "m.zarr" / "c" / "1" / "1" / "0").unlink()
+    (tmp_path / "y" / "m.zarr" / "c" / "1" / "0").unlink()  # rows 80..160: three blocks
+    args = (str(tmp_path / "p" / "m.zarr"), str(tmp_path / "y" / "m.zarr"))
+    with pytest.warns(UserWarning, match="1 Zarr chunk missing"):
+        split = dask_evaluate(*args, classes=["a", "b"], scheduler=cluster["address"],
+                              block_rows=48)  # fmt: skip
+    with pytest.warns(UserWarning, match="1 Zarr chunk missing"):
+        whole = local_evaluate(*args, classes=["a", "b"], jobs=1)
+    counts = split.summary()["zarr_missing_chunks"]
+    assert counts == whole.summary()["zarr_missing_chunks"]
+    assert counts["total"] == 2 and [f["file"] for f in counts["files"]] == sorted(args)
+
+
 def test_local_cluster_and_missing_extra(local_summary, monkeypatch):
     result = evaluate(str(SAMPLE / "predictions"), str(SAMPLE / "ground_truth"),
                       "--scheduler", "local:2", "--format", "json")  # fmt: skip
