@@ -1,11 +1,12 @@
 """Build hook: compile the numba kernel into the package's cache while building the wheel.
 
-Everything else is in pyproject.toml. After the usual build_py, ``python -m klseg_cli.core._fast``
-runs against the built copy, so numba writes its compiled code into the built package's
-``__pycache__`` (shipped in the wheel): a fresh install then loads machine code instead of
-compiling on its first large map. Numba uses the cache only when this file's contents, its
-own version and the CPU match, and compiles afresh otherwise; if the step fails (no numba
-in the build environment, no writable build folder), the build goes on without a cache.
+Everything else is in pyproject.toml. After the usual build_py,
+``python -m klseg_cli.core.precompile`` runs against the built copy, so numba writes its
+compiled code into the built package's ``__pycache__`` (shipped in the wheel): a fresh
+install then loads machine code instead of compiling on its first large map. Numba uses
+the cache only when this file's contents, its own version and the CPU match, and compiles
+afresh otherwise; if the step fails (no numba in the build environment, no writable build
+folder), the build goes on without a cache.
 """
 
 import os
@@ -24,7 +25,10 @@ class BuildPyWithKernelCache(build_py):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(self.build_lib)}
         env.pop("NUMBA_CACHE_DIR", None)  # the cache must land beside the built sources
         result = subprocess.run(
-            [sys.executable, "-m", "klseg_cli.core._fast"], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "klseg_cli.core.precompile"],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         message = (result.stdout or result.stderr).strip().splitlines()
         print(f"klseg: {message[-1] if message else 'kernel not precompiled'}")

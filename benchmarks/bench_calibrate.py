@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from klseg_cli.commands.calibrate import _pixel_count
-from klseg_cli.core.calibration import PairData, fit_temperature
+from klseg_cli.core.calibration import fit_temperature
+from klseg_cli.engine.fit import PairData
 from klseg_cli.engine.local import evaluate, plan
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from klseg_cli.core import _fast
+from klseg_cli.core.chunks import DEFAULT_CHUNK_PIXELS
 from klseg_cli.core.metrics import MetricSettings
-from klseg_cli.engine.local import DEFAULT_CHUNK_PIXELS, image_stats
+from klseg_cli.engine.image import image_stats
 from klseg_cli.io.readers import PredictionMap
 
 

@@ -37,7 +37,7 @@ def main() -> None:
     from klseg_cli.core import _fast
     from klseg_cli.core.metrics import MetricSettings
     from klseg_cli.core.stats import class_metrics, ece
-    from klseg_cli.engine.local import image_stats
+    from klseg_cli.engine.image import image_stats
     from klseg_cli.io.readers import PredictionMap
 
     torch.set_num_threads(1)

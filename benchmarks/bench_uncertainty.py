@@ -21,7 +21,7 @@ import numpy as np
 
 from klseg_cli.core import uncertainty as unc
 from klseg_cli.core.metrics import MetricSettings
-from klseg_cli.engine.local import image_stats
+from klseg_cli.engine.image import image_stats
 from klseg_cli.io.readers import PredictionMap
 
 

@@ -20,9 +20,10 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "EvaluationReport": "commands.evaluate",
+    "EvaluationResult": "core.results",
     "Evaluator": "commands.evaluator",
-    "EvaluationResult": "engine.local",
-    "ImageResult": "engine.local",
+    "ImageResult": "core.results",
     "InputError": "errors",
     "KlsegError": "errors",
     "LabelError": "errors",
@@ -34,21 +35,29 @@ _EXPORTS = {
     "ShapeError": "errors",
     "Stats": "core.stats",
     "UsageError": "errors",
+    "calibrate": "commands.calibrate",
+    "compare": "commands.compare:compare_models",
     "compare_models": "commands.compare",
     "evaluate": "engine.local",
-    "evaluate_pair": "engine.local",
+    "evaluate_pair": "engine.image",
     "evaluate_raters": "engine.raters",
+    "evaluate_report": "commands.evaluate",
+    "heatmap": "commands.heatmap",
     "load_stats": "io.statsfile",
     "pixel_terms": "core.metrics",
     "write_reports": "render.report",
 }
+"""{name: its module} ("module:attribute" where the name differs): the public API. What the
+commands do is ``evaluate_report``, ``compare``, ``calibrate`` and ``heatmap`` (keywords
+named as the command's options); ``evaluate`` returns the result alone."""
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        module, _, attribute = _EXPORTS[name].partition(":")
+        value = getattr(import_module(f".{module}", __name__), attribute or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,3 +6,5 @@ import NumPy and an option's default cannot drift from the library's (DESIGN §2
 
 DEFAULT_EPS = 1e-7
 """p̃ = max(p, eps) before log p, whatever the map's dtype."""
+
+DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating

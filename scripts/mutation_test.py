@@ -7,7 +7,7 @@
 Run before a release, not in CI. Each mutant below is one small edit (an operator swapped,
 an off-by-one, a clamp removed, floor for ceil, a constant changed) to one core module:
 ``metrics.py``, ``stats.py``, the kernel ``_fast.py``, the label checks in ``readers.py``
-and the kernel's driver in ``evaluation.py``. One at a time, the edit is made in a scratch
+and the kernel's driver in ``engine/image.py``. One at a time, the edit is made in a scratch
 copy of the package and the tests that cover that module run there (``pytest -x``): a
 failing test *kills* the mutant; if all pass, it *survives* — a bug the suite cannot see.
 
@@ -32,13 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # test files per module, quickest killers first (pytest -x stops at the first failure)
-CORE = ["tests/test_edges.py", "tests/test_metrics.py", "tests/test_properties.py"]
-METRICS = [*CORE, "tests/test_stats.py", "tests/test_end_to_end.py", "tests/test_conventions.py"]
-STATS = ["tests/test_edges.py", "tests/test_properties.py", "tests/test_stats.py",
-         "tests/test_end_to_end.py", "tests/test_metrics.py", "tests/test_fast.py"]  # fmt: skip
-KERNEL = ["tests/test_edges.py", "tests/test_fast.py", "tests/test_properties.py"]
-LABELS = ["tests/test_bad_inputs.py", "tests/test_readers.py", "tests/test_properties.py",
-          "tests/test_fast.py", "tests/test_end_to_end.py"]  # fmt: skip
+CORE = ["tests/core/test_edges.py", "tests/core/test_metrics.py", "tests/core/test_properties.py"]
+METRICS = [*CORE, "tests/core/test_stats.py", "tests/cli/test_end_to_end.py",
+           "tests/cli/test_conventions.py"]  # fmt: skip
+STATS = ["tests/core/test_edges.py", "tests/core/test_properties.py", "tests/core/test_stats.py",
+         "tests/cli/test_end_to_end.py", "tests/core/test_metrics.py",
+         "tests/core/test_fast.py"]  # fmt: skip
+KERNEL = ["tests/core/test_edges.py", "tests/core/test_fast.py", "tests/core/test_properties.py"]
+LABELS = ["tests/cli/test_bad_inputs.py", "tests/io/test_readers.py",
+          "tests/core/test_properties.py", "tests/core/test_fast.py",
+          "tests/cli/test_end_to_end.py"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ M, S, F, R, E = (
     "klseg_cli/core/stats.py",
     "klseg_cli/core/_fast.py",
     "klseg_cli/core/labels.py",
-    "klseg_cli/engine/local.py",
+    "klseg_cli/engine/image.py",
 )
 
 ODD_PLANE = (
@@ -125,7 +128,7 @@ MUTANTS = [
            METRICS),
     Mutant("metrics-plausible-lenient", M, "float(np.abs(sums - 1.0).max()) <= tolerance",
            "float(np.abs(sums - 1.0).max()) <= 10 * tolerance",
-           [*METRICS, "tests/test_bad_inputs.py"]),
+           [*METRICS, "tests/cli/test_bad_inputs.py"]),
     Mutant("metrics-plausible-strict", M, "float(confidence.max()) <= 1.0 + tolerance",
            "float(confidence.max()) <= 1.0", METRICS,
            equivalent="_plausible is only a fast pre-check: a chunk it refuses goes to "
@@ -141,11 +144,12 @@ MUTANTS = [
     Mutant("stats-confusion-transposed", S, "np.bincount(y * C + pred", "np.bincount(pred * C + y",
            STATS),
     Mutant("stats-merge-drops-other", S,
-           "getattr(self, f.name) + getattr(other, f.name)", "getattr(self, f.name)", STATS),
+           "_plus(getattr(self, f.name), getattr(other, f.name))", "getattr(self, f.name)",
+           STATS),
     Mutant("stats-macc-is-precision", S, "out[\"macc\"] = nanmean([c[\"recall\"] for c in means])",
            "out[\"macc\"] = nanmean([c[\"precision\"] for c in means])", STATS),
     Mutant("stats-mean-classes-ignored", S, "means = [classes[c] for c in settings.mean_classes]",
-           "means = classes", [*STATS, "tests/test_conventions.py"]),
+           "means = classes", [*STATS, "tests/cli/test_conventions.py"]),
     Mutant("stats-fp-fn-swapped", S, "fp = n_pred - tp", "fp = n_target - tp", STATS),
     Mutant("stats-iou-no-fn", S, "iou = safe_divide(tp, tp + fp + fn)",
            "iou = safe_divide(tp, tp + fp)", STATS),
@@ -182,16 +186,16 @@ MUTANTS = [
     Mutant("fast-ties-high", F, "better = x > mx", "better = x >= mx", KERNEL),
     Mutant("fast-ties-high-last", F, ODD_PLANE.format(op=">"), ODD_PLANE.format(op=">="), KERNEL),
     Mutant("fast-rest-keeps-max", F, "lo2 = mx if better else x2", "lo2 = x2",
-           [*KERNEL, "tests/test_conventions.py"]),
+           [*KERNEL, "tests/cli/test_conventions.py"]),
     Mutant("fast-rest-label-not-top", F, "S[i] = S[i] if top else S[i] + (mx - p)",
-           "S[i] = S[i]", [*KERNEL, "tests/test_conventions.py"]),
+           "S[i] = S[i]", [*KERNEL, "tests/cli/test_conventions.py"]),
     Mutant("fast-n-clipped-le", F, "(_i32(1) if p < eps else _i32(0))",
            "(_i32(1) if p <= eps else _i32(0))", KERNEL),
     Mutant("fast-label-off-by-one", F, "v = (lab >= 0) & (lab < C)", "v = (lab >= 0) & (lab <= C)",
            KERNEL),
     Mutant("fast-no-sign-check", F, "& (B[i] >= 0)", "", KERNEL),
     Mutant("fast-sum-tolerance", F, "abs(S[i] + p - _f32(1.0)) <= tol",
-           "abs(S[i] + p - _f32(1.0)) <= 10 * tol", [*KERNEL, "tests/test_bad_inputs.py"]),
+           "abs(S[i] + p - _f32(1.0)) <= 10 * tol", [*KERNEL, "tests/cli/test_bad_inputs.py"]),
     Mutant("fast-ce-sum", F, "sums[3] += acc[0]", "sums[3] += acc[1]", KERNEL),
     Mutant("fast-ece-correct", F, "ece_ok += counts[C * C + 1 :: 2]",
            "ece_ok += counts[C * C :: 2]", KERNEL),
@@ -228,11 +232,11 @@ MUTANTS = [
            "bad_counts[v] = c", LABELS),
     Mutant("labels-ignore-in-range-kept", R,
            "and not any(0 <= v < self.num_classes for v in self.ignore_index)",
-           "and True", [*LABELS, "tests/test_conventions.py"]),
+           "and True", [*LABELS, "tests/cli/test_conventions.py"]),
     Mutant("labels-reduce-zero-shift", R, "m = v - 1", "m = v",
-           [*LABELS, "tests/test_conventions.py"]),
+           [*LABELS, "tests/cli/test_conventions.py"]),
     Mutant("labels-map-unlisted-kept", R, "out = np.where(keys[idx] == v, vals[idx], IGNORED)",
-           "out = vals[idx]", [*LABELS, "tests/test_conventions.py"]),
+           "out = vals[idx]", [*LABELS, "tests/cli/test_conventions.py"]),
 ]
 # fmt: on
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
-from ..core.calibration import PairData, PassResult, TemperatureFit, fit_temperature, split_holdout
+from ..core.calibration import PassResult, TemperatureFit, fit_temperature, split_holdout
 from ..core.metrics import MetricSettings
-from ..engine.local import EvaluationResult, Job, ReadOptions, _results, plan
+from ..core.results import EvaluationResult, ReadOptions
+from ..engine.fit import PairData
+from ..engine.local import Job, _results, plan
 from ..errors import InputError, UsageError
 from ..io.pairing import Pair, Pairing
 
@@ -193,3 +195,39 @@ def load_temperature(spec: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise UsageError(f"--temperature must be a positive number, got {text!r}")
     return value
+
+
+def write_calibration(
+    run: CalibrationRun,
+    *,
+    out: Path | None = None,
+    write: Path | None = None,
+    on_maps: Callable[[int], None] | None = None,
+    on_report: Callable[[], None] | None = None,
+) -> None:
+    """The outputs of ``klseg calibrate``, never over an input: the calibrated maps into
+    ``write`` (``on_maps(n)`` hears how many), then the report into ``out`` (``on_report``),
+    so that a map that cannot be written leaves no report."""
+    from ..render.formats import refuse_overwriting_inputs
+
+    inputs = [p for part in run.parts for pair in part.pairs for p in (pair.pred, pair.target)]
+    if out is not None:
+        from ..render.calibration_report import CALIBRATE_FILES
+
+        refuse_overwriting_inputs([out / n for n in CALIBRATE_FILES], inputs)
+    if write is not None:
+        from .calibrated_maps import write_calibrated
+
+        pairs = [pair for part in run.parts for pair in part.pairs]
+        pairs.sort(key=lambda p: p.stem)
+        written = write_calibrated(
+            pairs, replace(run.settings, temperature=run.fit.temperature), run.read, write
+        )
+        if on_maps is not None:
+            on_maps(len(written))
+    if out is not None:
+        from ..render.calibration_report import write_calibration_outputs
+
+        write_calibration_outputs(run, out)
+        if on_report is not None:
+            on_report()

@@ -34,7 +34,7 @@ from ..io.atomic import atomic_path
 def _write_npy(pred, settings: MetricSettings, path: Path, chunk_pixels: int) -> None:
     """The calibrated map as a .npy of the input's shape and dtype, chunk by chunk."""
     from ..core.calibration import scaled_chunk
-    from ..engine.local import chunk_for
+    from ..core.chunks import chunk_for
     from ..io.readers import sum_tolerance
 
     arr = pred.array
@@ -127,7 +127,7 @@ def write_calibrated(
     is an error here: the written map must be a map). Refuses to replace any existing file
     (klseg never overwrites what it did not create): give an empty or new folder.
     """
-    from ..engine.local import open_pair
+    from ..io.opening import open_pair
 
     out = Path(out)
     check_write_folder(pairs, out)

@@ -26,17 +26,12 @@ from ..core.agreement import (
     pair_metrics_batch,
     pair_terms,
 )
+from ..core.chunks import chunk_for
 from ..core.metrics import MetricSettings, prediction_terms
+from ..core.results import EvaluationResult, ImageResult, ReadOptions
 from ..core.stats import IMAGE_MEAN_METRICS
-from ..engine.local import (
-    EvaluationResult,
-    ImageResult,
-    ReadOptions,
-    chunk_for,
-    evaluate_pair,
-    plan,
-    pooled_results,
-)
+from ..engine.image import evaluate_pair
+from ..engine.local import plan, pooled_results
 from ..errors import InputError, KlsegError, ShapeError, UsageError
 from ..io.pairing import Pair, _index
 from ..io.readers import (
@@ -444,78 +439,3 @@ def check_compare_names(texts: Sequence[str], *, with_target: bool) -> None:
             from dataclasses import replace
 
             lookup(template, replace(req, bound=None))
-
-
-# --- heatmaps of where two models disagree --------------------------------------------------
-
-AGAINST_METRICS = ("kl", "js", "error")
-"""``klseg heatmap A --against B``: KL(A‖B), JS(A, B), or 1 where the argmaxes differ."""
-
-
-def divergence_map(
-    pa: PredictionMap,
-    pb: PredictionMap,
-    settings: MetricSettings,
-    metric: str,
-    *,
-    with_pred: bool = False,
-    chunk_pixels: int,
-):
-    """The per-pixel KL(A‖B), JS(A, B) or argmax disagreement of two maps, as a MetricMap."""
-    from ..render.heatmap import INFORMATION_METRICS, MetricMap, _empty, _put, _unit
-
-    if metric not in AGAINST_METRICS:
-        raise UsageError(
-            f"--against draws {', '.join(AGAINST_METRICS)} (KL(A‖B), JS, argmax "
-            f"disagreement), not {metric!r}"
-        )
-    H, W = pa.height, pa.width
-    values = _empty((H, W), np.float32, np.nan)
-    pred_map = _empty((H, W), np.uint16, 0) if with_pred else None
-    scale = math.log(settings.log_base) if metric in INFORMATION_METRICS else 1.0
-    for start, stop, _, t in iter_pair_chunks(pa, pb, settings, chunk_pixels=chunk_pixels):
-        if metric == "error":
-            v = (t.pred_a != t.pred_b).astype(np.float32)
-        else:
-            v = (t.kl_ab if metric == "kl" else t.js) / scale
-        _put(values, start, stop, v, None, np.nan)
-        if pred_map is not None:
-            _put(pred_map, start, stop, t.pred_a, None, 0)
-    name = {"kl": "KL(A||B)", "js": "JS(A,B)", "error": "A != B"}[metric]
-    return MetricMap(name, values, pred_map, None, _unit(metric, settings))
-
-
-def make_pair_heatmaps(
-    a: str | Path,
-    b: str | Path,
-    out: str | Path,
-    options,
-    *,
-    raw: str | Path | None = None,
-    on_start=None,
-    on_image=None,
-    **plan_options,
-) -> list[Path]:
-    """Heatmaps of where model B departs from model A: one pair of files (``out`` a .png)
-    or two folders paired by stem (``out`` a folder, one ``<stem>_<metric>.png`` each)."""
-    from ..render.heatmap import DEFAULT_IGNORE_COLOR, colormap_lut, parse_color, render_pairs
-
-    if options.metric not in AGAINST_METRICS:
-        raise UsageError(
-            f"--against draws --metric {', '.join(AGAINST_METRICS)}, not {options.metric!r}"
-        )
-    if options.overlay is not None and not Path(options.overlay).is_file():
-        raise UsageError("--against takes one --overlay photo file")
-    colormap_lut(options.cmap)
-    parse_color(options.ignore_color or DEFAULT_IGNORE_COLOR)
-    pairs, settings, read, _, _, _ = pair_models(Path(a), Path(b), None, **plan_options)
-    inputs = [p for pair in pairs for p in (pair.a, pair.b)]
-
-    def compute(pair):
-        pa, pb = open_two(pair.a, pair.b, None, settings, read)
-        return divergence_map(pa, pb, settings, options.metric, with_pred=options.panel,
-                              chunk_pixels=read.chunk_pixels)  # fmt: skip
-
-    return render_pairs(pairs, Path(a), Path(out), Path(raw) if raw is not None else None,
-                        options, settings, inputs, compute, on_start=on_start,
-                        on_image=on_image)  # fmt: skip

@@ -131,7 +131,8 @@ class Evaluator:
         uncertainty: Sequence[str] = (),
         qc_threshold: float = 0.5,
     ) -> None:
-        from ..engine.local import DEFAULT_CHUNK_PIXELS, class_names_and_map, metric_settings
+        from ..core.chunks import DEFAULT_CHUNK_PIXELS
+        from ..engine.local import class_names_and_map, metric_settings
 
         if settings is None:
             names, label_map = class_names_and_map(tuple(classes or ()), label_map)
@@ -205,7 +206,7 @@ class Evaluator:
         return added
 
     def _image(self, P: np.ndarray, T: np.ndarray, stem: str) -> tuple[Stats, tuple[int, int]]:
-        from ..engine.local import image_stats
+        from ..engine.image import image_stats
 
         settings, where = self.settings, f"image {stem}"
         _check_float_dtype(P.dtype, where)

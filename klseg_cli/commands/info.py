@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.local import chunk_for
+from ..core.chunks import chunk_for
 from ..errors import KlsegError
 from ..io.labelio import WHOLE_LABEL_BYTES, LabelBands
 from ..io.readers import (

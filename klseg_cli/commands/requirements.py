@@ -389,3 +389,15 @@ def load_summary(path) -> dict:
         raise InputError("not a klseg summary.json (no 'dataset' and 'classes')", path=path)
     check_summary(read_infinities(data), path)
     return data
+
+
+def gate_files(summary, rows, *, junit, markdown) -> dict:
+    """``{path: text}`` of the ``--junit`` and ``--markdown`` files asked for."""
+    from ..render import report
+
+    files = {}
+    if junit is not None:
+        files[junit] = report.junit_xml(rows)
+    if markdown is not None:
+        files[markdown] = report.markdown_report(summary, rows)
+    return files

@@ -31,48 +31,15 @@ to the NumPy path, which also produces the error message.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-try:  # numba is optional
-    if os.environ.get("KLSEG_NO_NUMBA"):
-        raise ImportError
-    import numba
+from ._jit import AVAILABLE, CACHE_DIR, FASTMATH, numba  # noqa: F401 (CACHE_DIR: the public name)
+
+if AVAILABLE:
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
-AVAILABLE = numba is not None
-CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba_cache")
-"""Where numba caches the kernel's machine code: inside the package, so that the cache
-compiled when the wheel is built (``precompile``, run by setup.py) ships with it."""
-
-if AVAILABLE:
-    try:
-        from numba.core import caching as _caching
-
-        class _PackageCacheLocator(_caching.InTreeCacheLocator):
-            """numba's in-tree locator with the package's own cache folder (not
-            ``__pycache__``, which wheels leave out); when that folder is not writable,
-            numba's other locators take over (a user-wide cache)."""
-
-            def __init__(self, py_func, py_file):
-                super().__init__(py_func, py_file)
-                self._cache_path = CACHE_DIR
-
-            @classmethod
-            def from_function(cls, py_func, py_file):
-                here = os.path.dirname(os.path.abspath(__file__))
-                if os.path.dirname(os.path.abspath(py_file)) != here:
-                    return None  # another package's function: numba's own locators
-                return super().from_function(py_func, py_file)
-
-        _caching.CacheImpl._locator_classes.insert(0, _PackageCacheLocator)
-    except (ImportError, AttributeError):  # pragma: no cover - another numba layout
-        pass
 
 TILE_HWC = 256
 """Pixels per tile of an HWC chunk, which is copied class-major first: 19 classes × 256 ×
@@ -99,7 +66,7 @@ _P = (
 
 
 if AVAILABLE:
-    _flags = {"reassoc", "contract", "arcp", "afn"}  # no 'nnan'/'ninf': the checks see them
+    _flags = FASTMATH
     _i32 = np.int32
     _f32 = np.float32
     _P0, _P1, _P2, _P3, _P4, _P5, _P6 = (np.float32(c) for c in _P)
@@ -438,38 +405,3 @@ def _uncertainty_args(total, settings) -> tuple[np.ndarray, np.ndarray, np.ndarr
         total.unc_sum = np.zeros(len(names))
     codes = np.array([SCORES.index(s) for s in names], np.int32)
     return codes, total.unc_hist.reshape(len(names), 2 * BINS), total.unc_sum
-
-
-def precompile() -> bool:
-    """Compile the kernels (evaluation, and calibrate's compiled pass) for the signatures
-    klseg calls them with, into numba's cache (``CACHE_DIR``). Run when the package is built
-    (``setup.py``), so a fresh install loads machine code instead of spending seconds
-    compiling on its first large map; numba checks the cache against each source file's
-    contents, its own version and the CPU, and compiles afresh if any differs. Returns
-    False without numba."""
-    if not AVAILABLE:
-        return False
-    from .metrics import MetricSettings
-    from .stats import Stats
-
-    settings = MetricSettings(num_classes=3)
-    total = Stats.zeros(3, settings.ece_bins)
-    P = np.full((3, 4), 1 / 3, dtype=np.float32)
-    y = np.array([0, 1, 2, 255], dtype=np.uint8)
-    add_chunk(total, P, y, settings, 1e-3)
-    add_chunk(total, np.ascontiguousarray(P.T), y, settings, 1e-3, pixel_major=True)
-    scored = MetricSettings(num_classes=3, uncertainty=("entropy", "margin"))  # same types
-    add_chunk(Stats.zeros(3, 15), P, y, scored, 1e-3)
-    add_chunk(Stats.zeros(3, 15), np.ascontiguousarray(P.T), y, scored, 1e-3, pixel_major=True)
-    from . import _fast_fit  # klseg calibrate's compiled pass and class-wise bins
-
-    codes = settings.labels.codes(y)
-    _fast_fit.chunk_sums(P, codes, 1.0, settings, 1e-3)
-    _fast_fit.chunk_sums(np.ascontiguousarray(P.T), codes, 1.0, settings, 1e-3, pixel_major=True)
-    bins = np.zeros((3, 15), np.int64)
-    _fast_fit.classwise_sums(P, codes, 15, bins, np.zeros((3, 15)), np.zeros((3, 15), np.int64))
-    return True
-
-
-if __name__ == "__main__":  # python -m klseg_cli.core._fast: fill the compiled cache
-    print("kernel compiled" if precompile() else "numba is not installed: nothing to compile")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._fast import AVAILABLE, _flags
+from ._jit import AVAILABLE, FASTMATH
 from .uncertainty import _OFFSET, _SHIFT, BINS
 
 if AVAILABLE:
@@ -22,7 +22,7 @@ if AVAILABLE:
     _i32 = np.int32
     _f32 = np.float32
 
-    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
+    @numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
     def second_max(X, x0, m, A, U):
         """U[i] = the largest value of pixel x0 + i over the classes other than A[i]."""
         C = X.shape[0]
@@ -35,7 +35,7 @@ if AVAILABLE:
                 other = A[i] != _i32(c)
                 U[i] = x if (other & (x > U[i])) else U[i]
 
-    @numba.njit(fastmath=_flags, error_model="numpy", cache=True)
+    @numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
     def tile_cells(code, m, H, M, A, V, L, U, cells, t0):
         """Score and histogram cell of the first m pixels of a tile; returns Σ score.
 

@@ -260,7 +260,7 @@ def predicted_classes(pred, settings, *, chunk_pixels: int) -> np.ndarray:
     """The argmax class of every pixel, flat, int16, read chunk by chunk (ties to the
     lowest class, as everywhere; temperature never changes an argmax). Never a float copy
     of the map: memory is two bytes a pixel plus one chunk."""
-    from ..engine.local import chunk_for
+    from .chunks import chunk_for
 
     logits = settings.input_kind == "logits"
     n = pred.n_pixels

@@ -108,7 +108,8 @@ def run_task(pair, block: Block | None, settings, read):
     ``("error", kind, message, path)`` for an InputError — rebuilt by the client, so the
     error is the one line it is locally."""
     _maybe_die()
-    from .local import evaluate_pair, use_read_options
+    from ..io.opening import use_read_options
+    from .image import evaluate_pair
 
     use_read_options(read)
     try:
@@ -126,8 +127,8 @@ def run_task(pair, block: Block | None, settings, read):
 def _block_stats(pair, block: Block, settings, read):
     """The sums of rows [r0, r1) of a pair: the map's rows read through its own source (the
     same chunked reads as a whole map), the target's rows alone where it is Zarr."""
+    from ..io.opening import open_pair
     from ..io.readers import PredictionMap
-    from .local import open_pair
 
     if pair.target is not None and pair.target.suffix.lower() == ".zarr":
         opened = _open_zarr_block(pair, block, settings, read)
@@ -153,7 +154,7 @@ def _block_stats(pair, block: Block, settings, read):
 
 
 def _stats_of(part, target, pair, settings, read, opened):
-    from .local import image_stats
+    from .image import image_stats
 
     stats = image_stats(
         part, target, settings, chunk_pixels=read.chunk_pixels, target_path=pair.target,
@@ -166,9 +167,9 @@ def _open_zarr_block(pair, block: Block, settings, read):
     """The map of a pair whose target is a Zarr label mask, and only the block's label rows
     (a task never reads a huge label mask whole)."""
     from ..errors import ShapeError
+    from ..io.pairing import OpenedPair
     from ..io.readers import open_prediction
     from ..io.zarrio import label_rows, open_zarr
-    from .local import OpenedPair
 
     hw = tuple(open_zarr(pair.target, max_pixels=read.max_pixels).shape)
     if len(hw) != 2:
@@ -255,8 +256,9 @@ def dask_evaluate(
     """``evaluation.evaluate`` on a Dask cluster (``jobs`` is the cluster's business and is
     ignored). ``block_rows``: rows per task of a split map (None: maps of more than
     SPLIT_VALUES values are split; 0: never)."""
+    from ..core.results import EvaluationResult, ImageResult, merge_missing
     from ..core.stats import Stats
-    from .local import EvaluationResult, ImageResult, merge_missing, plan
+    from .local import plan
 
     job = plan(pred, target, **options)
     client, close = connect(scheduler)

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import DEFAULT_EPS, MetricSettings
 from ..core.raters import RATER_METRICS, RaterStats, dataset_values, rater_values
 from ..core.raters import soft_dice_per_class as _soft_dice_per_class
+from ..core.results import EvaluationResult, ImageResult, ReadOptions
 from ..core.stats import Stats
 from ..errors import InputError, ShapeError, UsageError
 from ..io import network
+from ..io.opening import use_read_options
 from ..io.raters import RaterMasks, RaterPair, RaterPairing, pair_raters
 from ..io.readers import (
     DEFAULT_MAX_PIXELS,
@@ -31,18 +34,12 @@ from ..io.readers import (
     read_target,
     sum_tolerance,
 )
+from .image import _terms
 from .local import (
-    DEFAULT_CHUNK_PIXELS,
-    EvaluationResult,
-    ImageResult,
-    ReadOptions,
-    _terms,
     check_path_argument,
-    chunk_for,
     class_names_and_map,
     metric_settings,
     pooled_results,
-    use_read_options,
 )
 
 
@@ -426,3 +423,35 @@ __all__ = [
     "plan_raters",
     "rater_image_stats",
 ]
+
+
+def _class_codes(raw: np.ndarray) -> np.ndarray:
+    """The majority map holds class codes already (−1: no rater labels the pixel)."""
+    return raw
+
+
+def rater_map(pred_map, masks, settings, *, with_pred: bool = False, chunk_pixels: int):
+    """The rater-disagreement MetricMap of one image (NaN where no rater labels a pixel);
+    with ``with_pred`` (``--panel``) the prediction's argmax and, as the target panel, the
+    raters' most frequent label (ties to the lowest class, as argmax q everywhere)."""
+    from ..core.raters import class_counts, disagreement
+    from .maps import MetricMap, _empty, _put
+
+    H, W = masks.shape
+    values = _empty((H, W), np.float32, np.nan)
+    pred = _empty((H, W), np.uint16, 0) if with_pred else None
+    majority = _empty((H, W), np.int16, -1) if with_pred else None
+    step = chunk_for(chunk_pixels, settings.num_classes)
+    logits = settings.input_kind == "logits"
+    for start in range(0, H * W, step):
+        stop = min(start + step, H * W)
+        codes = masks.codes(start, stop)
+        v, labelled = disagreement(codes, settings.num_classes)
+        valid = None if labelled.all() else labelled
+        _put(values, start, stop, v[labelled], valid, np.nan)
+        if pred is not None:
+            _put(pred, start, stop, np.argmax(pred_map.block(start, stop, logits=logits), 0),
+                 None, 0)  # fmt: skip
+            top = np.argmax(class_counts(codes, settings.num_classes), axis=0)
+            _put(majority, start, stop, top[labelled], valid, -1)
+    return MetricMap("rater-disagreement", values, pred, majority, "", _class_codes)

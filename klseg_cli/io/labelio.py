@@ -165,7 +165,8 @@ def read_label_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
     """A TIFF label mask decoded into memory (any compression, tiles or strips)."""
     import tifffile
 
-    from .readers import TiffSegments, _describe_oserror, _quiet_tifffile
+    from .safeio import _describe_oserror, _quiet_tifffile
+    from .tiffsegments import TiffSegments
 
     check_regular(path)
     try:

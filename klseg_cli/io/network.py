@@ -146,16 +146,23 @@ def current() -> NetworkSettings:
     return _current
 
 
+_listeners: list = []
+
+
+def on_change(callback) -> None:
+    """Call ``callback()`` whenever ``use`` changes the settings (``remote.py`` registers
+    itself: its clients are configured when made, and it remembers servers that timed out)."""
+    _listeners.append(callback)
+
+
 def use(settings: NetworkSettings | None) -> None:
     """Make ``settings`` this process's (None: back to the environment's). A worker calls
     this with the settings its task carries before it reads."""
     global _current
     if settings != _current:
-        from .remote import forget_timeouts, reset_filesystems
-
         _current = settings
-        reset_filesystems()  # clients are configured when made: make new ones
-        forget_timeouts()  # a new run gives every server a new chance
+        for callback in _listeners:
+            callback()
 
 
 def settings_for(timeout: float | None = None) -> NetworkSettings:
@@ -166,3 +173,111 @@ def settings_for(timeout: float | None = None) -> NetworkSettings:
     import uuid
 
     return replace(from_environment().with_timeout(timeout), run=uuid.uuid4().hex)
+
+
+# --- the clients' options and their errors (remote.py and the Zarr stores of zarrio.py) ---
+
+
+PROTOCOLS = ("s3", "gs", "gcs", "http", "https", "memory", "file")
+"""URL schemes klseg opens through fsspec (others, e.g. ftp://, need arguments a URL lacks)."""
+
+
+def _client_timeout(settings: NetworkSettings):
+    import aiohttp
+
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect, sock_read=settings.timeout
+    )
+
+
+def storage_options(protocol: str) -> dict:
+    """fsspec options that give ``protocol``'s client the timeouts of ``current()``,
+    merged over what fsspec's own configuration sets for it (Zarr stores use them too)."""
+    import fsspec.config
+
+    settings = current()
+    conf = fsspec.config.conf.get(protocol, {})
+    if protocol in ("http", "https"):
+        client = {**conf.get("client_kwargs", {}), "timeout": _client_timeout(settings)}
+        return {"client_kwargs": client}
+    if protocol == "s3":  # botocore retries 5xx and resets with its backoff
+        config = {
+            **conf.get("config_kwargs", {}),
+            "connect_timeout": settings.connect,
+            "read_timeout": settings.timeout,
+            "retries": {"max_attempts": settings.retries + 1, "mode": "standard"},
+        }
+        return {"config_kwargs": config}
+    if protocol in ("gs", "gcs"):  # gcsfs hands session_kwargs to its aiohttp session
+        session = {**conf.get("session_kwargs", {}), "timeout": _client_timeout(settings)}
+        return {"session_kwargs": session}
+    return {}
+
+
+class _TooLongError(Exception):
+    """A body went past the bytes klseg asked for (``read``: how many had come by then)."""
+
+    def __init__(self, read: int) -> None:
+        super().__init__(read)
+        self.read = read
+
+
+def _chain(err: BaseException):
+    """``err`` and its causes (fsspec wraps a failed HEAD in FileNotFoundError)."""
+    seen: BaseException | None = err
+    for _ in range(6):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+_TIMEOUT_NAMES = ("FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError")
+
+
+def _is_timeout(err: BaseException) -> bool:
+    return any(
+        isinstance(e, TimeoutError) or type(e).__name__ in _TIMEOUT_NAMES for e in _chain(err)
+    )
+
+
+def _timeout_message(err: BaseException, deadline: float) -> str:
+    settings = current()
+    hint = "--timeout or KLSEG_TIMEOUT gives a slow store longer"
+    for e in _chain(err):
+        name = type(e).__name__
+        if name in ("ConnectionTimeoutError", "ConnectTimeoutError"):
+            return f"timed out: no connection within {settings.connect:g} s ({hint})"
+        if name in ("SocketTimeoutError", "ReadTimeoutError"):
+            return f"timed out: no data from the server for {settings.timeout:g} s ({hint})"
+    return (
+        f"timed out: the server did not send the answer within {deadline:.3g} s (it stalls or "
+        f"sends slower than {MIN_RATE >> 10} KiB/s; {hint})"
+    )
+
+
+def _is_transient(err: BaseException) -> bool:
+    """An error worth retrying an idempotent read for: HTTP 5xx or 429, a connection reset,
+    a body cut short. Timeouts are not (a retry would multiply the wait)."""
+    if _is_timeout(err):
+        return False
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return True
+    name = type(err).__name__
+    if name in ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError"):
+        return True
+    return name == "ClientOSError" and getattr(err, "errno", None) in (32, 103, 104)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "no such object"
+    if isinstance(err, PermissionError):
+        return f"access denied ({err})"
+    status = getattr(err, "status", None)
+    if isinstance(status, int) and type(err).__name__ == "ClientResponseError":
+        return f"cannot read (HTTP {status} {getattr(err, 'message', '')})".replace(" )", ")")
+    return f"cannot read ({type(err).__name__}: {err})"

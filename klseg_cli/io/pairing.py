@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError, UsageError
-from .readers import PRED_SUFFIXES, TARGET_SUFFIXES
+from .readers import PRED_SUFFIXES, TARGET_SUFFIXES, PredictionMap
 
 
 @dataclass(frozen=True)
@@ -158,3 +160,13 @@ def _pair_files(
             path=pred,
         )
     return Pairing(pairs=pairs, missing_pred=missing_pred, missing_target=missing_target)
+
+
+@dataclass
+class OpenedPair:
+    pred: PredictionMap
+    target: np.ndarray | PredictionMap | None
+    height: int
+    width: int
+    spatial: tuple[int, ...] | None = None  # a volume's shape (volumes.py); None: (H, W)
+    spacing: tuple[float, ...] | None = None  # voxel spacing from a NIfTI header

@@ -9,7 +9,6 @@ beyond (``labelio.LabelBands``: ``.npy``, TIFF, Zarr); PNG masks are always deco
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import zipfile
@@ -18,24 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import LabelError, ReadError, ShapeError, UsageError
 from .fortran import fortran_rows
 from .labelio import LabelBands, banded, one_series, read_label_npy, read_label_tiff
-from .safeio import check_regular, parse_npy_header
+from .safeio import (
+    _check_size,
+    _describe_oserror,
+    _quiet_tifffile,
+    check_regular,
+    parse_npy_header,
+)
+from .tiffsegments import TiffSegments
 
 PRED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")  # NIfTI: volumes.py
 TARGET_SUFFIXES = (".png", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
 LAYOUTS = ("hwc", "chw")
-DEFAULT_MAX_PIXELS = 1 << 31  # per 2-D image plane: refuse absurd headers before allocating
 
 
 def sum_tolerance(dtype: np.dtype) -> float:
     """How far a pixel's probabilities may sum from 1: float16 keeps ~3 significant digits."""
     return 1e-2 if np.dtype(dtype) == np.float16 else 1e-3
-
-
-def _describe_oserror(err: OSError) -> str:
-    return err.strerror or str(err)
 
 
 def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
@@ -51,17 +53,6 @@ def _check_float_dtype(dtype: np.dtype, path: Path) -> None:
     else:
         problem = f"has dtype {dtype}"
     raise ReadError(f"{problem}; a prediction must be float16, float32 or float64", path=path)
-
-
-def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
-    """Refuse, from the header alone, an image whose H × W (its two largest axes) is absurd."""
-    pixels = math.prod(sorted(shape)[-2:])
-    if pixels > max_pixels:
-        raise ReadError(
-            f"header claims shape {tuple(shape)}, {pixels:,} pixels, more than --max-pixels "
-            f"{max_pixels:,}; raise --max-pixels if the file is genuine",
-            path=path,
-        )
 
 
 def _load_npy(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -124,18 +115,6 @@ def _load_npz(path: Path, key: str | None) -> np.ndarray:
         raise ReadError(f"not a valid .npz file ({type(err).__name__}: {err})", path=path) from None
 
 
-@contextlib.contextmanager
-def _quiet_tifffile():
-    """tifffile logs warnings about damaged files on stderr; klseg reports one error instead."""
-    logger = logging.getLogger("tifffile")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
 def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
     import tifffile
 
@@ -159,118 +138,10 @@ def _load_tiff(path: Path, *, max_pixels: int) -> np.ndarray:
         raise ReadError(f"not a valid TIFF file ({type(err).__name__}: {err})", path=path) from None
 
 
-class TiffSegments:
-    """A compressed, tiled or stripped TIFF series read band by band in bounded memory.
-
-    The series' values in C order are its pages one after the other, each page in its
-    stored order: (rows, columns, samples), or (samples, rows, columns) for separate sample
-    planes. So any range of the series' flat elements maps onto bands (a strip, or a row of
-    tiles) of one sample plane of one page, whatever shape tifffile gives the series —
-    (1, W, C) stored as a W × C page, (C, H, W) as C pages or C samples, (H, W, C) with
-    contiguous samples. ``elements(e0, e1)`` serves flat ranges; the last band decoded of
-    each page and plane is kept, as chunks walk the image top to bottom.
-    """
-
-    def __init__(self, path: Path, series, pages, key) -> None:
-        self.path = path
-        self.shape = tuple(series.shape)
-        self.dtype = np.dtype(series.dtype)
-        self.ndim = len(self.shape)
-        self.key = key  # decodes segments (it needs no open file)
-        self.segments = [(np.asarray(p.dataoffsets), np.asarray(p.databytecounts)) for p in pages]
-        self.rows, self.cols, self.samples = key.imagelength, key.imagewidth, key.samplesperpixel
-        self.separate = key.planarconfig == 2 and self.samples > 1
-        self.band_height = min(key.tilelength if key.is_tiled else key.rowsperstrip, self.rows)
-        self.band_height = max(self.band_height, 1)
-        self.per_band = -(-self.cols // key.tilewidth) if key.is_tiled else 1
-        self.plane_bands = -(-self.rows // self.band_height)
-        self.page_elements = self.rows * self.cols * self.samples
-        self._bands: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def asarray(self) -> np.ndarray:
-        """The whole series, decoded into memory (label masks, which are read whole)."""
-        return self.elements(0, math.prod(self.shape)).reshape(self.shape)
-
-    @classmethod
-    def open(cls, path: Path, series):
-        pages = list(series.pages)  # TiffPage or TiffFrame: the keyframe holds the tags
-        key = series.keyframe
-        if not pages or any(p is None for p in pages) or key.imagedepth != 1:
-            return None
-        if np.dtype(key.dtype) != np.dtype(series.dtype):
-            return None
-        elements = key.imagelength * key.imagewidth * key.samplesperpixel
-        if len(pages) * elements != math.prod(series.shape):
-            return None
-        return cls(path, series, pages, key)
-
-    def _decode_band(self, page: int, plane: int, k: int) -> np.ndarray:
-        """Band k of one sample plane of one page, flat in stored order."""
-        try:
-            return self._decode_band_unchecked(page, plane, k)
-        except OSError as err:
-            raise ReadError(f"cannot read: {_describe_oserror(err)}", path=self.path) from None
-        except Exception as err:  # zlib.error, ValueError, IndexError on damaged tiles...
-            raise ReadError(
-                f"damaged TIFF tile data ({type(err).__name__}: {err})", path=self.path
-            ) from None
-
-    def _decode_band_unchecked(self, page: int, plane: int, k: int) -> np.ndarray:
-        r0 = k * self.band_height
-        rows = min(self.band_height, self.rows - r0)
-        depth = 1 if self.separate else self.samples
-        out = np.zeros((rows, self.cols, depth), dtype=self.dtype)
-        offsets, counts = self.segments[page]
-        first = plane * self.plane_bands * self.per_band + k * self.per_band
-        key = self.key
-        with _quiet_tifffile(), open(self.path, "rb") as fh:
-            for index in range(first, first + self.per_band):
-                fh.seek(int(offsets[index]))
-                data = fh.read(int(counts[index]))
-                if len(data) < int(counts[index]):
-                    raise ReadError("file ended early inside TIFF tile data", path=self.path)
-                seg, (_, _, y, x, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
-                if seg is None:
-                    continue
-                seg = seg.reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
-                h = min(seg.shape[0], self.rows - y)
-                w = min(seg.shape[1], self.cols - x)
-                out[y - r0 : y - r0 + h, x : x + w] = seg[:h, :w]
-        return out.reshape(-1)
-
-    def elements(self, e0: int, e1: int) -> np.ndarray:
-        """Flat elements [e0, e1) of the series in C order, as a 1-D array."""
-        out = np.empty(max(e1 - e0, 0), dtype=self.dtype)
-        plane_size = self.rows * self.cols
-        row_size = self.cols * (1 if self.separate else self.samples)
-        e = e0
-        while e < e1:
-            page, within = divmod(e, self.page_elements)
-            plane, within = divmod(within, plane_size) if self.separate else (0, within)
-            k = (within // row_size) // self.band_height
-            cached = self._bands.get((page, plane))
-            if cached is None or cached[0] != k:
-                self._bands.pop((page, plane), None)  # the old band goes before the new
-                cached = (k, self._decode_band(page, plane, k))
-                self._bands[(page, plane)] = cached
-            band = cached[1]
-            offset = within - k * self.band_height * row_size
-            take = min(e1 - e, band.size - offset)
-            out[e - e0 : e - e0 + take] = band[offset : offset + take]
-            e += take
-        return out
-
-
 def load_array(path: Path, *, npz_key: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open an array file as stored: ``.npy`` and plain TIFF memory-mapped, ``.npz`` loaded."""
-    if getattr(path, "is_remote", False):  # a URL (remote.py): by byte ranges
-        from .remote import load_array as load_remote
-
-        return load_remote(path, npz_key=npz_key, max_pixels=max_pixels)
+    if getattr(path, "is_remote", False):  # a URL (remote.RemotePath): by byte ranges
+        return path.load_array(npz_key=npz_key, max_pixels=max_pixels)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".zarr":  # a folder of chunks (zarrio.py)
@@ -620,10 +491,8 @@ def read_target(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     ``LabelBands``, read in row ranges as the chunks ask for them. Soft targets are
     probability maps and are opened with ``open_prediction`` instead.
     """
-    if getattr(path, "is_remote", False):  # a URL (remote.py): read whole, checked here
-        from .remote import read_target as read_remote
-
-        return read_remote(path, max_pixels=max_pixels)
+    if getattr(path, "is_remote", False):  # a URL (remote.RemotePath): read whole, checked
+        return path.read_target(max_pixels=max_pixels)
     path = Path(path)
     if path.suffix.lower() == ".zarr":
         from .zarrio import open_zarr, read_zarr_target

@@ -34,6 +34,15 @@ import numpy as np
 
 from ..errors import InputError, ReadError, UsageError
 from . import network
+from .network import (  # the clients' options and errors (zarrio.py uses them too)
+    PROTOCOLS,
+    _describe,
+    _is_timeout,
+    _is_transient,
+    _timeout_message,
+    _TooLongError,
+    storage_options,
+)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 EXTRA_HINT = "pip install 'klseg[cloud]' (fsspec and s3fs; gcsfs for gs://)"
@@ -63,40 +72,6 @@ def as_input(value: Any) -> Any:
 
 
 _FILESYSTEMS: dict[str, Any] = {}
-PROTOCOLS = ("s3", "gs", "gcs", "http", "https", "memory", "file")
-"""URL schemes klseg opens through fsspec (others, e.g. ftp://, need arguments a URL lacks)."""
-
-
-def _client_timeout(settings: network.NetworkSettings):
-    import aiohttp
-
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect, sock_read=settings.timeout
-    )
-
-
-def storage_options(protocol: str) -> dict:
-    """fsspec options that give ``protocol``'s client the timeouts of ``network.current()``,
-    merged over what fsspec's own configuration sets for it (Zarr stores use them too)."""
-    import fsspec.config
-
-    settings = network.current()
-    conf = fsspec.config.conf.get(protocol, {})
-    if protocol in ("http", "https"):
-        client = {**conf.get("client_kwargs", {}), "timeout": _client_timeout(settings)}
-        return {"client_kwargs": client}
-    if protocol == "s3":  # botocore retries 5xx and resets with its backoff
-        config = {
-            **conf.get("config_kwargs", {}),
-            "connect_timeout": settings.connect,
-            "read_timeout": settings.timeout,
-            "retries": {"max_attempts": settings.retries + 1, "mode": "standard"},
-        }
-        return {"config_kwargs": config}
-    if protocol in ("gs", "gcs"):  # gcsfs hands session_kwargs to its aiohttp session
-        session = {**conf.get("session_kwargs", {}), "timeout": _client_timeout(settings)}
-        return {"session_kwargs": session}
-    return {}
 
 
 def _filesystem(url: str):
@@ -140,75 +115,6 @@ def reset_filesystems() -> None:
 
 
 # --- every request: a deadline, retries of transient errors, one line when it fails -------
-
-
-class _TooLongError(Exception):
-    """A body went past the bytes klseg asked for (``read``: how many had come by then)."""
-
-    def __init__(self, read: int) -> None:
-        super().__init__(read)
-        self.read = read
-
-
-def _chain(err: BaseException):
-    """``err`` and its causes (fsspec wraps a failed HEAD in FileNotFoundError)."""
-    seen: BaseException | None = err
-    for _ in range(6):
-        if seen is None:
-            return
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
-_TIMEOUT_NAMES = ("FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError")
-
-
-def _is_timeout(err: BaseException) -> bool:
-    return any(
-        isinstance(e, TimeoutError) or type(e).__name__ in _TIMEOUT_NAMES for e in _chain(err)
-    )
-
-
-def _timeout_message(err: BaseException, deadline: float) -> str:
-    settings = network.current()
-    hint = "--timeout or KLSEG_TIMEOUT gives a slow store longer"
-    for e in _chain(err):
-        name = type(e).__name__
-        if name in ("ConnectionTimeoutError", "ConnectTimeoutError"):
-            return f"timed out: no connection within {settings.connect:g} s ({hint})"
-        if name in ("SocketTimeoutError", "ReadTimeoutError"):
-            return f"timed out: no data from the server for {settings.timeout:g} s ({hint})"
-    return (
-        f"timed out: the server did not send the answer within {deadline:.3g} s (it stalls or "
-        f"sends slower than {network.MIN_RATE >> 10} KiB/s; {hint})"
-    )
-
-
-def _is_transient(err: BaseException) -> bool:
-    """An error worth retrying an idempotent read for: HTTP 5xx or 429, a connection reset,
-    a body cut short. Timeouts are not (a retry would multiply the wait)."""
-    if _is_timeout(err):
-        return False
-    status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return status >= 500 or status == 429
-    if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        return True
-    name = type(err).__name__
-    if name in ("ClientPayloadError", "ServerDisconnectedError", "ContentLengthError"):
-        return True
-    return name == "ClientOSError" and getattr(err, "errno", None) in (32, 103, 104)
-
-
-def _describe(err: BaseException) -> str:
-    if isinstance(err, FileNotFoundError):
-        return "no such object"
-    if isinstance(err, PermissionError):
-        return f"access denied ({err})"
-    status = getattr(err, "status", None)
-    if isinstance(status, int) and type(err).__name__ == "ClientResponseError":
-        return f"cannot read (HTTP {status} {getattr(err, 'message', '')})".replace(" )", ")")
-    return f"cannot read ({type(err).__name__}: {err})"
 
 
 _timed_out: dict[str, str] = {}
@@ -517,6 +423,14 @@ class RemotePath:
             raise ReadError(f"object of {size:,} bytes is too large to read whole", path=self.url)
         return self.read_range(0, size) if size else b""
 
+    def load_array(self, *, npz_key: str | None, max_pixels: int):
+        """This object's array (``load_array`` below): ``readers.load_array`` of a URL."""
+        return load_array(self, npz_key=npz_key, max_pixels=max_pixels)
+
+    def read_target(self, *, max_pixels: int) -> np.ndarray:
+        """This object's label mask (``read_target`` below): ``readers.read_target`` of a URL."""
+        return read_target(self, max_pixels=max_pixels)
+
 
 class RemoteNpy:
     """A remote C-order ``.npy`` read by byte ranges: ``elements(e0, e1)`` is one request.
@@ -575,7 +489,7 @@ def _npy_header(rpath: RemotePath) -> tuple[tuple[int, ...], np.dtype, bool, int
 
 def load_array(rpath: RemotePath, *, npz_key: str | None, max_pixels: int):
     """A remote array as stored: ``.npy`` by ranges, ``.zarr`` by chunks, others whole."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     suffix = rpath.suffix.lower()
     if suffix == ".zarr":
@@ -643,3 +557,11 @@ def read_target(rpath: RemotePath, *, max_pixels: int) -> np.ndarray:
     from .readers import read_target as local_read_target
 
     return _via_local_copy(rpath, lambda p: local_read_target(p, max_pixels=max_pixels))
+
+
+def _settings_changed() -> None:
+    reset_filesystems()  # clients are configured when made: make new ones
+    forget_timeouts()  # a new run gives every server a new chance
+
+
+network.on_change(_settings_changed)

@@ -14,6 +14,8 @@ Every problem is a ``ReadError`` (or ``InputError``) naming the file: exit 2, on
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import stat
@@ -198,3 +200,30 @@ def read_npy(path: Path | str, *, check_shape=None) -> np.ndarray:
         return out.T if fortran else out
     finally:
         os.close(fd)
+
+
+def _describe_oserror(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _check_size(shape: tuple[int, ...], path: Path, max_pixels: int) -> None:
+    """Refuse, from the header alone, an image whose H × W (its two largest axes) is absurd."""
+    pixels = math.prod(sorted(shape)[-2:])
+    if pixels > max_pixels:
+        raise ReadError(
+            f"header claims shape {tuple(shape)}, {pixels:,} pixels, more than --max-pixels "
+            f"{max_pixels:,}; raise --max-pixels if the file is genuine",
+            path=path,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile logs warnings about damaged files on stderr; klseg reports one error instead."""
+    logger = logging.getLogger("tifffile")
+    saved = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)

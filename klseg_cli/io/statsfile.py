@@ -131,7 +131,7 @@ class StatsTable:
 
     def to_result(self):
         """An ``EvaluationResult`` whose ``summary()`` is the original run's (no paths)."""
-        from ..engine.local import EvaluationResult, ImageResult
+        from ..core.results import EvaluationResult, ImageResult
 
         settings = self.metric_settings()
         images = [

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.local import OpenedPair, ReadOptions
+from ..core.results import ReadOptions
 from ..errors import LabelError, ReadError, ShapeError, UsageError
-from .pairing import Pair
+from .pairing import OpenedPair, Pair
 from .readers import PredictionMap, _check_float_dtype, load_array
 from .safeio import check_regular
 
@@ -43,13 +43,6 @@ def is_nifti(path) -> bool:
 def is_volume_pair(pair: Pair, read: ReadOptions) -> bool:
     """Whether a pair is read as volumes: NIfTI files, or ``--spatial-dims 3``."""
     return getattr(read, "spatial_dims", 2) == 3 or is_nifti(pair.pred) or is_nifti(pair.target)
-
-
-def shape_columns(shape: tuple[int, ...] | None) -> dict:
-    """A volume's per-image columns: height, width, depth = its X, Y, Z (file order)."""
-    if shape is None or len(shape) != 3:
-        return {}
-    return {"height": int(shape[0]), "width": int(shape[1]), "depth": int(shape[2])}
 
 
 def _nibabel():
@@ -380,41 +373,3 @@ def slice_pair(opened: VolumePair, axis: int, index: int) -> OpenedPair:
     pm = PredictionMap(path=opened.pred.path, array=section, layout=layout)
     labels = np.ascontiguousarray(np.take(opened.file_labels, index, axis=axis))
     return OpenedPair(pm, labels, pm.height, pm.width)
-
-
-def volume_map(opened: VolumePair, settings, metric: str, view: SliceView, **kw):
-    """The heatmap of a volume: one slice, or ``view.montage`` slices tiled in a grid (on
-    one colour scale, ignored-colour gaps between them)."""
-    from ..render.heatmap import MetricMap, compute_map
-
-    n = opened.file_shape[view.axis]
-    maps = [
-        compute_map(slice_pair(opened, view.axis, i), settings, metric, **kw)
-        for i in view.indices(n, opened.pred.path)
-    ]
-    if len(maps) == 1:
-        return maps[0]
-    cols = math.ceil(math.sqrt(len(maps)))
-    rows = math.ceil(len(maps) / cols)
-    h, w, gap = maps[0].height, maps[0].width, 2
-
-    def tile(get, fill, dtype):
-        if get(maps[0]) is None:
-            return None
-        out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap), fill, dtype)
-        for k, mm in enumerate(maps):
-            r, c = divmod(k, cols)
-            out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = get(mm)
-        return out
-
-    ignore = settings.ignore_index[0] if settings.ignore_index else 255
-    first = maps[0]
-    return MetricMap(
-        first.metric,
-        tile(lambda m: np.asarray(m.values), np.nan, np.float32),
-        tile(lambda m: None if m.pred is None else np.asarray(m.pred), 0, np.uint16),
-        tile(lambda m: m.labels, ignore, first.labels.dtype if first.labels is not None else None),
-        first.unit,
-        first.codes,
-        first.palette,
-    )

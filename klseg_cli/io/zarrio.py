@@ -15,7 +15,7 @@ opened through a ``CountingStore`` that records the chunks found missing while r
 and runs do not mix; the engine reports them per file in summary.json and as a warning), and
 under ``use_strict(True)`` (``--strict-zarr``) a missing chunk is a ReadError. The same store
 bounds every request by the timeouts of ``network.py`` (a remote store over fsspec gets the
-client options of ``remote.storage_options``) and retries transient errors.
+client options of ``network.storage_options``) and retries transient errors.
 
 zarr runs its reads on its own event loop thread; when a read fails, its sibling chunk reads
 are still pending there, and zarr's exit hook would destroy them mid-flight (asyncio's "Task
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.results import missing_message
 from ..errors import InputError, ReadError, UsageError
 from . import network
 
@@ -74,14 +75,6 @@ def frozen(bag: dict) -> dict[str, tuple[frozenset[str], Any]]:
     """A collector's stores that had chunks missing, as plain values (to pickle, merge)."""
     with _lock:
         return {store: (frozenset(keys), fill) for store, (keys, fill) in bag.items() if keys}
-
-
-def missing_message(store: str, n: int, fill) -> str:
-    """The warning for ``n`` chunks of ``store`` read as the fill value."""
-    return (
-        f"{store}: {n} Zarr chunk{'s' if n != 1 else ''} missing, read as the fill value "
-        f"{fill!r} (a sparse array, or lost chunks? --strict-zarr makes this an error)"
-    )
 
 
 def warn_missing(bag: dict) -> None:
@@ -141,7 +134,7 @@ def _counting_store(store, where: str, bag: dict | None):
     bounded in time."""
     from zarr.storage import WrapperStore
 
-    from .remote import _describe, _is_transient, _timeout_message
+    from .network import _describe, _is_transient, _timeout_message
 
     class CountingStore(WrapperStore):
         chunk_bytes: int | None = None  # set once the array is open: the deadline's size
@@ -194,7 +187,7 @@ def _open(path, key: str | None):
         if getattr(path, "is_remote", False):
             from zarr.storage import FsspecStore
 
-            from .remote import storage_options
+            from .network import storage_options
 
             options = storage_options(path.url.split("://", 1)[0].lower())
             inner: Any = FsspecStore.from_url(path.url, storage_options=options, read_only=True)
@@ -355,7 +348,7 @@ class ZarrSource:
 
 def open_zarr(path, *, max_pixels: int, key: str | None = None) -> ZarrSource:
     """A prediction (or soft target) map stored as Zarr; the header alone is checked here."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     array = _open(path, key)
     _check_size(tuple(array.shape), str(path), max_pixels)
@@ -364,7 +357,7 @@ def open_zarr(path, *, max_pixels: int, key: str | None = None) -> ZarrSource:
 
 def read_zarr_target(path, *, max_pixels: int, key: str | None = None) -> np.ndarray:
     """A label mask stored as Zarr, read whole (2-D integers, as any target)."""
-    from .readers import _check_size
+    from .safeio import _check_size
 
     array = _open(path, key)
     _check_size(tuple(array.shape), str(path), max_pixels)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .formats import fmt, summary_json
 from .reliability import reliability_csv, reliability_png, stats_bins, write_reliability_png
-from .report import fmt, summary_json
 
 CALIBRATE_FILES = ("calibration.json", "reliability.png")
 EVALUATE_FILES = ("reliability.png", "calibration.csv")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.agreement import IMAGE_METRICS, PAIR_METRICS
 from ..core.stats import IMAGE_MEAN_METRICS
-from .report import fmt, make_out_dir, rows_csv, summary_json, write_atomic
+from .formats import fmt, make_out_dir, rows_csv, summary_json, write_atomic
 
 COMPARE_FILES = ("compare.csv", "compare.json")
 BASE_COLUMNS = ("image", "height", "width", "n_valid", *IMAGE_METRICS)

@@ -50,7 +50,7 @@ def bin_rows(count, conf, correct) -> list[dict]:
 
 
 def reliability_csv(count, conf, correct) -> str:
-    from .report import rows_csv
+    from .formats import rows_csv
 
     return rows_csv(bin_rows(count, conf, correct), CSV_COLUMNS)
 

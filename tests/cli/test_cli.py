@@ -244,22 +244,25 @@ def test_real_process_exit_codes(tmp_path, rng):
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-def test_every_eps_default_follows_the_library_default(monkeypatch):
-    """A changed library default reaches every command: the CLI module, imported afresh with
-    another DEFAULT_EPS, has it in every signature (a literal 1e-7 left anywhere fails)."""
-    import importlib
-    import inspect
+def test_every_eps_default_follows_the_library_default():
+    """A changed library default reaches every command: the CLI, imported afresh (in a
+    process of its own) with another DEFAULT_EPS, has it in every signature (a literal 1e-7
+    left anywhere fails)."""
+    import subprocess
+    import sys
 
-    from klseg_cli import defaults
-    from klseg_cli.cli import root as cli
-
-    monkeypatch.setattr(defaults, "DEFAULT_EPS", 3e-7)
-    try:
-        fresh = importlib.reload(cli)
-        for command in fresh.app.registered_commands:
-            params = inspect.signature(command.callback).parameters
-            if "eps" in params:
-                assert params["eps"].default == 3e-7, command.name or command.callback.__name__
-    finally:
-        monkeypatch.undo()
-        importlib.reload(cli)
+    code = """
+import inspect
+from klseg_cli import defaults
+defaults.DEFAULT_EPS = 3e-7
+from klseg_cli.cli.root import app
+for command in app.registered_commands:
+    params = inspect.signature(command.callback).parameters
+    print(command.callback.__name__, params["eps"].default if "eps" in params else "-")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    defaults = dict(line.split() for line in out.stdout.splitlines())
+    assert set(defaults) == {"evaluate", "gate", "compare", "calibrate", "heatmap", "info"}
+    assert {name: value for name, value in defaults.items() if value != "-"} == {
+        name: "3e-07" for name in ("evaluate", "compare", "calibrate", "heatmap")
+    }

@@ -22,7 +22,8 @@ from klseg_cli.core.labels import (
 )
 from klseg_cli.core.metrics import MetricSettings
 from klseg_cli.core.stats import class_metrics, pixel_metrics
-from klseg_cli.engine.local import evaluate, image_stats
+from klseg_cli.engine.image import image_stats
+from klseg_cli.engine.local import evaluate
 from klseg_cli.errors import InputError, LabelError, UsageError
 from klseg_cli.io.readers import PredictionMap
 
@@ -501,9 +502,9 @@ def test_gate_without_stored_requirements_needs_one(tmp_path):
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
-    from klseg_cli.cli import root as cli
+    from klseg_cli.cli import console
 
-    monkeypatch.setattr(cli._Ticker, "every", 0.0)
+    monkeypatch.setattr(console._Ticker, "every", 0.0)
     summary = _sample_summary(tmp_path)
     assert summary.exists()
     from .test_cli import SAMPLE
@@ -601,6 +602,7 @@ def test_settings_round_trip_through_summary_and_stats_npz(tmp_path, rng):
 def test_jobs_default_uses_the_cores_where_it_pays(tmp_path, rng, monkeypatch):
     """#14: --jobs defaults to the available cores (capped by the images): threads for
     kernel-sized maps, but no worker processes for small maps on the NumPy path."""
+    from klseg_cli.engine import image
     from klseg_cli.engine import local as ev
 
     (tmp_path / "p").mkdir()
@@ -614,7 +616,8 @@ def test_jobs_default_uses_the_cores_where_it_pays(tmp_path, rng, monkeypatch):
     assert ev.resolve_jobs(job, 2) == (2, "processes")
     assert ev.resolve_jobs(job, 1) == (1, "serial")
     if _fast.AVAILABLE:
-        monkeypatch.setattr(ev, "FAST_MIN_VALUES", 1)
+        monkeypatch.setattr(ev, "FAST_MIN_VALUES", 1)  # the backend's choice
+        monkeypatch.setattr(image, "FAST_MIN_VALUES", 1)  # and the kernel's
         assert ev.resolve_jobs(job, None) == (3, "threads")  # capped by the 3 images
         monkeypatch.setattr(ev, "available_cores", lambda: 2)
         assert ev.resolve_jobs(job, None) == (2, "threads")

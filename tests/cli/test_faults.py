@@ -387,7 +387,7 @@ def test_concurrent_runs_into_one_folder_leave_one_runs_report(tmp_path, n_write
 
 KILLABLE = r"""
 import signal, sys, time
-import klseg_cli.render.heatmap as hm
+import klseg_cli.commands.heatmap as hm
 from klseg_cli.cli import root as cli
 
 # a background job of a shell without job control starts with SIGINT ignored (POSIX), and

@@ -221,3 +221,49 @@ def test_strided_maps_are_read_in_their_stored_order(rng):
     single = Evaluator(C)
     single.update(np.moveaxis(P[0], -1, 0).copy(), y[0])
     assert same(odd.compute(), single.compute())
+
+
+def test_public_api_is_sorted_and_every_name_resolves():
+    assert klseg_cli.__all__ == sorted(klseg_cli.__all__)
+    for name in klseg_cli.__all__:
+        assert getattr(klseg_cli, name) is not None, name
+    assert klseg_cli.compare is klseg_cli.compare_models
+
+
+def test_evaluate_report_is_what_the_command_writes(tmp_path):
+    """klseg_cli.evaluate_report with the command's keywords writes the report folder, gate
+    files and all, that ``klseg evaluate`` writes, byte for byte."""
+    args = [str(SAMPLE / "predictions"), str(SAMPLE / "ground_truth")]
+    gate = ["miou_pooled >= 0.85", "kl_pooled <= 0.01"]
+    options = ["--classes", str(SAMPLE / "classes.txt"), "--out", str(tmp_path / "cli")]
+    options += ["--require", gate[0], "--require", gate[1], "--junit", str(tmp_path / "cli.xml")]
+    cli = CliRunner().invoke(app, ["evaluate", *args, *options])
+    assert cli.exit_code == 1  # the second requirement fails
+    done = klseg_cli.evaluate_report(
+        *args, classes=str(SAMPLE / "classes.txt"), out=tmp_path / "api", require=gate,
+        junit=tmp_path / "api.xml",
+    )  # fmt: skip
+    assert [r["passed"] for r in done.summary["requirements"]] == [True, False]
+    assert done.gate_written and done.note is None
+    for name in ("summary.json", "per_image.csv", "per_class.csv", "confusion.csv"):
+        assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    assert (tmp_path / "api.xml").read_bytes() == (tmp_path / "cli.xml").read_bytes()
+    with pytest.raises(UsageError, match="--heatmaps needs --out"):
+        klseg_cli.evaluate_report(*args, heatmaps=2)
+
+
+def test_heatmap_api_takes_the_command_keywords(tmp_path):
+    pred, gt = SAMPLE / "predictions", SAMPLE / "ground_truth"
+    stem = sorted(p.stem for p in pred.iterdir())[0]
+    one = next(pred.glob(f"{stem}.*"))
+    target = next(gt.glob(f"{stem}.*"))
+    options = ["-o", str(tmp_path / "cli.png"), "--metric", "js", "--colorbar"]
+    options += ["--classes", str(SAMPLE / "classes.txt")]
+    cli = CliRunner().invoke(app, ["heatmap", str(one), str(target), *options])
+    assert cli.exit_code == 0, cli.output
+    written = klseg_cli.heatmap(one, target, tmp_path / "api.png", metric="js", colorbar=True,
+                                classes=str(SAMPLE / "classes.txt"))  # fmt: skip
+    assert written == [tmp_path / "api.png"]
+    assert (tmp_path / "api.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
+    with pytest.raises(UsageError, match="--against compares two predictions"):
+        klseg_cli.heatmap(one, target, tmp_path / "x.png", against=one)

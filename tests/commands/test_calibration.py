@@ -16,7 +16,7 @@ from klseg_cli.commands.calibrate import calibrate, load_temperature
 from klseg_cli.core.calibration import split_holdout
 from klseg_cli.engine.local import evaluate
 from klseg_cli.errors import UsageError
-from klseg_cli.render.report import jsonable
+from klseg_cli.render.formats import jsonable
 
 runner = CliRunner()
 C = 5
@@ -327,7 +327,7 @@ def test_temperature_with_kernel_sized_maps_matches_numpy(tmp_path):
     from klseg_cli.engine.local import plan
 
     job = plan(pred, gt, temperature=1.3)
-    from klseg_cli.engine.local import uses_kernel
+    from klseg_cli.engine.image import uses_kernel
     from klseg_cli.io.readers import open_prediction
 
     pm = open_prediction(job.pairing.pairs[0].pred, hw=(20, 20))
@@ -342,7 +342,8 @@ def test_compiled_pass_gives_the_numpy_optimum(tmp_path, layout, fmt):
     from dataclasses import replace
 
     from klseg_cli.core import _fast_fit
-    from klseg_cli.core.calibration import PairData, fit_temperature
+    from klseg_cli.core.calibration import fit_temperature
+    from klseg_cli.engine.fit import PairData
     from klseg_cli.engine.local import plan
 
     if not _fast_fit.AVAILABLE:

@@ -10,14 +10,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from klseg_cli.cli.root import app
-from klseg_cli.engine.local import open_pair, plan
+from klseg_cli.engine import maps
+from klseg_cli.engine.local import plan
+from klseg_cli.engine.maps import MetricMap, compute_map
+from klseg_cli.io.opening import open_pair
 from klseg_cli.render import heatmap as hm
 from klseg_cli.render.heatmap import (
     HeatmapOptions,
-    MetricMap,
     block_reduce,
     colormap_lut,
-    compute_map,
     percentile,
     render,
 )
@@ -150,9 +151,10 @@ def test_chunked_rendering_equals_one_shot(tmp_path, rng, monkeypatch):
     big = compute_map(opened, job.settings, "kl", with_pred=True, chunk_pixels=1 << 20)
     render(big, tmp_path / "one.png", HeatmapOptions(panel=True, colorbar=True))
     monkeypatch.setattr(hm, "BAND_PIXELS", 61)  # bands of two rows
-    monkeypatch.setattr(hm, "IN_MEMORY_PIXELS", 100)  # the map goes to a temporary file
+    monkeypatch.setattr(maps, "BAND_PIXELS", 61)  # the temporary file's too
+    monkeypatch.setattr(maps, "IN_MEMORY_PIXELS", 100)  # the map goes to a temporary file
     small = compute_map(opened, job.settings, "kl", with_pred=True, chunk_pixels=37)
-    assert isinstance(small.values, hm.DiskMap) and isinstance(small.pred, hm.DiskMap)
+    assert isinstance(small.values, maps.DiskMap) and isinstance(small.pred, maps.DiskMap)
     np.testing.assert_array_equal(np.asarray(small.values), big.values)
     np.testing.assert_array_equal(np.asarray(small.pred), big.pred)
     render(small, tmp_path / "chunked.png", HeatmapOptions(panel=True, colorbar=True))

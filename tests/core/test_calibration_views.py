@@ -246,7 +246,7 @@ def test_compiled_classwise_bins_equal_numpy(rng):
     """The numba loop for the class-wise bins gives NumPy's integers and sums."""
     from klseg_cli.core import _fast
     from klseg_cli.core.metrics import MetricSettings
-    from klseg_cli.engine.local import image_stats
+    from klseg_cli.engine.image import image_stats
     from klseg_cli.io.readers import PredictionMap
 
     if not _fast.AVAILABLE:

@@ -13,7 +13,7 @@ import pytest
 
 from klseg_cli.core.metrics import MetricSettings, ece_bin_index, pixel_terms
 from klseg_cli.core.stats import pixel_metrics
-from klseg_cli.engine.local import image_stats
+from klseg_cli.engine.image import image_stats
 from klseg_cli.errors import ProbabilityError
 from klseg_cli.io.readers import PredictionMap
 

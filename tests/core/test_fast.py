@@ -5,7 +5,7 @@ import pytest
 
 from klseg_cli.core import _fast
 from klseg_cli.core.metrics import MetricSettings
-from klseg_cli.engine.local import image_stats
+from klseg_cli.engine.image import image_stats
 from klseg_cli.io.readers import PredictionMap
 
 from ..conftest import NO_NUMBA, assert_kernel_took, random_probs, recording_kernel
@@ -208,7 +208,10 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     from pathlib import Path
 
     from klseg_cli import evaluate
+    from klseg_cli.core.chunks import chunk_for
+    from klseg_cli.engine import image
     from klseg_cli.engine import local as evaluation
+    from klseg_cli.io.opening import open_pair
     from klseg_cli.render.report import summary_json
 
     sample = Path(__file__).resolve().parents[2] / "sample_data"
@@ -217,11 +220,12 @@ def test_jobs_run_kernel_maps_in_threads_with_identical_results(monkeypatch):
     assert evaluation.parallel_backend(job) == "processes"  # small maps: the NumPy path
     numpy_path = evaluate(*args, jobs=2).summary()
     monkeypatch.setattr(evaluation, "FAST_MIN_VALUES", 0)  # now every map takes the kernel
+    monkeypatch.setattr(image, "FAST_MIN_VALUES", 0)
     assert evaluation.parallel_backend(job) == "threads"
     chunks = 0
     for pair in job.pairing.pairs:
-        pm = evaluation.open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
-        chunks += n_chunks(pm, evaluation.chunk_for(job.read.chunk_pixels, pm.num_classes))
+        pm = open_pair(pair, soft_gt=False, num_classes=None, read=job.read).pred
+        chunks += n_chunks(pm, chunk_for(job.read.chunk_pixels, pm.num_classes))
     texts = []
     for j in (1, 2, 3):
         with recording_kernel() as taken:

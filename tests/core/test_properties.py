@@ -24,7 +24,7 @@ from klseg_cli.core import _fast
 from klseg_cli.core.calibration_views import VIEW_METRICS
 from klseg_cli.core.metrics import MetricSettings
 from klseg_cli.core.stats import Stats, class_metrics, dataset_metrics, pixel_metrics
-from klseg_cli.engine.local import image_stats
+from klseg_cli.engine.image import image_stats
 from klseg_cli.io.readers import PredictionMap
 
 from ..conftest import NO_NUMBA, assert_kernel_took, recording_kernel

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from klseg_cli.core.metrics import MetricSettings
 from klseg_cli.core.stats import Stats, pixel_metrics
-from klseg_cli.engine.local import iter_terms
+from klseg_cli.engine.image import iter_terms
 from klseg_cli.io.readers import PredictionMap
 
 from ..conftest import random_probs

@@ -130,7 +130,7 @@ def test_tiff_geometries_read_exactly(tmp_path, shape, layout, compression, plan
     crashed (kernel) or gave n_valid = 0 and success. Every geometry tifffile writes must
     read back value for value, or be refused with a clear error — never misread."""
     from klseg_cli.core.metrics import MetricSettings
-    from klseg_cli.engine.local import image_stats
+    from klseg_cli.engine.image import image_stats
 
     h, w, c = shape
     hwc = random_probs(np.random.default_rng(3), h * w, c).reshape(h, w, c)

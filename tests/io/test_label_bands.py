@@ -8,10 +8,12 @@ import tifffile
 
 from klseg_cli import evaluate
 from klseg_cli.core import labels as labels_module
-from klseg_cli.engine.local import image_stats, open_pair, plan
+from klseg_cli.engine.image import image_stats
+from klseg_cli.engine.local import plan
 from klseg_cli.errors import ReadError
 from klseg_cli.io import labelio
 from klseg_cli.io.labelio import LabelBands
+from klseg_cli.io.opening import open_pair
 from klseg_cli.io.readers import read_target
 from tests.conftest import random_probs
 

@@ -14,7 +14,7 @@ from klseg_cli.core.stats import Stats, pixel_metrics, pixel_metrics_batch
 from klseg_cli.engine.local import evaluate
 from klseg_cli.errors import InputError
 from klseg_cli.io import statsfile
-from klseg_cli.render.report import jsonable
+from klseg_cli.render.formats import jsonable
 
 SAMPLE = ("sample_data/predictions", "sample_data/ground_truth")
 
