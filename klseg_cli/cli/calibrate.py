@@ -14,6 +14,7 @@ from .options import (
     DebugOpt,
     EvaluationOptions,
     evaluation_options,
+    local_only,
 )
 
 
@@ -21,10 +22,16 @@ from .options import (
 @evaluation_options(inside=("jobs",))
 def calibrate(
     pred: Annotated[
-        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+        Path,
+        typer.Argument(
+            metavar="PRED", help="Prediction map file, or a folder of them.", callback=local_only
+        ),
     ],
     gt: Annotated[
-        Path, typer.Argument(metavar="GT", help="Target mask file, or a folder of them.")
+        Path,
+        typer.Argument(
+            metavar="GT", help="Target mask file, or a folder of them.", callback=local_only
+        ),
     ],
     out: Annotated[
         Optional[Path],

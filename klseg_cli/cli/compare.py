@@ -24,6 +24,7 @@ from .options import (
     OutputFormat,
     SeedOpt,
     evaluation_options,
+    local_only,
 )
 
 
@@ -35,11 +36,23 @@ class RankBy(str, Enum):
 @handle_errors
 @evaluation_options(late_before="uncertainty")
 def compare(
-    a: Annotated[Path, typer.Argument(metavar="A", help="Model A's maps: a file or a folder.")],
-    b: Annotated[Path, typer.Argument(metavar="B", help="Model B's maps of the same images.")],
+    a: Annotated[
+        Path,
+        typer.Argument(
+            metavar="A", help="Model A's maps: a file or a folder.", callback=local_only
+        ),
+    ],
+    b: Annotated[
+        Path,
+        typer.Argument(metavar="B", help="Model B's maps of the same images.", callback=local_only),
+    ],
     gt: Annotated[
         Optional[Path],
-        typer.Argument(metavar="GT", help="Targets (optional): both models' metrics and Δ."),
+        typer.Argument(
+            metavar="GT",
+            help="Targets (optional): both models' metrics and Δ.",
+            callback=local_only,
+        ),
     ] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Write compare.csv, compare.json here.")

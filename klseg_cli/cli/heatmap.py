@@ -15,6 +15,7 @@ from .options import (
     EvaluationOptions,
     SpatialDimsOpt,
     evaluation_options,
+    local_only,
 )
 
 
@@ -38,12 +39,17 @@ class Reduce(str, Enum):
 @evaluation_options(late_before="uncertainty")
 def heatmap(
     pred: Annotated[
-        Path, typer.Argument(metavar="PRED", help="Prediction map file, or a folder of them.")
+        Path,
+        typer.Argument(
+            metavar="PRED", help="Prediction map file, or a folder of them.", callback=local_only
+        ),
     ],
     gt: Annotated[
         Optional[Path],
         typer.Argument(
-            metavar="GT", help="Target file or folder (not needed for entropy and confidence)."
+            metavar="GT",
+            help="Target file or folder (not needed for entropy and confidence).",
+            callback=local_only,
         ),
     ] = None,
     out: Annotated[

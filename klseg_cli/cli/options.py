@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -49,6 +50,21 @@ def parse_log_base(text: str) -> float:
         raise UsageError(
             f"--log-base must be e, 2, 10 or a finite number above 1, got {text!r}"
         ) from None
+    return value
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/k, https://h/p (Path makes it s3:/b/k)
+
+
+def local_only(value):
+    """An argument of a command that reads local files only (heatmap, compare, calibrate):
+    a URL is one clear line, not a path that Path() mangled into 'https:/host/...'."""
+    if value is not None and _URL.match(str(value)):
+        url = re.sub(r"^([^:/]+):/(?!/)", r"\1://", str(value))  # as the user typed it
+        raise typer.BadParameter(
+            f"{url}: this command reads local files and Zarr stores; URLs (s3://, "
+            "https://, ...) are read by klseg evaluate and klseg info"
+        )
     return value
 
 

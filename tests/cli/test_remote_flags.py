@@ -89,3 +89,26 @@ def test_strict_zarr_on_every_command(tmp_path):
             lenient = invoke(*args)
             assert lenient.exit_code == 0, (command, lenient.output)
             assert lenient.stderr.startswith(warning), command  # heatmap: then "wrote ..."
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("heatmap", "https://127.0.0.1:9/pred/", str(SAMPLE / "ground_truth"), "-o", "x.png"),
+        ("compare", "s3://bucket/a", str(SAMPLE / "predictions")),
+        ("compare", PRED, PRED, "gs://bucket/gt"),
+        ("calibrate", str(SAMPLE / "predictions"), "s3://bucket/gt"),
+    ],
+    ids=["heatmap-pred", "compare-a", "compare-gt", "calibrate-gt"],
+)
+def test_commands_of_local_files_refuse_a_url_in_one_line(args, tmp_path, monkeypatch):
+    """heatmap, compare and calibrate read local files: a URL is named as typed (not as the
+    path 'https:/host/...' that Path() makes of it), exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and "read by klseg evaluate and klseg info" in line
+    url = next(a for a in args if "://" in a)
+    assert url.rstrip("/") in line
+    assert not any(tmp_path.iterdir())
