@@ -24,6 +24,7 @@ class BuildPyWithKernelCache(build_py):
             return
         env = {**os.environ, "PYTHONPATH": os.path.abspath(self.build_lib)}
         env.pop("NUMBA_CACHE_DIR", None)  # the cache must land beside the built sources
+        env["KLSEG_CACHE_INTO_PACKAGE"] = "1"  # (a run of klseg uses a user cache folder)
         result = subprocess.run(
             [sys.executable, "-m", "klseg_cli.core.precompile"],
             env=env,
