@@ -26,6 +26,7 @@ from .options import (
     SeedOpt,
     SpatialDimsOpt,
     evaluation_options,
+    local_only,
 )
 
 
@@ -57,6 +58,7 @@ def evaluate(
             metavar="DIR",
             help="A rater's label masks (folder, paired by stem like GT); give it once per "
             "rater, at least twice, instead of GT: the target is the raters' frequency map.",
+            callback=local_only,
         ),
     ] = None,
     samples: Annotated[
@@ -67,6 +69,7 @@ def evaluate(
             help="With --rater: a folder of sampled prediction maps (repeatable); their argmax "
             "maps are the model's samples for ged. [default: the argmax of PRED]",
             show_default=False,
+            callback=local_only,
         ),
     ] = None,
     output_format: Annotated[

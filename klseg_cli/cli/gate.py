@@ -26,6 +26,7 @@ from .options import (
     OutputFormat,
     RequireOpt,
     SeedOpt,
+    local_only,
 )
 
 
@@ -69,7 +70,10 @@ def gate_outputs(summary, rows, *, junit, markdown, github_summary, json_on_stdo
 @handle_errors
 def gate(
     summary_path: Annotated[
-        Path, typer.Argument(metavar="SUMMARY", help="A summary.json written by klseg evaluate.")
+        Path,
+        typer.Argument(
+            metavar="SUMMARY", help="A summary.json written by klseg evaluate.", callback=local_only
+        ),
     ],
     require: RequireOpt = None,
     baseline: BaselineOpt = None,

@@ -136,6 +136,7 @@ def heatmap(
             metavar="DIR",
             help="A rater's label masks (repeat, at least twice; no GT): --metric "
             "rater-disagreement draws 1 - the raters' top frequency.",
+            callback=local_only,
         ),
     ] = None,
     shared: EvaluationOptions = EvaluationOptions(),

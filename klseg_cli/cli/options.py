@@ -57,14 +57,16 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/k, https://h/p (Path 
 
 
 def local_only(value):
-    """An argument of a command that reads local files only (heatmap, compare, calibrate):
-    a URL is one clear line, not a path that Path() mangled into 'https:/host/...'."""
-    if value is not None and _URL.match(str(value)):
-        url = re.sub(r"^([^:/]+):/(?!/)", r"\1://", str(value))  # as the user typed it
-        raise typer.BadParameter(
-            f"{url}: this command reads local files and Zarr stores; URLs (s3://, "
-            "https://, ...) are read by klseg evaluate and klseg info"
-        )
+    """An argument or option that takes local files (heatmap, compare and calibrate inputs,
+    gate's SUMMARY, --baseline, --rater, --samples): a URL is one clear line, not a path that
+    Path() mangled into 'https:/host/...' and then called missing."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is not None and _URL.match(str(item)):
+            url = re.sub(r"^([^:/]+):/(?!/)", r"\1://", str(item))  # as the user typed it
+            raise typer.BadParameter(
+                f"{url}: a local file or folder is needed here; URLs (s3://, https://, ...) "
+                "are read as PRED and GT of klseg evaluate, and by klseg info"
+            )
     return value
 
 
@@ -230,7 +232,11 @@ RequireOpt = Annotated[
 
 BaselineOpt = Annotated[
     Optional[Path],
-    typer.Option("--baseline", help="An earlier summary.json that 'baseline' refers to."),
+    typer.Option(
+        "--baseline",
+        help="An earlier summary.json that 'baseline' refers to.",
+        callback=local_only,
+    ),
 ]
 
 

@@ -121,6 +121,11 @@ def evaluate_report(
     options.update(calibration_options(temperature, calibration_views, boundary_band, reqs))
     options.update(volume_options(boundary, nsd_tolerance, boundary_width, spacing, reqs))
     options.update(unc.plan_keywords(uncertainty, qc_threshold, reqs))
+    if rater and options.get("uncertainty"):
+        raise UsageError(
+            "failure detection (--uncertainty, or a --require on its metrics) needs one label "
+            "target to call a pixel wrong; it does not apply with --rater (pass GT instead)"
+        )
     unc.check_risk_coverage(risk_coverage, options.get("uncertainty", ()), out)
     result = run(pred, gt, keep_going=keep_going, jobs=jobs, on_start=on_start,
                  on_image=on_image, **options)  # fmt: skip

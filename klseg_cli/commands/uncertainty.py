@@ -7,6 +7,7 @@ metric turns its score on, as it does for the calibration views), and the report
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from ..errors import UsageError
 def parse_scores(specs: Sequence[str] | None) -> tuple[str, ...]:
     """Scores from ``--uncertainty`` values (each a name or a comma-separated list)."""
     names = [part for spec in specs or () for part in str(spec).split(",") if part.strip()]
+    if specs and not names:
+        raise UsageError("--uncertainty names no score; choose from maxprob, entropy, margin")
     try:
         return check_scores(names)
     except ValueError as err:
@@ -53,6 +56,8 @@ def heatmap_keywords(metric: str, score: str | None, threshold: float | None) ->
     names = parse_scores([score or "entropy"])
     if len(names) != 1:
         raise UsageError("heatmap --uncertainty takes one score")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise UsageError(f"--threshold {threshold}: a score is a number >= 0; give one")
     return {"uncertainty": names}
 
 

@@ -40,6 +40,8 @@ def parse_classes(spec: str | None) -> tuple[str, ...]:
     if is_file:  # a FIFO, device, unreadable file: one error
         names = _class_names_file(path, read_small_text(path, what="class-names file"))
     else:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", spec):
+            raise UsageError(f"--classes {spec}: give names or a local file; URLs are not read")
         if spec.endswith((".txt", ".csv", ".json", ".names")) or "/" in spec:
             raise InputError("no such class-names file", path=spec)
         names = tuple(name.strip() for name in spec.split(","))

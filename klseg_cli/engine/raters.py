@@ -11,6 +11,7 @@ rater labels are ignored. Beside those sums each image keeps the multi-rater cou
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,11 @@ def plan_raters(
     check_path_argument(pred, "PRED")
     for r in raters:
         check_path_argument(r, "--rater")
+    seen: dict[str, str | Path] = {}
+    for r in raters:
+        twin = seen.setdefault(os.path.realpath(r), r)
+        if twin is not r:
+            raise UsageError(f"--rater {r} is given twice (also as {twin}): one folder a rater")
     if soft_gt:
         raise UsageError("--rater makes the target from the raters' masks; leave out --soft-gt")
     if smoothing:

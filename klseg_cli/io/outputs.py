@@ -119,6 +119,20 @@ def check_output_file(path: Path, option: str, *, report_dir: Path | None = None
         return
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("cannot write: Permission denied", path=path)
+    _probe_folder(parent, path)
+
+
+def _probe_folder(parent: Path, path: Path) -> None:
+    """Create and remove a file of our own in ``parent``: what ``os.access`` cannot know
+    (root in /proc, a read-only mount, a full quota) fails here, before any work."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".klseg-probe-", dir=parent)
+    except OSError as err:
+        raise OutputError(f"cannot write: {err.strerror or err}", path=path) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

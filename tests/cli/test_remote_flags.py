@@ -98,8 +98,38 @@ def test_strict_zarr_on_every_command(tmp_path):
         ("compare", "s3://bucket/a", str(SAMPLE / "predictions")),
         ("compare", PRED, PRED, "gs://bucket/gt"),
         ("calibrate", str(SAMPLE / "predictions"), "s3://bucket/gt"),
+        ("gate", "http://127.0.0.1:9/report/summary.json", "--require", "miou_pooled > 0.9"),
+        (
+            "evaluate",
+            PRED,
+            str(SAMPLE / "ground_truth" / "scene_00.png"),
+            "--baseline",
+            "https://127.0.0.1:9/summary.json",
+        ),
+        ("evaluate", PRED, "--rater", "s3://b/r1", "--rater", str(SAMPLE / "raters" / "rater_a")),
+        (
+            "heatmap",
+            PRED,
+            "--rater",
+            str(SAMPLE / "raters" / "rater_a"),
+            "--rater",
+            "s3://b/r2",
+            "--metric",
+            "rater-disagreement",
+            "-o",
+            "x.png",
+        ),
     ],
-    ids=["heatmap-pred", "compare-a", "compare-gt", "calibrate-gt"],
+    ids=[
+        "heatmap-pred",
+        "compare-a",
+        "compare-gt",
+        "calibrate-gt",
+        "gate",
+        "baseline",
+        "rater",
+        "heatmap-rater",
+    ],
 )
 def test_commands_of_local_files_refuse_a_url_in_one_line(args, tmp_path, monkeypatch):
     """heatmap, compare and calibrate read local files: a URL is named as typed (not as the
@@ -108,7 +138,7 @@ def test_commands_of_local_files_refuse_a_url_in_one_line(args, tmp_path, monkey
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     line = result.output.strip()
-    assert "\n" not in line and "read by klseg evaluate and klseg info" in line
+    assert "\n" not in line and "are read as PRED and GT of klseg evaluate" in line
     url = next(a for a in args if "://" in a)
     assert url.rstrip("/") in line
     assert not any(tmp_path.iterdir())
