@@ -54,18 +54,25 @@ def count_blocks(n_images: int, n_resamples: int, seed: int) -> Iterator[np.ndar
 def resampled_totals(W: np.ndarray, X: np.ndarray) -> np.ndarray:
     """Σ_i W[r, i]·X[i] for every resample r: (R, N) @ (N, ...) → (R, ...) float64.
 
-    A NaN in an image's sum (an undefined value, e.g. reverse KL against hard labels) makes
-    the total NaN in the resamples that drew that image, and only there: a plain product
-    would spread it to all (0·NaN = NaN). Integer sums stay exact below 2⁵³.
+    A NaN or ±inf in an image's sum (an undefined value, e.g. reverse KL against hard
+    labels; an infinite one, reverse KL where q = 0 < p) makes the total NaN or ±inf in the
+    resamples that drew that image, and only there: a plain product would spread it to all
+    (0·NaN = 0·inf = NaN, with a "invalid value in matmul" warning). +inf and −inf drawn
+    together make NaN. Integer sums stay exact below 2⁵³.
     """
     flat = X.reshape(X.shape[0], -1)
     if flat.dtype.kind == "f":
-        nan = np.isnan(flat)
-        if nan.any():
-            T = W @ np.where(nan, 0.0, flat)
-            T[(W @ nan.astype(np.float64)) > 0] = np.nan
-        else:
+        finite = np.isfinite(flat)
+        if finite.all():
             T = W @ flat
+        else:
+            T = W @ np.where(finite, flat, 0.0)
+            pos = (W @ (flat == np.inf).astype(np.float64)) > 0
+            neg = (W @ (flat == -np.inf).astype(np.float64)) > 0
+            nan = (W @ np.isnan(flat).astype(np.float64)) > 0
+            T[pos] = np.inf
+            T[neg] = -np.inf
+            T[nan | (pos & neg)] = np.nan
     else:
         T = W @ flat.astype(np.float64)
     return T.reshape((W.shape[0], *X.shape[1:]))

@@ -1,6 +1,7 @@
 """Bootstrap over images: the resampled metrics, determinism, coverage, noise-aware gates."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -66,6 +67,62 @@ def test_nan_in_one_image_only_reaches_the_resamples_that_draw_it():
     W = np.array([[3.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 3.0]])
     T = bs.resampled_totals(W, X)
     assert T[0, 0] == 3.0 and np.isnan(T[1, 0]) and T[2, 0] == 9.0
+
+
+def test_infinities_only_reach_the_resamples_that_draw_them_without_a_warning():
+    X = np.array(
+        [[1.0, 1.0, 0.0], [np.inf, 2.0, np.inf], [3.0, -np.inf, -np.inf], [np.nan, 0.0, 0.0]]
+    )
+    W = np.array([[3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 2.0, 0.0],
+                  [0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [1.0, 3.0, 0.0, 0.0]])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T = bs.resampled_totals(W, X)
+    # the slow obvious loop: sum only the drawn images, each as often as drawn
+    for r in range(W.shape[0]):
+        for j in range(X.shape[1]):
+            want = sum((float(X[i, j]) for i in range(4) for _ in range(int(W[r, i]))), 0.0)
+            assert (np.isnan(want) and np.isnan(T[r, j])) or T[r, j] == want, (r, j)
+    assert T[0].tolist() == [3.0, 3.0, 0.0] and T[5, 0] == np.inf and T[1, 1] == -np.inf
+    assert np.isnan(T[3, 0]) and np.isnan(T[1, 2])  # NaN drawn; +inf and −inf drawn
+
+
+def test_bootstrap_of_soft_targets_with_infinite_reverse_kl_warns_nothing(tmp_path, rng):
+    """Soft targets with q = 0 < p in some images: reverse KL is infinite there. The
+    bootstrap once printed "invalid value encountered in matmul" and spread the infinity
+    to every resample; now each resample's value is that of the images it drew."""
+    from klseg_cli.core.stats import Stats, dataset_metrics
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for i in range(6):
+        p = random_probs(rng, 20 * 24, 3).reshape(20, 24, 3)
+        q = random_probs(rng, 20 * 24, 3).reshape(20, 24, 3)
+        if i % 2 == 0:
+            p[0, 0], q[0, 0] = [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]  # q = 0 < p: KL(p‖q) = inf
+        np.save(tmp_path / "p" / f"im{i}.npy", p)
+        np.save(tmp_path / "g" / f"im{i}.npy", q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(tmp_path / "p", tmp_path / "g", soft_gt=True)
+        summary = result.summary()
+        table = StatsTable.from_result(result)
+        assert np.isinf(table.arrays["sums"][::2, 1]).all()
+        (W,) = list(bs.count_blocks(len(table), 200, seed=0))
+        samples = bs._samples(W, bs.Source.from_run(table, summary))
+        ci = bs.dataset_intervals(table, summary, n_resamples=200)
+    drew_inf = W[:, ::2].sum(axis=1) > 0
+    assert (~drew_inf).any() and drew_inf.any()
+    assert np.isnan(samples["kl_reverse_pooled"][drew_inf]).all()  # infinite: undefined
+    for r in np.flatnonzero(~drew_inf)[:5]:  # the rest: the pooled value of those images
+        total = Stats.zeros(3, 15)
+        for k, count in enumerate(W[r].astype(int)):
+            for _ in range(count):
+                total = total + table.image_stats(k)
+        want = dataset_metrics([], total, result.settings)["kl_reverse_pooled"]
+        assert samples["kl_reverse_pooled"][r] == pytest.approx(want, rel=1e-10)
+    assert np.isnan(ci["kl_reverse_pooled"]).all()  # the point is undefined (DESIGN §2)
+    assert all(np.isfinite(ci[k]).all() for k in ("kl_pooled", "miou_pooled", "ece_pooled"))
 
 
 def simulated_source(rng, n, truth_scale=0.05):
