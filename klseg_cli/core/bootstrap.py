@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .metrics import MetricSettings
+from .raters import dataset_names as rater_dataset_names
 from .stats import Stats, dataset_metrics, pixel_metrics_batch
 
 DEFAULT_RESAMPLES = 1000
@@ -107,6 +108,8 @@ class Source:
     settings: MetricSettings
     names: Sequence[str]
     batch: Callable | None = None  # the batched final formulas; None: pixel_metrics_batch
+    rater_items: tuple[int, int] | None = None  # --rater: (raters R, samples S)
+    rater_arrays: Mapping[str, np.ndarray] | None = None  # --rater: per-image counts
 
     @classmethod
     def from_run(cls, table, summary: Mapping) -> Source:
@@ -123,7 +126,10 @@ class Source:
                 image_values[base] = np.array(
                     [_number(rows[s].get(base)) for s in table.stems], dtype=np.float64
                 )
-        return cls(table.arrays, image_values, table.metric_settings(), list(summary["dataset"]))
+        src = cls(table.arrays, image_values, table.metric_settings(), list(summary["dataset"]))
+        if getattr(table, "rater_items", None) is not None:  # --rater: the pooled rater scores
+            src.rater_items, src.rater_arrays = table.rater_items, table.rater_arrays
+        return src
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -147,6 +153,9 @@ def covered(names: Sequence[str]) -> list[str]:
     from .uncertainty import PIXEL_NAMES, SCORES, is_image_level  # --uncertainty
 
     pooled |= {f"{q}_{s}" for q in PIXEL_NAMES for s in SCORES}  # uncertainty.pooled_batch
+    from .raters import RATER_METRICS
+
+    pooled |= set(RATER_METRICS)  # --rater: raters.rater_values_batch (stats.npz's counts)
     return [
         n for n in names
         if n.endswith("_image_mean") or (n.endswith("_pooled") and n[: -len("_pooled")] in pooled)
@@ -204,6 +213,8 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
     image_level = [name for name in src.names if is_image_level(name)]
     if image_level:  # --uncertainty's image-level values, resample by resample
         out.update(image_level_batch(W, src.image_values, image_level, src.settings))
+    if src.rater_items is not None:  # --rater: the pooled scores from the summed counts
+        out.update(_rater_pooled(W, src))
     slow = []
     for name in src.names:
         if name in out:
@@ -212,7 +223,7 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
             out[name] = means[:, bases.index(name[: -len("_image_mean")])]
         elif name.endswith("_pooled") and name[: -len("_pooled")] in pooled:
             out[name] = pooled[name[: -len("_pooled")]]
-        else:
+        elif name not in _RATER_POOLED:  # those need the counts (a stats.npz before them)
             slow.append(name)
     if slow and src.batch is None:  # a metric without a batched formula: one Stats per resample
         kinds = {name: X.dtype.kind for name, X in src.arrays.items()}
@@ -230,6 +241,28 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
     for name in slow:
         out.setdefault(name, np.full(W.shape[0], np.nan))
     return out
+
+
+_RATER_POOLED = frozenset(n for n in rater_dataset_names() if n.endswith("_pooled"))
+
+
+def _rater_pooled(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
+    """``{score}_pooled`` of each resample: the per-image soft-Dice tails and pair counts
+    summed with the resample's counts (one product each), then the batched formulas."""
+    from .raters import RATER_METRICS, dice_tails, rater_values_batch
+
+    arrays = src.rater_arrays
+    if "tails" not in arrays:  # per image (N, C, 3, 9): 27 columns a class, not 100
+        arrays = dict(arrays, tails=dice_tails(arrays["dice_joint"]))
+        src.rater_arrays = arrays
+    n_raters, n_samples = src.rater_items
+    values = rater_values_batch(
+        resampled_totals(W, arrays["tails"]),
+        resampled_totals(W, arrays["pair_inter"]),
+        resampled_totals(W, arrays["pair_union"]),
+        n_raters=n_raters, n_samples=n_samples, classes=src.settings.mean_classes,
+    )  # fmt: skip
+    return {f"{m}_pooled": values[m] for m in RATER_METRICS if f"{m}_pooled" in src.names}
 
 
 def bootstrap(
