@@ -19,7 +19,7 @@ once, not twice. Intervals are the 2.5th and 97.5th percentiles of the resampled
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -132,7 +132,7 @@ class Source:
         return src
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(next(iter(self.arrays.values() or (self.rater_arrays or {}).values())))
 
 
 def _number(value) -> float:
@@ -238,7 +238,7 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
             for name in slow:
                 values[name][r] = result.get(name, np.nan)
         out.update(values)
-    for name in slow:
+    for name in src.names:  # what nothing computed: undefined in every resample
         out.setdefault(name, np.full(W.shape[0], np.nan))
     return out
 
@@ -246,15 +246,21 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
 _RATER_POOLED = frozenset(n for n in rater_dataset_names() if n.endswith("_pooled"))
 
 
+def _with_tails(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rater counts plus each image's soft-Dice tails (``raters.dice_tails``)."""
+    from .raters import dice_tails
+
+    return dict(arrays, tails=dice_tails(arrays["dice_joint"]))
+
+
 def _rater_pooled(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
     """``{score}_pooled`` of each resample: the per-image soft-Dice tails and pair counts
     summed with the resample's counts (one product each), then the batched formulas."""
-    from .raters import RATER_METRICS, dice_tails, rater_values_batch
+    from .raters import RATER_METRICS, rater_values_batch
 
     arrays = src.rater_arrays
     if "tails" not in arrays:  # per image (N, C, 3, 9): 27 columns a class, not 100
-        arrays = dict(arrays, tails=dice_tails(arrays["dice_joint"]))
-        src.rater_arrays = arrays
+        arrays = _with_tails(arrays)
     n_raters, n_samples = src.rater_items
     values = rater_values_batch(
         resampled_totals(W, arrays["tails"]),
@@ -280,6 +286,10 @@ def bootstrap(
         return [{name: np.full(n_resamples, np.nan) for name in s.names} for s in sources]
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in sources]
     prepared = [_with_confusion_parts(src.arrays) for src in sources]
+    sources = [  # the soft-Dice tails once per source, not once per block of resamples
+        replace(src, rater_arrays=_with_tails(src.rater_arrays)) if src.rater_items else src
+        for src in sources
+    ]
     for W in count_blocks(n, n_resamples, seed):
         for k, src in enumerate(sources):
             parts[k].append(_samples(W, src, prepared[k]))

@@ -358,16 +358,23 @@ def unstack_rater_stats(arrays, i: int, n_raters: int, n_samples: int) -> RaterS
     )
 
 
+def _tail_matrix() -> np.ndarray:
+    """(L², 27) 0/1: which of |A_τk|, |B_τk|, |A_τk ∩ B_τk| (k = 1..9) a pixel of joint
+    levels (i, j) counts in: i ≥ k, j ≥ k, min(i, j) ≥ k."""
+    i, j = np.meshgrid(np.arange(N_LEVELS), np.arange(N_LEVELS), indexing="ij")
+    k = np.arange(1, N_LEVELS)
+    parts = [level.reshape(-1, 1) >= k for level in (i, j, np.minimum(i, j))]
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+
 def dice_tails(dice_joint: np.ndarray) -> np.ndarray:
     """(..., C, 3, 9) float64: per class, the pixels with p_c, q_c and both above each τ_k
-    (|A_τ|, |B_τ|, |A_τ ∩ B_τ|) from the joint level histograms (..., C, 10, 10). Linear
-    in the counts, so the tails of a sum of images are the sum of their tails."""
+    (|A_τ|, |B_τ|, |A_τ ∩ B_τ|) from the joint level histograms (..., C, 10, 10), by one
+    product with a 0/1 matrix (exact below 2⁵³). Linear in the counts, so the tails of a
+    sum of images are the sum of their tails."""
     joint = np.asarray(dice_joint, dtype=np.float64)
-    i, j = np.meshgrid(np.arange(N_LEVELS), np.arange(N_LEVELS), indexing="ij")
-    onehot = np.minimum(i, j).reshape(-1, 1) == np.arange(N_LEVELS)  # (L², L)
-    low = joint.reshape(*joint.shape[:-2], N_LEVELS * N_LEVELS) @ onehot.astype(np.float64)
-    hist = np.stack([joint.sum(axis=-1), joint.sum(axis=-2), low], axis=-2)
-    return np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]
+    flat = joint.reshape(-1, N_LEVELS * N_LEVELS) @ _tail_matrix()
+    return flat.reshape(*joint.shape[:-2], 3, N_LEVELS - 1)
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
