@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py [--gb 4] [--keep]
     python benchmarks/bench_memory.py --targets [--sides 16384 32768] [--classes 4]
+    python benchmarks/bench_memory.py --raters 3 [--sides 8192 12288] [--classes 4]
 
 
 Writes a ~4 GB float32 (H, W, 19) .npy prediction and a uint8 .npy target into a temporary
@@ -15,6 +16,10 @@ number of images.
 S = 32768: 17 GB) with a uint8 target as ``.npy``, uncompressed TIFF, zlib-tiled TIFF and
 (when zarr is installed) Zarr, and ``klseg evaluate`` on each pair with the default flags:
 peak RSS must not grow with S. Each map is deleted before the next is written.
+
+``--raters R``: the same maps with R uint8 ``.npy`` rater masks (each a shifted copy of the
+target) and ``klseg evaluate PRED --rater ... --rater ...``: the rater masks are read in
+row bands as a single target is, so peak RSS must not grow with S either.
 """
 
 from __future__ import annotations
@@ -160,6 +165,41 @@ def targets_benchmark(sides: list[int], classes: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def raters_benchmark(sides: list[int], classes: int, n_raters: int) -> None:
+    """Peak RSS of ``klseg evaluate --rater`` (R .npy masks) for each map size."""
+    for side in sides:
+        folder = Path(tempfile.mkdtemp(prefix="klseg-mem-"))
+        try:
+            t0 = time.perf_counter()
+            write = [sys.executable, __file__, "--write-targets", str(folder)]
+            subprocess.run([*write, "--sides", str(side), "--classes", str(classes)], check=True)
+            for name in ("gt-tiff.tif", "gt-tiff-tiled-zlib.tif"):
+                (folder / name).unlink(missing_ok=True)
+            shutil.rmtree(folder / "gt.zarr", ignore_errors=True)
+            labels = np.load(folder / "gt.npy", mmap_mode="r")
+            raters = []
+            for r in range(n_raters):
+                out = folder / f"rater{r}" / "pred.npy"
+                out.parent.mkdir()
+                mask = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                                 shape=labels.shape)  # fmt: skip
+                for r0 in range(0, side, 1024):  # rater r draws every boundary r px later
+                    mask[r0 : r0 + 1024] = np.roll(labels[r0 : r0 + 1024], r, axis=1)
+                mask.flush()
+                del mask
+                raters += ["--rater", str(out)]
+            del labels
+            pred = folder / "pred.npy"
+            size = pred.stat().st_size / 1e9
+            print(f"wrote {side}x{side}x{classes} map ({size:.1f} GB) and {n_raters} rater "
+                  f"masks in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+            rss, dt = peak_rss_mb(["evaluate", str(pred), *raters, "--format", "json"])
+            print(f"  evaluate --rater x{n_raters} {size:5.1f} GB map: peak RSS {rss:6.0f} MB "
+                  f"({dt:.0f} s)", flush=True)  # fmt: skip
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def peak_rss_mb(args: list[str]) -> tuple[float, float]:
     """Run ``klseg ARGS``; (its peak RSS in MB, seconds) as the OS accounts it.
 
@@ -189,12 +229,16 @@ def main() -> None:
     ap.add_argument("--sides", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--write-targets", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--raters", type=int, default=0, help="evaluate --rater with R masks")
     args = ap.parse_args()
     if args.write_targets:
         write_target_pair(args.write_targets, args.sides[0], args.classes)
         return
     if args.targets:
         targets_benchmark(args.sides, args.classes)
+        return
+    if args.raters:
+        raters_benchmark(args.sides, args.classes, args.raters)
         return
     if args.write:
         write_map(args.write, args.gb)

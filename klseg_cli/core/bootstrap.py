@@ -19,12 +19,13 @@ once, not twice. Intervals are the 2.5th and 97.5th percentiles of the resampled
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import UsageError
 from .metrics import MetricSettings
+from .raters import dataset_names as rater_dataset_names
 from .stats import Stats, dataset_metrics, pixel_metrics_batch
 
 DEFAULT_RESAMPLES = 1000
@@ -54,18 +55,25 @@ def count_blocks(n_images: int, n_resamples: int, seed: int) -> Iterator[np.ndar
 def resampled_totals(W: np.ndarray, X: np.ndarray) -> np.ndarray:
     """Σ_i W[r, i]·X[i] for every resample r: (R, N) @ (N, ...) → (R, ...) float64.
 
-    A NaN in an image's sum (an undefined value, e.g. reverse KL against hard labels) makes
-    the total NaN in the resamples that drew that image, and only there: a plain product
-    would spread it to all (0·NaN = NaN). Integer sums stay exact below 2⁵³.
+    A NaN or ±inf in an image's sum (an undefined value, e.g. reverse KL against hard
+    labels; an infinite one, reverse KL where q = 0 < p) makes the total NaN or ±inf in the
+    resamples that drew that image, and only there: a plain product would spread it to all
+    (0·NaN = 0·inf = NaN, with a "invalid value in matmul" warning). +inf and −inf drawn
+    together make NaN. Integer sums stay exact below 2⁵³.
     """
     flat = X.reshape(X.shape[0], -1)
     if flat.dtype.kind == "f":
-        nan = np.isnan(flat)
-        if nan.any():
-            T = W @ np.where(nan, 0.0, flat)
-            T[(W @ nan.astype(np.float64)) > 0] = np.nan
-        else:
+        finite = np.isfinite(flat)
+        if finite.all():
             T = W @ flat
+        else:
+            T = W @ np.where(finite, flat, 0.0)
+            pos = (W @ (flat == np.inf).astype(np.float64)) > 0
+            neg = (W @ (flat == -np.inf).astype(np.float64)) > 0
+            nan = (W @ np.isnan(flat).astype(np.float64)) > 0
+            T[pos] = np.inf
+            T[neg] = -np.inf
+            T[nan | (pos & neg)] = np.nan
     else:
         T = W @ flat.astype(np.float64)
     return T.reshape((W.shape[0], *X.shape[1:]))
@@ -100,6 +108,8 @@ class Source:
     settings: MetricSettings
     names: Sequence[str]
     batch: Callable | None = None  # the batched final formulas; None: pixel_metrics_batch
+    rater_items: tuple[int, int] | None = None  # --rater: (raters R, samples S)
+    rater_arrays: Mapping[str, np.ndarray] | None = None  # --rater: per-image counts
 
     @classmethod
     def from_run(cls, table, summary: Mapping) -> Source:
@@ -116,10 +126,13 @@ class Source:
                 image_values[base] = np.array(
                     [_number(rows[s].get(base)) for s in table.stems], dtype=np.float64
                 )
-        return cls(table.arrays, image_values, table.metric_settings(), list(summary["dataset"]))
+        src = cls(table.arrays, image_values, table.metric_settings(), list(summary["dataset"]))
+        if getattr(table, "rater_items", None) is not None:  # --rater: the pooled rater scores
+            src.rater_items, src.rater_arrays = table.rater_items, table.rater_arrays
+        return src
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(next(iter(self.arrays.values() or (self.rater_arrays or {}).values())))
 
 
 def _number(value) -> float:
@@ -140,6 +153,9 @@ def covered(names: Sequence[str]) -> list[str]:
     from .uncertainty import PIXEL_NAMES, SCORES, is_image_level  # --uncertainty
 
     pooled |= {f"{q}_{s}" for q in PIXEL_NAMES for s in SCORES}  # uncertainty.pooled_batch
+    from .raters import RATER_METRICS
+
+    pooled |= set(RATER_METRICS)  # --rater: raters.rater_values_batch (stats.npz's counts)
     return [
         n for n in names
         if n.endswith("_image_mean") or (n.endswith("_pooled") and n[: -len("_pooled")] in pooled)
@@ -197,6 +213,8 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
     image_level = [name for name in src.names if is_image_level(name)]
     if image_level:  # --uncertainty's image-level values, resample by resample
         out.update(image_level_batch(W, src.image_values, image_level, src.settings))
+    if src.rater_items is not None:  # --rater: the pooled scores from the summed counts
+        out.update(_rater_pooled(W, src))
     slow = []
     for name in src.names:
         if name in out:
@@ -205,7 +223,7 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
             out[name] = means[:, bases.index(name[: -len("_image_mean")])]
         elif name.endswith("_pooled") and name[: -len("_pooled")] in pooled:
             out[name] = pooled[name[: -len("_pooled")]]
-        else:
+        elif name not in _RATER_POOLED:  # those need the counts (a stats.npz before them)
             slow.append(name)
     if slow and src.batch is None:  # a metric without a batched formula: one Stats per resample
         kinds = {name: X.dtype.kind for name, X in src.arrays.items()}
@@ -220,9 +238,37 @@ def _samples(W: np.ndarray, src: Source, prepared=None) -> dict[str, np.ndarray]
             for name in slow:
                 values[name][r] = result.get(name, np.nan)
         out.update(values)
-    for name in slow:
+    for name in src.names:  # what nothing computed: undefined in every resample
         out.setdefault(name, np.full(W.shape[0], np.nan))
     return out
+
+
+_RATER_POOLED = frozenset(n for n in rater_dataset_names() if n.endswith("_pooled"))
+
+
+def _with_tails(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rater counts plus each image's soft-Dice tails (``raters.dice_tails``)."""
+    from .raters import dice_tails
+
+    return dict(arrays, tails=dice_tails(arrays["dice_joint"]))
+
+
+def _rater_pooled(W: np.ndarray, src: Source) -> dict[str, np.ndarray]:
+    """``{score}_pooled`` of each resample: the per-image soft-Dice tails and pair counts
+    summed with the resample's counts (one product each), then the batched formulas."""
+    from .raters import RATER_METRICS, rater_values_batch
+
+    arrays = src.rater_arrays
+    if "tails" not in arrays:  # per image (N, C, 3, 9): 27 columns a class, not 100
+        arrays = _with_tails(arrays)
+    n_raters, n_samples = src.rater_items
+    values = rater_values_batch(
+        resampled_totals(W, arrays["tails"]),
+        resampled_totals(W, arrays["pair_inter"]),
+        resampled_totals(W, arrays["pair_union"]),
+        n_raters=n_raters, n_samples=n_samples, classes=src.settings.mean_classes,
+    )  # fmt: skip
+    return {f"{m}_pooled": values[m] for m in RATER_METRICS if f"{m}_pooled" in src.names}
 
 
 def bootstrap(
@@ -240,6 +286,10 @@ def bootstrap(
         return [{name: np.full(n_resamples, np.nan) for name in s.names} for s in sources]
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in sources]
     prepared = [_with_confusion_parts(src.arrays) for src in sources]
+    sources = [  # the soft-Dice tails once per source, not once per block of resamples
+        replace(src, rater_arrays=_with_tails(src.rater_arrays)) if src.rater_items else src
+        for src in sources
+    ]
     for W in count_blocks(n, n_resamples, seed):
         for k, src in enumerate(sources):
             parts[k].append(_samples(W, src, prepared[k]))

@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
+
+from .metrics import MetricSettings
+from .results import EvaluationResult, ImageResult
 
 DICE_THRESHOLDS = tuple(k / 10 for k in range(1, 10))
 """τ_k = k/10, k = 1..9 (QUBIQ). p_c > τ_k is compared in float64; q_c > τ_k exactly, as
@@ -331,8 +335,135 @@ def dataset_values(
     return out, total
 
 
+# --- per-image arrays (stats.npz) and the batched formulas (the bootstrap) ----------------
+
+RATER_FIELDS = ("dice_joint", "pair_inter", "pair_union")
+"""The RaterStats arrays stored per image in ``stats.npz`` (as ``rater_<field>``)."""
+
+
+def stack_rater_stats(images: Sequence[RaterStats], template: RaterStats) -> dict[str, np.ndarray]:
+    """{field: (N, ...) int64}: each image's counts stacked (``template`` gives the shapes
+    when there are no images)."""
+    return {
+        name: np.stack([getattr(s, name) for s in images]).astype(np.int64)
+        if images else np.empty((0, *getattr(template, name).shape), np.int64)
+        for name in RATER_FIELDS
+    }  # fmt: skip
+
+
+def unstack_rater_stats(arrays, i: int, n_raters: int, n_samples: int) -> RaterStats:
+    """Image ``i``'s RaterStats from the stacked arrays."""
+    return RaterStats(
+        n_raters, n_samples, *(np.array(arrays[f][i], np.int64) for f in RATER_FIELDS)
+    )
+
+
+def _tail_matrix() -> np.ndarray:
+    """(L², 27) 0/1: which of |A_τk|, |B_τk|, |A_τk ∩ B_τk| (k = 1..9) a pixel of joint
+    levels (i, j) counts in: i ≥ k, j ≥ k, min(i, j) ≥ k."""
+    i, j = np.meshgrid(np.arange(N_LEVELS), np.arange(N_LEVELS), indexing="ij")
+    k = np.arange(1, N_LEVELS)
+    parts = [level.reshape(-1, 1) >= k for level in (i, j, np.minimum(i, j))]
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def dice_tails(dice_joint: np.ndarray) -> np.ndarray:
+    """(..., C, 3, 9) float64: per class, the pixels with p_c, q_c and both above each τ_k
+    (|A_τ|, |B_τ|, |A_τ ∩ B_τ|) from the joint level histograms (..., C, 10, 10), by one
+    product with a 0/1 matrix (exact below 2⁵³). Linear in the counts, so the tails of a
+    sum of images are the sum of their tails."""
+    joint = np.asarray(dice_joint, dtype=np.float64)
+    flat = joint.reshape(-1, N_LEVELS * N_LEVELS) @ _tail_matrix()
+    return flat.reshape(*joint.shape[:-2], 3, N_LEVELS - 1)
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the defined values; NaN where none is (no warnings)."""
+    ok = ~np.isnan(values)
+    n = ok.sum(axis=-1)
+    total = np.where(ok, values, 0.0).sum(axis=-1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+def rater_values_batch(
+    tails: np.ndarray, inter: np.ndarray, union: np.ndarray, *, n_raters: int,
+    n_samples: int, classes: Sequence[int],
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """``rater_values`` of B sets of counts at once: ``tails`` (B, C, 3, 9) (``dice_tails``),
+    ``inter``/``union`` (B, n_pairs, C), float or int. The same formulas over a leading
+    axis (tested against ``rater_values``); {name: (B,)}, named as RATER_METRICS."""
+    keep = list(classes)
+    t = np.asarray(tails, dtype=np.float64)[:, keep]
+    a, b, both = t[..., 0, :], t[..., 1, :], t[..., 2, :]
+    size = a + b
+    dice = np.where(size > 0, 2.0 * both / np.where(size > 0, size, 1.0), 1.0).mean(axis=-1)
+    dice[size[..., 0] == 0] = np.nan
+    i = np.asarray(inter, dtype=np.float64)[..., keep]
+    u = np.asarray(union, dtype=np.float64)[..., keep]
+    iou = np.where(u > 0, i / np.where(u > 0, u, 1.0), np.nan)
+    miou = _nanmean_rows(iou)  # (B, n_pairs)
+    d = np.where(np.isnan(miou), 0.0, 1.0 - miou)
+    K = 1 + n_samples + n_raters
+    index = {pair: k for k, pair in enumerate(item_pairs(K))}
+    samples = list(range(1, 1 + n_samples)) if n_samples else [0]
+    raters = list(range(1 + n_samples, K))
+
+    def mean_d(xs, ys) -> np.ndarray:  # mean over ordered pairs, identical ones (d = 0) too
+        cols = [index[(min(x, y), max(x, y))] for x in xs for y in ys if x != y]
+        total = d[:, cols].sum(axis=1) if cols else np.zeros(d.shape[0])
+        return total / (len(xs) * len(ys))
+
+    ged_ = 2.0 * mean_d(samples, raters) - mean_d(samples, samples) - mean_d(raters, raters)
+    vs = miou[:, [index[(0, r)] for r in raters]]
+    pairwise = miou[:, [index[pair] for pair in combinations(raters, 2)]]
+    return {
+        "soft_dice": _nanmean_rows(dice),
+        "ged": ged_,
+        "miou_vs_raters": _nanmean_rows(vs),
+        "rater_pairwise_miou": _nanmean_rows(pairwise),
+    }
+
+
 def disagreement(codes: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(1 − max_c q_c (n,) float32, labelled (n,) bool): the share of a pixel's raters who
     did not give the most frequent label; 0 where they all agree."""
     q, raters = frequency_map(codes, num_classes)
     return (1.0 - q.max(axis=0)).astype(np.float32), raters > 0
+
+
+# --- the results of an evaluation against raters (engine/raters.py, stats.npz) -------------
+
+
+@dataclass
+class RaterImageResult(ImageResult):
+    """One image evaluated against its raters: the usual sums and the multi-rater counts."""
+
+    raters: RaterStats | None = None
+    rater_paths: tuple[Path, ...] = ()
+
+    def row(self, settings: MetricSettings) -> dict:
+        row = super().row(settings)
+        if self.raters is not None:
+            row.update(rater_values(self.raters, settings.mean_classes))
+        return row
+
+
+@dataclass
+class RaterEvaluationResult(EvaluationResult):
+    """An EvaluationResult with the multi-rater scores in its summary."""
+
+    rater_settings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = super().summary()
+        out["settings"]["raters"] = dict(self.rater_settings)
+        classes = self.settings.mean_classes
+        counts = [i.raters for i in self.images if getattr(i, "raters", None) is not None]
+        values, total = dataset_values(counts, classes)
+        out["dataset"].update(values)
+        per_class = (
+            soft_dice_per_class(total) if total is not None else [math.nan] * len(out["classes"])
+        )
+        for row, value in zip(out["classes"], per_class):
+            row["soft_dice"] = float(value)
+        return out

@@ -13,16 +13,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..core.chunks import DEFAULT_CHUNK_PIXELS, chunk_for
 from ..core.metrics import DEFAULT_EPS, MetricSettings
-from ..core.raters import RATER_METRICS, RaterStats, dataset_values, rater_values
-from ..core.raters import soft_dice_per_class as _soft_dice_per_class
-from ..core.results import EvaluationResult, ImageResult, ReadOptions
+from ..core.raters import (
+    RATER_METRICS,
+    RaterEvaluationResult,
+    RaterImageResult,
+    RaterStats,
+)
+from ..core.results import ReadOptions
 from ..core.stats import Stats
 from ..errors import InputError, ShapeError, UsageError
 from ..io import network
@@ -44,20 +48,6 @@ from .local import (
 )
 
 
-@dataclass
-class RaterImageResult(ImageResult):
-    """One image evaluated against its raters: the usual sums and the multi-rater counts."""
-
-    raters: RaterStats | None = None
-    rater_paths: tuple[Path, ...] = ()
-
-    def row(self, settings: MetricSettings) -> dict:
-        row = super().row(settings)
-        if self.raters is not None:
-            row.update(rater_values(self.raters, settings.mean_classes))
-        return row
-
-
 @dataclass(frozen=True)
 class RaterJob:
     """What a multi-rater evaluation reads and how it computes."""
@@ -77,27 +67,6 @@ class RaterJob:
             "soft_dice_thresholds": [k / 10 for k in range(1, 10)],
             "distance": "1 - mean IoU over the mean classes present in either map",
         }
-
-
-@dataclass
-class RaterEvaluationResult(EvaluationResult):
-    """An EvaluationResult with the multi-rater scores in its summary."""
-
-    rater_settings: dict = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        out = super().summary()
-        out["settings"]["raters"] = dict(self.rater_settings)
-        classes = self.settings.mean_classes
-        counts = [i.raters for i in self.images if getattr(i, "raters", None) is not None]
-        values, total = dataset_values(counts, classes)
-        out["dataset"].update(values)
-        per_class = (
-            _soft_dice_per_class(total) if total is not None else [math.nan] * len(out["classes"])
-        )
-        for row, value in zip(out["classes"], per_class):
-            row["soft_dice"] = float(value)
-        return out
 
 
 def plan_raters(

@@ -1,11 +1,14 @@
 """Several raters' label masks of one image (``klseg evaluate PRED --rater A --rater B``).
 
 Rater folders pair with the predictions by stem, as GT does, and must all hold the same
-stems and, per stem, masks of one shape. Each mask is read whole, as every label mask is
-(DESIGN §3: one small integer image per rater); ``RaterMasks.band`` turns a range of
-pixels (a row band, or any chunk in row-major order) into the raters' class codes and
-their frequency map q (C, n) float32 for that range only, so memory holds the R masks
-and one chunk, never a stack of one-hot maps.
+stems and, per stem, masks of one shape. Each mask is opened as a single label target is
+(``readers.read_target``): up to ``labelio.WHOLE_LABEL_BYTES`` read whole, larger ``.npy``,
+TIFF and Zarr masks as a ``labelio.LabelBands`` read in row bands as the chunks reach them
+(PNG masks are always decoded whole). ``RaterMasks.band`` turns a range of pixels (a row
+band, or any chunk in row-major order) into the raters' class codes and their frequency
+map q (C, n) float32 for that range only, so memory holds, per rater, its mask (small) or
+one band of it (large), and one chunk of q: it does not grow with the image for
+npy/TIFF/Zarr masks, and there is never a stack of one-hot maps.
 """
 
 from __future__ import annotations
@@ -142,7 +145,9 @@ class RaterMasks:
     def __init__(self, paths: Sequence[Path], labels, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  masks: Sequence[np.ndarray] | None = None):  # fmt: skip
         """``labels``: the LabelSpec that maps raw values to class codes (settings.labels).
-        ``masks``: the masks already in memory (``paths`` then only name them)."""
+        ``masks``: the masks already in memory (``paths`` then only name them). A large
+        mask stays a ``LabelBands``: its label check reads it band by band, and so do
+        ``codes``/``band``/``rows``."""
         self.paths = tuple(Path(p) for p in paths)
         self.labels = labels
         self.masks = []

@@ -1,6 +1,8 @@
 """Bootstrap over images: the resampled metrics, determinism, coverage, noise-aware gates."""
 
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -66,6 +68,62 @@ def test_nan_in_one_image_only_reaches_the_resamples_that_draw_it():
     W = np.array([[3.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 3.0]])
     T = bs.resampled_totals(W, X)
     assert T[0, 0] == 3.0 and np.isnan(T[1, 0]) and T[2, 0] == 9.0
+
+
+def test_infinities_only_reach_the_resamples_that_draw_them_without_a_warning():
+    X = np.array(
+        [[1.0, 1.0, 0.0], [np.inf, 2.0, np.inf], [3.0, -np.inf, -np.inf], [np.nan, 0.0, 0.0]]
+    )
+    W = np.array([[3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 2.0, 0.0],
+                  [0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [1.0, 3.0, 0.0, 0.0]])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T = bs.resampled_totals(W, X)
+    # the slow obvious loop: sum only the drawn images, each as often as drawn
+    for r in range(W.shape[0]):
+        for j in range(X.shape[1]):
+            want = sum((float(X[i, j]) for i in range(4) for _ in range(int(W[r, i]))), 0.0)
+            assert (np.isnan(want) and np.isnan(T[r, j])) or T[r, j] == want, (r, j)
+    assert T[0].tolist() == [3.0, 3.0, 0.0] and T[5, 0] == np.inf and T[1, 1] == -np.inf
+    assert np.isnan(T[3, 0]) and np.isnan(T[1, 2])  # NaN drawn; +inf and −inf drawn
+
+
+def test_bootstrap_of_soft_targets_with_infinite_reverse_kl_warns_nothing(tmp_path, rng):
+    """Soft targets with q = 0 < p in some images: reverse KL is infinite there. The
+    bootstrap once printed "invalid value encountered in matmul" and spread the infinity
+    to every resample; now each resample's value is that of the images it drew."""
+    from klseg_cli.core.stats import Stats, dataset_metrics
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    for i in range(6):
+        p = random_probs(rng, 20 * 24, 3).reshape(20, 24, 3)
+        q = random_probs(rng, 20 * 24, 3).reshape(20, 24, 3)
+        if i % 2 == 0:
+            p[0, 0], q[0, 0] = [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]  # q = 0 < p: KL(p‖q) = inf
+        np.save(tmp_path / "p" / f"im{i}.npy", p)
+        np.save(tmp_path / "g" / f"im{i}.npy", q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(tmp_path / "p", tmp_path / "g", soft_gt=True)
+        summary = result.summary()
+        table = StatsTable.from_result(result)
+        assert np.isinf(table.arrays["sums"][::2, 1]).all()
+        (W,) = list(bs.count_blocks(len(table), 200, seed=0))
+        samples = bs._samples(W, bs.Source.from_run(table, summary))
+        ci = bs.dataset_intervals(table, summary, n_resamples=200)
+    drew_inf = W[:, ::2].sum(axis=1) > 0
+    assert (~drew_inf).any() and drew_inf.any()
+    assert np.isnan(samples["kl_reverse_pooled"][drew_inf]).all()  # infinite: undefined
+    for r in np.flatnonzero(~drew_inf)[:5]:  # the rest: the pooled value of those images
+        total = Stats.zeros(3, 15)
+        for k, count in enumerate(W[r].astype(int)):
+            for _ in range(count):
+                total = total + table.image_stats(k)
+        want = dataset_metrics([], total, result.settings)["kl_reverse_pooled"]
+        assert samples["kl_reverse_pooled"][r] == pytest.approx(want, rel=1e-10)
+    assert np.isnan(ci["kl_reverse_pooled"]).all()  # the point is undefined (DESIGN §2)
+    assert all(np.isfinite(ci[k]).all() for k in ("kl_pooled", "miou_pooled", "ece_pooled"))
 
 
 def simulated_source(rng, n, truth_scale=0.05):
@@ -307,3 +365,96 @@ def test_every_current_dataset_metric_has_a_batched_formula():
     from klseg_cli.commands.requirements import dataset_keys
 
     assert bs.covered(dataset_keys()) == dataset_keys()
+
+
+# --- --rater: the pooled multi-rater scores --------------------------------------------------
+
+RATERS = [f"sample_data/raters/rater_{r}" for r in "abc"]
+
+
+@pytest.fixture(scope="module")
+def rater_run():
+    from klseg_cli.engine.raters import evaluate_raters
+
+    result = evaluate_raters(
+        SAMPLE[0], RATERS, samples=[SAMPLE[0], "sample_data/predictions_b"],
+        classes="sample_data/classes.txt", exclude_class=["sky"],
+    )  # fmt: skip
+    return result, result.summary(), StatsTable.from_result(result)
+
+
+def test_pooled_rater_intervals_match_a_slow_loop_of_resamples(rater_run):
+    """Each resample's *_pooled rater scores == rater_values of the drawn images' summed
+    counts (one RaterStats sum per resample, the obvious way), and so do the intervals."""
+    from klseg_cli.core.raters import RATER_METRICS, rater_values
+
+    result, summary, table = rater_run
+    n_resamples = 300
+    (samples,) = bs.bootstrap([bs.Source.from_run(table, summary)], n_resamples=n_resamples,
+                              seed=5)  # fmt: skip
+    W = np.concatenate(list(bs.count_blocks(len(table), n_resamples, seed=5)))
+    classes = result.settings.mean_classes
+    slow = {m: np.empty(n_resamples) for m in RATER_METRICS}
+    for r in range(n_resamples):
+        total = None
+        for k, count in enumerate(W[r].astype(int)):
+            for _ in range(count):
+                stats = table.rater_stats(k)
+                total = stats if total is None else total + stats
+        for name, value in rater_values(total, classes).items():
+            slow[name][r] = value
+    ci = bs.dataset_intervals(table, summary, n_resamples=n_resamples, seed=5)
+    for m in RATER_METRICS:
+        np.testing.assert_allclose(samples[f"{m}_pooled"], slow[m], rtol=1e-12)
+        lo, hi = bs.interval(slow[m], summary["dataset"][f"{m}_pooled"])
+        assert ci[f"{m}_pooled"] == pytest.approx([lo, hi], rel=1e-12)
+        assert lo < summary["dataset"][f"{m}_pooled"] < hi
+
+
+def test_the_identity_resample_gives_the_rater_point_estimates(rater_run):
+    _, summary, table = rater_run
+    samples = bs._samples(np.ones((1, len(table))), bs.Source.from_run(table, summary))
+    for name in ("soft_dice_pooled", "ged_pooled", "miou_vs_raters_pooled",
+                 "rater_pairwise_miou_pooled"):  # fmt: skip
+        assert samples[name][0] == pytest.approx(summary["dataset"][name], rel=1e-12), name
+
+
+def test_a_stats_npz_without_rater_counts_gives_null_pooled_rater_intervals(rater_run):
+    """A stats.npz written before the counts were kept: the *_pooled rater scores have no
+    interval (null), quickly (no resample-by-resample loop), the image means still do."""
+    _, summary, table = rater_run
+    table = dataclasses.replace(table, rater_items=None, rater_arrays={}, rater_settings=None)
+    ci = bs.dataset_intervals(table, summary, n_resamples=100)
+    assert np.isnan(ci["ged_pooled"]).all() and np.isnan(ci["soft_dice_pooled"]).all()
+    assert np.isfinite(ci["ged_image_mean"]).all() and np.isfinite(ci["kl_pooled"]).all()
+
+
+def test_every_rater_dataset_metric_has_a_batched_formula():
+    from klseg_cli.core.raters import dataset_names
+
+    assert bs.covered(dataset_names()) == dataset_names()
+
+
+def test_rater_bootstrap_cost_for_1000_resamples():
+    """A quick guard (the full one is ``benchmarks/bench_bootstrap.py --raters 3``): 2000
+    images × 19 classes, 3 raters and the prediction (6 item pairs), 1000 resamples of the
+    pooled rater scores in under 2 s."""
+    import time
+
+    from klseg_cli.core.raters import N_LEVELS
+
+    rng = np.random.default_rng(0)
+    n, C, R = 2000, 19, 3
+    arrays = {
+        "dice_joint": rng.integers(0, 50, (n, C, N_LEVELS, N_LEVELS)),
+        "pair_inter": rng.integers(0, 100, (n, 6, C)),
+    }
+    arrays["pair_union"] = arrays["pair_inter"] + rng.integers(0, 30, (n, 6, C))
+    names = [f"{m}_pooled" for m in ("soft_dice", "ged", "miou_vs_raters", "rater_pairwise_miou")]
+    src = bs.Source({}, {}, MetricSettings(num_classes=C), names, batch=lambda t, s: {},
+                    rater_items=(R, 0), rater_arrays=arrays)  # fmt: skip
+    t0 = time.perf_counter()
+    (samples,) = bs.bootstrap([src], n_resamples=1000, seed=0)
+    elapsed = time.perf_counter() - t0
+    assert all(np.isfinite(samples[k]).all() for k in names)
+    assert elapsed < 2.0, elapsed

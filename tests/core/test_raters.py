@@ -263,3 +263,31 @@ def test_disagreement_is_one_minus_the_top_frequency():
 
 def test_thresholds_are_qubiqs():
     assert DICE_THRESHOLDS == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@pytest.mark.parametrize("R,S,C", [(2, 0, 3), (3, 0, 5), (3, 2, 4), (4, 3, 2)])
+def test_batched_formulas_match_rater_values(rng, R, S, C):
+    """``rater_values_batch`` of stacked counts == ``rater_values`` of each, for sums of
+    images too (the soft-Dice tails add up as the counts do), classes left out included."""
+    from klseg_cli.core.raters import dice_tails, rater_values_batch, stack_rater_stats
+
+    images = []
+    for k in range(5):
+        P, pred, codes, samples = make_case(rng, 60 + 17 * k, C, R, S, ignore=0.2)
+        if k == 1:  # a class nobody uses and the prediction never picks
+            codes[codes == C - 1] = -1 if C > 2 else codes[codes == C - 1]
+        images.append(RaterStats.from_chunk(P, pred, codes, samples))
+    sets = [*images, sum(images[1:], images[0]), images[0] + images[0]]
+    stacked = stack_rater_stats(sets, images[0])
+    tails = dice_tails(stacked["dice_joint"])
+    summed = dice_tails(sum(s.dice_joint for s in images))
+    np.testing.assert_array_equal(tails[len(images)], summed)
+    for classes in (list(range(C)), list(range(1, C))):
+        got = rater_values_batch(tails, stacked["pair_inter"], stacked["pair_union"],
+                                 n_raters=R, n_samples=S, classes=classes)  # fmt: skip
+        for b, stats in enumerate(sets):
+            want = rater_values(stats, classes)
+            for name, value in want.items():
+                assert got[name][b] == pytest.approx(value, rel=1e-12, abs=1e-15, nan_ok=True), (
+                    name, b, classes,
+                )  # fmt: skip

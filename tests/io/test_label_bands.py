@@ -165,3 +165,108 @@ def test_info_says_how_a_target_is_read(tmp_path, rng, monkeypatch):
     assert f"0: {int((labels == 0).sum())}" in res.stdout
     res = _cli("info", tmp_path / "gt.png")
     assert "PNG label mask is always decoded whole" in res.stdout
+
+
+# --- rater masks (evaluate --rater, heatmap --rater): the same bands --------------------------
+
+
+def _write_mask(path_no_ext, labels, fmt: str):
+    if fmt == "npy":
+        path = path_no_ext.with_suffix(".npy")
+        np.save(path, labels)
+    elif fmt.startswith("tiff"):
+        path = path_no_ext.with_suffix(".tif")
+        kw = {"tiff": {}, "tiff-tiled": {"tile": (32, 32), "compression": "zlib"},
+              "tiff-strips": {"rowsperstrip": 7, "compression": "zlib"}}[fmt]  # fmt: skip
+        tifffile.imwrite(path, labels, **kw)
+    else:
+        zarr = pytest.importorskip("zarr")
+        path = path_no_ext.with_suffix(".zarr")
+        z = zarr.create_array(path, shape=labels.shape, chunks=(16, 32), dtype=labels.dtype)
+        z[...] = labels
+    return path
+
+
+def _rater_set(tmp_path, rng, fmt: str, R: int = 3, n_images: int = 2):
+    """pred/ and R rater folders of ``fmt`` masks (some pixels ignored by a rater)."""
+    (tmp_path / "pred").mkdir()
+    dirs = [tmp_path / f"r{r}" for r in range(R)]
+    for d in dirs:
+        d.mkdir()
+    for i in range(n_images):
+        np.save(tmp_path / "pred" / f"im{i}.npy", random_probs(rng, H * W, C).reshape(H, W, C))
+        truth = rng.integers(0, C, size=(H, W))
+        for r, d in enumerate(dirs):
+            labels = np.where(rng.random((H, W)) < 0.3, rng.integers(0, C, (H, W)), truth)
+            labels[rng.random((H, W)) < 0.05 * (r + 1)] = 255
+            _write_mask(d / f"im{i}", labels.astype(np.uint8), fmt)
+    return tmp_path / "pred", dirs
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tiff", "tiff-tiled", "tiff-strips", "zarr"])
+def test_rater_masks_are_read_in_bands_with_the_same_numbers(tmp_path, rng, fmt, small_bands):
+    """Each rater's mask is a LabelBands, read a chunk's rows at a time (never whole), and
+    every number — the §2 sums against q and the multi-rater counts — equals a run that
+    reads the masks whole."""
+    from klseg_cli.core.labels import LabelSpec
+    from klseg_cli.engine.raters import evaluate_raters
+    from klseg_cli.io.raters import RaterMasks
+
+    pred, dirs = _rater_set(tmp_path, rng, fmt)
+    masks = RaterMasks([next(d.glob("im0.*")) for d in dirs], LabelSpec(C, (255,)))
+    assert all(isinstance(m, LabelBands) for m in masks.masks)
+    small_bands.clear()
+    banded = evaluate_raters(pred, dirs, chunk_pixels=512).summary()
+    assert small_bands and max(small_bands) <= 512  # never more than a chunk at a time
+    labelio.WHOLE_LABEL_BYTES = 1 << 30  # the same files, read whole (monkeypatch restores)
+    whole = evaluate_raters(pred, dirs, chunk_pixels=512)
+    assert not any(isinstance(m, LabelBands) for m in RaterMasks(
+        [next(d.glob("im0.*")) for d in dirs], LabelSpec(C, (255,))).masks)  # fmt: skip
+    want = whole.summary()
+    assert banded["n_valid"] == want["n_valid"]
+    assert banded["dataset"] == pytest.approx(want["dataset"], rel=1e-12, nan_ok=True)
+    assert banded["images"] == want["images"] and banded["classes"] == want["classes"]
+
+
+def test_rater_heatmap_reads_banded_masks_in_bands(tmp_path, rng, small_bands):
+    pred, dirs = _rater_set(tmp_path, rng, "npy", n_images=1)
+    args = ["heatmap", pred / "im0.npy", *[a for d in dirs for a in ("--rater", d / "im0.npy")],
+            "--metric", "rater-disagreement", "--panel"]  # fmt: skip
+    res = _cli(*args, "-o", tmp_path / "banded.png")
+    assert res.exit_code == 0, res.output
+    labelio.WHOLE_LABEL_BYTES = 1 << 30
+    res = _cli(*args, "-o", tmp_path / "whole.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "banded.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+
+
+def test_a_rater_mask_truncated_is_one_clear_error(tmp_path, rng, small_bands):
+    """Truncated before the run: refused from its header; truncated during it (between the
+    label check and the chunks): "file ended early". One line naming the file, exit 2."""
+    from klseg_cli.engine import raters as engine_raters
+
+    pred, dirs = _rater_set(tmp_path, rng, "npy", n_images=1)
+    bad = dirs[1] / "im0.npy"
+    os.truncate(bad, os.path.getsize(bad) - 100)
+    args = ["evaluate", pred, *[a for d in dirs for a in ("--rater", d)], "--out", tmp_path / "o"]
+    res = _cli(*args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert str(bad) in res.output and "truncated" in res.output
+    assert not (tmp_path / "o").exists()
+
+    np.save(bad, rng.integers(0, C, size=(H, W)).astype(np.uint8))
+    real = engine_raters.rater_image_stats
+
+    def truncating(pred_map, masks, settings, **kw):  # the file shrinks after the check
+        os.truncate(bad, os.path.getsize(bad) // 2)
+        return real(pred_map, masks, settings, **kw)
+
+    engine_raters.rater_image_stats = truncating
+    try:
+        res = _cli(*args)
+    finally:
+        engine_raters.rater_image_stats = real
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert str(bad) in res.output and "file ended early" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert not (tmp_path / "o").exists()

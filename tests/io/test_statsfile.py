@@ -140,3 +140,106 @@ def test_evaluation_result_round_trip_in_memory(tmp_path):
     assert back.stems == sorted(i.stem for i in result.images)
     for name, arr in table.arrays.items():
         assert np.array_equal(back.arrays[name], arr, equal_nan=True)
+
+
+# --- --rater: the multi-rater counts -----------------------------------------------------------
+
+RATERS = [f"sample_data/raters/rater_{r}" for r in "abc"]
+
+
+@pytest.fixture(scope="module")
+def rater_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rater_report")
+    args = ["evaluate", SAMPLE[0], "--classes", "sample_data/classes.txt", "--out", str(out),
+            "--samples", SAMPLE[0], "--samples", "sample_data/predictions_b"]  # fmt: skip
+    for r in RATERS:
+        args += ["--rater", r]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_rater_counts_are_stored_per_image(rater_report):
+    with np.load(rater_report / "stats.npz", allow_pickle=False) as data:
+        n, C = len(data["stems"]), 5
+        assert data["rater_items"].tolist() == [3, 2]  # 3 raters, 2 samples: 6 items
+        assert data["rater_dice_joint"].shape == (n, C, 10, 10)
+        assert data["rater_pair_inter"].shape == data["rater_pair_union"].shape == (n, 15, C)
+        assert all(data[f"rater_{f}"].dtype == np.int64 for f in ("dice_joint", "pair_inter"))
+        assert json.loads(str(data["rater_settings"]))["count"] == 3
+        fields = [str(f) for f in data["fields"]]
+    assert not any(f.startswith("rater_") for f in fields)  # old readers skip them
+
+
+def test_rater_summary_recomputed_from_stats_alone(rater_report):
+    """Every multi-rater number of summary.json — pooled and image mean, per class, per
+    image, settings.raters — comes back from stats.npz without reading a pixel."""
+    summary = json.loads((rater_report / "summary.json").read_text())
+    table = statsfile.load_stats(rater_report / "stats.npz")
+    again = jsonable(table.to_result().summary())
+    assert "ged_pooled" in again["dataset"] and "soft_dice" in again["classes"][0]
+    assert again["dataset"] == summary["dataset"]
+    assert again["classes"] == summary["classes"]
+    assert again["images"] == summary["images"]
+    assert again["settings"] == summary["settings"]
+    sub = table.select(table.stems[:3])  # a subset keeps its images' counts
+    assert np.array_equal(sub.rater_arrays["pair_inter"], table.rater_arrays["pair_inter"][:3])
+    assert sub.rater_items == table.rater_items
+
+
+def test_a_stats_npz_without_rater_counts_still_reads(rater_report, tmp_path):
+    """A file from before the counts were stored (or a reader's view of a plain run): the
+    §2 sums read as before, the rater scores are simply not rebuilt."""
+    with np.load(rater_report / "stats.npz", allow_pickle=False) as data:
+        old = {k: data[k] for k in data.files if not k.startswith("rater_")}
+    np.savez_compressed(tmp_path / "stats.npz", **old)
+    table = statsfile.load_stats(tmp_path / "stats.npz")
+    assert table.rater_items is None and table.rater_stats(0) is None
+    again = table.to_result().summary()
+    assert "ged_pooled" not in again["dataset"] and "kl_pooled" in again["dataset"]
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"rater_pair_inter": np.zeros((8, 14, 5), np.int64)}, "rater_pair_inter"),
+        ({"rater_dice_joint": np.zeros((8, 5, 10, 10))}, "rater_dice_joint"),
+        ({"rater_items": np.array([1, 0])}, "rater_items"),
+        ({"rater_settings": np.array("{not json")}, "bad rater entry"),
+    ],
+)
+def test_bad_rater_entries_are_input_errors(rater_report, tmp_path, change, why):
+    with np.load(rater_report / "stats.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.update(change)
+    np.savez_compressed(tmp_path / "stats.npz", **arrays)
+    with pytest.raises(InputError, match=why):
+        statsfile.load_stats(tmp_path / "stats.npz")
+
+
+def test_gate_and_baseline_read_the_pooled_rater_scores_back(rater_report, tmp_path):
+    """``gate`` recomputes the pooled rater intervals from stats.npz; ``--baseline`` pairs
+    them (delta and its interval) with a new run."""
+    summary = json.loads((rater_report / "summary.json").read_text())
+    res = CliRunner().invoke(app, ["gate", str(rater_report / "summary.json"), "--require",
+                                   "high(ged_pooled) <= 1", "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["requirements"]
+    assert row["passed"] and summary["dataset"]["ged_pooled"] < row["value"] < 1
+    args = ["evaluate", "sample_data/predictions_b", "--classes", "sample_data/classes.txt",
+            "--samples", SAMPLE[0], "--samples", "sample_data/predictions_b",
+            "--baseline", str(rater_report / "summary.json"), "--bootstrap", "200",
+            "--require", "delta(soft_dice_pooled) >= -1", "--out", str(tmp_path / "b")]  # fmt: skip
+    for r in RATERS:
+        args += ["--rater", r]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    new = json.loads((tmp_path / "b" / "summary.json").read_text())
+    # the same --samples in both runs: the GED (of the samples) does not change at all
+    assert new["delta"]["ged_pooled"] == 0 and new["delta_ci"]["ged_pooled"] == [0, 0]
+    for name in ("soft_dice_pooled", "miou_vs_raters_pooled"):
+        lo, hi = new["delta_ci"][name]
+        assert lo < new["delta"][name] < hi, name
+        assert new["delta"][name] == pytest.approx(
+            new["dataset"][name] - summary["dataset"][name], rel=1e-9
+        )
