@@ -77,7 +77,7 @@ def plan_raters(
     classes: Sequence[str] | str | None = None,
     eps: float = DEFAULT_EPS,
     smoothing: float = 0.0,
-    ignore_index: Sequence[int] = (255,),
+    ignore_index: Sequence[int] | None = None,  # None: labels.default_ignore_index
     input_kind: str = "probs",
     log_base: float = math.e,
     soft_gt: bool = False,
